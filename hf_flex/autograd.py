@@ -1,0 +1,94 @@
+"""torch.autograd glue between flex_attention() and the Triton kernels (hf_flex.kernels.launch).
+
+Shape checks live in hf_flex.validation; this module only saves what backward needs, calls the
+launchers and hands back gradients: dq, dk, dv, the sink logits' and the learnable score-mod tensors'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .block_mask import BlockMask
+from .kernels.launch import MaskTables, flex_backward, flex_forward
+from .modtypes import ScoreMod
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything non-tensor the kernels need for one call."""
+
+    block_mask: BlockMask
+    score_mod: Optional[ScoreMod]
+    scale: float
+
+    def fwd_tables(self) -> MaskTables:
+        bm = self.block_mask
+        return MaskTables(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+
+    def bwd_tables(self) -> MaskTables:
+        bm = self.block_mask
+        return MaskTables(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+
+    def mask(self):
+        mm = self.block_mask.mask_mod
+        return mm.kernel_fn, mm.args
+
+    def score(self):
+        sm = self.score_mod
+        if sm is None or not sm.has_elementwise:
+            return None, ()
+        return sm.kernel_fn, sm.args
+
+
+class FlexAttentionFunction(torch.autograd.Function):
+    """forward(q, k, v, sink, spec, *learnables) -> (out, lse).
+
+    ``learnables`` are the score mod's learnable tensors (also inside ``spec.score_mod.args``), passed
+    here so autograd routes their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sink, spec: KernelSpec, *learnables):
+        mask_fn, mask_args = spec.mask()
+        score_fn, score_args = spec.score()
+        out, lse = flex_forward(
+            q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
+            sink, spec.scale,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, sink)
+        ctx.spec = spec
+        ctx.n_learnables = len(learnables)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sink = ctx.saved_tensors
+        spec: KernelSpec = ctx.spec
+        none = (None,) * (4 + 1 + ctx.n_learnables)
+        if dout is None and dlse is None:
+            return none
+        if dout is None:
+            dout = torch.zeros_like(out)
+        mask_fn, mask_args = spec.mask()
+        score_fn, score_args = spec.score()
+        sm = spec.score_mod
+        want_params = sm is not None and ctx.n_learnables > 0 and any(ctx.needs_input_grad[5:])
+        grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
+        dq, dk, dv, delta = flex_backward(
+            q, k, v, out, lse, dout, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
+            mask_fn, mask_args, score_fn, score_args,
+            sm.kernel_grad_fn if score_fn is not None else None,
+            sm.kernel_param_grad_fn if want_params else None,
+            grads, spec.scale, dlse=dlse,
+        )
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[3]:
+            # d sink_h = -sum_{b,q} p_sink * delta, p_sink = exp(sink_h - lse) (delta already holds -dlse)
+            p_sink = torch.exp(sink.float().view(1, -1, 1) - lse)
+            dsink = (-(p_sink * delta).sum(dim=(0, 2))).to(sink.dtype)
+        dparams = tuple(g.to(t.dtype) for g, t in zip(grads, sm.learnable_tensors())) if want_params else (None,) * ctx.n_learnables
+        return (dq, dk, dv, dsink, None) + dparams

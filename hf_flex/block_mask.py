@@ -1,0 +1,338 @@
+"""BlockMask: which key blocks each query block must visit, and whether the mask must be evaluated there.
+
+A [Q_LEN, KV_LEN] mask is cut into blocks of Q_BLOCK x KV_BLOCK positions. Each block is
+
+* empty   - the mask is False everywhere: the kernels never visit it;
+* full    - True everywhere (inside the lengths): visited, mask_mod is *not* evaluated;
+* partial - mixed: visited, mask_mod is evaluated on every element.
+
+Tables (int32; the leading dims are [Bm, Hm] with Bm in {1, B} and Hm in {1, Hq}, 1 meaning broadcast):
+
+==========================  ====================  ==========================================
+kv_num_blocks               [Bm, Hm, nQ]           partial key blocks per query block
+kv_indices                  [Bm, Hm, nQ, nKV]      their indices, ascending (row prefix valid)
+full_kv_num_blocks          [Bm, Hm, nQ]           full key blocks per query block
+full_kv_indices             [Bm, Hm, nQ, nKV]
+q_num_blocks, q_indices     [Bm, Hm, nKV(, nQ)]    the transpose (key-major), for dK/dV
+full_q_num_blocks, ...      [Bm, Hm, nKV(, nQ)]
+==========================  ====================  ==========================================
+
+The forward and dQ kernels walk rows of the kv tables; the dK/dV kernel walks rows of the q tables.
+Building costs O(number of blocks) memory; evaluating a generic mask_mod costs O(Q_LEN * KV_LEN) time
+on the GPU (one Triton kernel, no [Q, KV] tensor), chunked on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import mods as _mods
+from .modtypes import MaskMod
+
+__all__ = ["BlockMask", "create_block_mask", "block_mask_from_classes"]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _tables(cls_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Counts [..., R] and ascending indices [..., R, C] of the True entries of a [..., R, C] bool tensor."""
+    num = cls_mask.sum(-1, dtype=torch.int32)
+    # a stable sort of "not selected" puts the selected columns first, in ascending order
+    idx = torch.argsort((~cls_mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+class BlockMask:
+    """Block-sparse description of an attention mask (see the module docstring for the tables).
+
+    Build one with :func:`create_block_mask` (any mask_mod) or :func:`block_mask_from_classes`
+    (block classes computed elsewhere, e.g. from document boundaries). Debug helpers: ``sparsity()``,
+    ``to_dense()`` (block level), ``to_string()`` (an ASCII picture), ``materialize()`` (element level,
+    small masks only).
+    """
+
+    def __init__(
+        self,
+        kv_num_blocks: torch.Tensor,
+        kv_indices: torch.Tensor,
+        full_kv_num_blocks: torch.Tensor,
+        full_kv_indices: torch.Tensor,
+        q_num_blocks: torch.Tensor,
+        q_indices: torch.Tensor,
+        full_q_num_blocks: torch.Tensor,
+        full_q_indices: torch.Tensor,
+        *,
+        seq_lengths: Tuple[int, int],
+        block_size: Tuple[int, int],
+        mask_mod: MaskMod,
+    ):
+        Bm, Hm, nq = kv_num_blocks.shape
+        q_len, kv_len = (int(x) for x in seq_lengths)
+        qb, kb = (int(x) for x in block_size)
+        nkv = -(-kv_len // kb)
+        expect = {
+            "kv_num_blocks": (Bm, Hm, nq),
+            "kv_indices": (Bm, Hm, nq, nkv),
+            "full_kv_num_blocks": (Bm, Hm, nq),
+            "full_kv_indices": (Bm, Hm, nq, nkv),
+            "q_num_blocks": (Bm, Hm, nkv),
+            "q_indices": (Bm, Hm, nkv, nq),
+            "full_q_num_blocks": (Bm, Hm, nkv),
+            "full_q_indices": (Bm, Hm, nkv, nq),
+        }
+        got = dict(
+            kv_num_blocks=kv_num_blocks,
+            kv_indices=kv_indices,
+            full_kv_num_blocks=full_kv_num_blocks,
+            full_kv_indices=full_kv_indices,
+            q_num_blocks=q_num_blocks,
+            q_indices=q_indices,
+            full_q_num_blocks=full_q_num_blocks,
+            full_q_indices=full_q_indices,
+        )
+        if nq != -(-q_len // qb):
+            raise ValueError(f"BlockMask: kv_num_blocks has {nq} query blocks, expected ceil({q_len}/{qb})")
+        for name, t in got.items():
+            if tuple(t.shape) != expect[name]:
+                raise ValueError(f"BlockMask: {name} has shape {tuple(t.shape)}, expected {expect[name]}")
+            if t.dtype != torch.int32:
+                raise ValueError(f"BlockMask: {name} must be int32, got {t.dtype}")
+            if t.device != kv_num_blocks.device:
+                raise ValueError(f"BlockMask: {name} is on {t.device}, kv_num_blocks on {kv_num_blocks.device}")
+        if not isinstance(mask_mod, MaskMod):
+            raise TypeError(f"BlockMask: mask_mod must be a MaskMod, got {type(mask_mod).__name__}")
+        for name, t in got.items():
+            setattr(self, name, t.contiguous())
+        self.seq_lengths = (q_len, kv_len)
+        self.BLOCK_SIZE = (qb, kb)
+        self.mask_mod = mask_mod
+
+    # --- shape and device -------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        Bm, Hm, _ = self.kv_num_blocks.shape
+        return (Bm, Hm, self.seq_lengths[0], self.seq_lengths[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num_blocks.device
+
+    def to(self, device) -> "BlockMask":
+        """A copy with the tables on ``device`` (the mask_mod's own tensors are not moved)."""
+        names = (
+            "kv_num_blocks kv_indices full_kv_num_blocks full_kv_indices "
+            "q_num_blocks q_indices full_q_num_blocks full_q_indices"
+        ).split()
+        return BlockMask(
+            *(getattr(self, n).to(device) for n in names),
+            seq_lengths=self.seq_lengths,
+            block_size=self.BLOCK_SIZE,
+            mask_mod=self.mask_mod,
+        )
+
+    # --- debugging --------------------------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """Block classes [Bm, Hm, nQ, nKV] int8: 0 empty, 1 partial, 2 full (rebuilt from the kv tables)."""
+        Bm, Hm, nq = self.kv_num_blocks.shape
+        nkv = self.kv_indices.shape[-1]
+        out = torch.zeros((Bm, Hm, nq, nkv), dtype=torch.int8, device=self.device)
+        col = torch.arange(nkv, device=self.device)
+        for num, idx, val in (
+            (self.kv_num_blocks, self.kv_indices, PARTIAL),
+            (self.full_kv_num_blocks, self.full_kv_indices, FULL),
+        ):
+            keep = col < num[..., None]
+            src = torch.where(keep, torch.full_like(idx, val, dtype=torch.int8), torch.zeros_like(idx, dtype=torch.int8))
+            out.scatter_add_(-1, idx.long(), src)
+        return out
+
+    def sparsity(self) -> float:
+        """Percentage of blocks (over all [Bm, Hm] rows) that are skipped."""
+        d = self.to_dense()
+        return 100.0 * (1.0 - (d > 0).sum().item() / max(d.numel(), 1))
+
+    def density(self) -> float:
+        """Fraction of blocks visited (partial + full)."""
+        return 1.0 - self.sparsity() / 100.0
+
+    def to_string(self, max_blocks: int = 48, b: int = 0, h: int = 0) -> str:
+        """ASCII picture of one [b, h] row: '#' full, '~' partial, '.' empty."""
+        d = self.to_dense()[b, h].cpu()
+        d = d[:max_blocks, :max_blocks]
+        chars = {EMPTY: ".", PARTIAL: "~", FULL: "#"}
+        return "\n".join("".join(chars[int(x)] for x in row) for row in d)
+
+    def materialize(self) -> torch.Tensor:
+        """The element-level mask [Bm, Hm, Q_LEN, KV_LEN] bool from the mask_mod's PyTorch twin.
+
+        For debugging and tests on small shapes only: this is the S x S tensor the rest avoids.
+        """
+        Bm, Hm, q_len, kv_len = self.shape
+        dev = self.device
+        bi = torch.arange(Bm, device=dev).view(Bm, 1, 1, 1)
+        hi = torch.arange(Hm, device=dev).view(1, Hm, 1, 1)
+        qi = torch.arange(q_len, device=dev).view(1, 1, q_len, 1)
+        ki = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len)
+        m = self.mask_mod(bi, hi, qi, ki)
+        return m.expand(Bm, Hm, q_len, kv_len)
+
+    def __repr__(self):
+        Bm, Hm, q_len, kv_len = self.shape
+        head = (
+            f"BlockMask(shape=(B={Bm}, H={Hm}, Q_LEN={q_len}, KV_LEN={kv_len}), "
+            f"block_size={self.BLOCK_SIZE}, mask_mod={self.mask_mod.name}, "
+            f"sparsity={self.sparsity():.2f}%)"
+        )
+        nq = self.kv_num_blocks.shape[-1]
+        if nq <= 32 and self.kv_indices.shape[-1] <= 32:
+            return head + "\n" + self.to_string()
+        return head
+
+
+def _check_block_size(BLOCK_SIZE) -> Tuple[int, int]:
+    bs = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    if len(bs) != 2:
+        raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {BLOCK_SIZE!r}")
+    for x in bs:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 16 or x & (x - 1):
+            raise ValueError(f"BLOCK_SIZE must be powers of two >= 16, got {BLOCK_SIZE!r}")
+    return bs
+
+
+def block_mask_from_classes(
+    classes: torch.Tensor, q_len: int, kv_len: int, block_size, mask_mod: MaskMod
+) -> BlockMask:
+    """A BlockMask from block classes [Bm, Hm, nQ, nKV] (0 empty, 1 partial, 2 full).
+
+    ``mask_mod`` must be the mask the classes describe: the kernels evaluate it in partial blocks.
+    """
+    qb, kb = _check_block_size(block_size)
+    if classes.dim() != 4:
+        raise ValueError(f"classes must be [Bm, Hm, nQ, nKV], got shape {tuple(classes.shape)}")
+    partial = classes == PARTIAL
+    full = classes == FULL
+    kv_num, kv_idx = _tables(partial)
+    fkv_num, fkv_idx = _tables(full)
+    q_num, q_idx = _tables(partial.transpose(-1, -2))
+    fq_num, fq_idx = _tables(full.transpose(-1, -2))
+    return BlockMask(
+        kv_num,
+        kv_idx,
+        fkv_num,
+        fkv_idx,
+        q_num,
+        q_idx,
+        fq_num,
+        fq_idx,
+        seq_lengths=(q_len, kv_len),
+        block_size=(qb, kb),
+        mask_mod=mask_mod,
+    )
+
+
+def _kernels_runnable(device: torch.device) -> bool:
+    from .dispatch import triton_runs_on
+
+    return triton_runs_on(device)
+
+
+def _classes_torch(mask_mod: MaskMod, Bm, Hm, q_len, kv_len, qb, kb, device) -> torch.Tensor:
+    """Block classes from the PyTorch twin, a slab of query blocks at a time (bounded memory)."""
+    nq, nkv = -(-q_len // qb), -(-kv_len // kb)
+    out = torch.empty((Bm, Hm, nq, nkv), dtype=torch.int8, device=device)
+    bi = torch.arange(Bm, device=device).view(Bm, 1, 1, 1)
+    hi = torch.arange(Hm, device=device).view(1, Hm, 1, 1)
+    kv_pad = nkv * kb
+    ki = torch.arange(kv_pad, device=device)
+    kv_valid = ki < kv_len
+    ki = ki.clamp(max=kv_len - 1).view(1, 1, 1, kv_pad)
+    rows = max(1, (1 << 24) // max(1, Bm * Hm * qb * kv_pad))  # query blocks per slab
+    for s in range(0, nq, rows):
+        e = min(nq, s + rows)
+        qpos = torch.arange(s * qb, e * qb, device=device)
+        q_valid = qpos < q_len
+        qi = qpos.clamp(max=q_len - 1).view(1, 1, -1, 1)
+        m = mask_mod(bi, hi, qi, ki).expand(Bm, Hm, qi.shape[2], kv_pad)
+        valid = (q_valid[:, None] & kv_valid[None, :]).expand_as(m)
+        m = m & valid
+        shp = (Bm, Hm, e - s, qb, nkv, kb)
+        n_allowed = m.reshape(shp).sum((3, 5))
+        n_valid = valid.reshape(shp).sum((3, 5))
+        cls = torch.where(n_allowed == 0, EMPTY, torch.where(n_allowed == n_valid, FULL, PARTIAL))
+        out[:, :, s:e] = cls.to(torch.int8)
+    return out
+
+
+def create_block_mask(
+    mask_mod: MaskMod,
+    B: Optional[int],
+    H: Optional[int],
+    Q_LEN: int,
+    KV_LEN: int,
+    device: Union[str, torch.device, None] = None,
+    BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
+) -> BlockMask:
+    """Build a BlockMask for any ``mask_mod`` (the generic builder).
+
+    Args:
+        mask_mod: a :class:`MaskMod` (``hf_flex.mods`` or your own). ``None`` means no mask.
+        B, H: batch size and number of *query* heads the mask varies over; ``None`` broadcasts
+            (the mask_mod then sees b = 0 / h = 0).
+        Q_LEN, KV_LEN: sequence lengths (any positive ints).
+        device: where the tables live (default: CUDA if available, else CPU).
+        BLOCK_SIZE: block size, or a (Q_BLOCK, KV_BLOCK) pair; powers of two >= 16.
+
+    On CUDA (or under TRITON_INTERPRET=1) the mask's Triton function is evaluated tile by tile by a
+    Triton kernel; otherwise its PyTorch twin runs over slabs of query blocks. Neither materialises
+    the B*H*Q_LEN*KV_LEN mask.
+    """
+    if mask_mod is None:
+        mask_mod = _mods.noop()
+    if not isinstance(mask_mod, MaskMod):
+        raise TypeError(
+            f"create_block_mask: mask_mod must be an hf_flex MaskMod (see hf_flex.mods), got {type(mask_mod).__name__}"
+        )
+    for name, v in (("B", B), ("H", H)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"create_block_mask: {name} must be a positive int or None, got {v!r}")
+    for name, v in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"create_block_mask: {name} must be a positive int, got {v!r}")
+    qb, kb = _check_block_size(BLOCK_SIZE)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    for t in mask_mod.tensors():
+        if t.device.type != device.type:
+            raise ValueError(
+                f"create_block_mask: mask_mod {mask_mod.name} reads a tensor on {t.device}, but device={device}"
+            )
+    Bm, Hm = B or 1, H or 1
+    if _kernels_runnable(device):
+        from .kernels.block_tables import classify_blocks
+
+        classes = classify_blocks(mask_mod.kernel_fn, mask_mod.args, Bm, Hm, Q_LEN, KV_LEN, qb, kb, device)
+    else:
+        classes = _classes_torch(mask_mod, Bm, Hm, Q_LEN, KV_LEN, qb, kb, device)
+    return block_mask_from_classes(classes, Q_LEN, KV_LEN, (qb, kb), mask_mod)
+
+
+_full_cache: dict = {}
+
+
+def full_block_mask(q_len: int, kv_len: int, device, block_size=(128, 128)) -> BlockMask:
+    """Every block full (no mask), built directly and cached per (lengths, device)."""
+    key = (q_len, kv_len, str(device), tuple(block_size))
+    bm = _full_cache.get(key)
+    if bm is None:
+        qb, kb = block_size
+        nq, nkv = -(-q_len // qb), -(-kv_len // kb)
+        classes = torch.full((1, 1, nq, nkv), FULL, dtype=torch.int8, device=device)
+        bm = block_mask_from_classes(classes, q_len, kv_len, block_size, _mods.noop())
+        if len(_full_cache) > 64:
+            _full_cache.clear()
+        _full_cache[key] = bm
+    return bm
+

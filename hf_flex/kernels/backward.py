@@ -1,0 +1,323 @@
+"""Backward kernels: Delta = rowsum(dO * O), then dK/dV (key-major tables) and dQ (query-major tables).
+
+No atomics on dQ, dK or dV, so they are deterministic. GQA: one dK/dV program owns one key head and
+sums over the GROUP query heads that read it, in order. Learnable score-mod tensors (relative bias
+tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's float32 atomics.
+
+LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf so its P is 0, not NaN.
+"""
+
+import triton
+import triton.language as tl
+
+from .forward import scores_tile
+
+
+@triton.jit
+def attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_db, stride_dh,
+    Q_LEN, HQ,
+    BLOCK_M: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DVP)
+    msk = (offs_m[:, None] < Q_LEN) & (offs_d[None, :] < DV)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=msk, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < Q_LEN)
+
+
+@triton.jit
+def _load_lse2(LSE_ptr, offs, LEN):
+    lse = tl.load(LSE_ptr + offs, mask=offs < LEN, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: P = 0
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v,
+    Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    idx_ptr, n_blocks, b, h, kv_idx, kv_in,
+    Q_LEN, sm_scale, mask_args, score_args,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
+    SPARSE_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    SUB: tl.constexpr = SPARSE_Q // BLOCK_M
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    for i in range(0, n_blocks * SUB):
+        blk = tl.load(idx_ptr + i // SUB)
+        offs_m = blk * SPARSE_Q + (i % SUB) * BLOCK_M + offs_m0
+        q_in = offs_m < Q_LEN
+        qT = tl.load(
+            Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            mask=q_in[None, :] & (offs_d[:, None] < D),
+            other=0.0,
+        )
+        do = tl.load(
+            DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+            mask=q_in[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+        lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
+        delta = tl.load(DELTA_ptr + offs_m, mask=q_in, other=0.0)
+        q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
+        # transposed tile: rows are keys, columns are queries
+        qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+        s_inT, sT = scores_tile(
+            qkT, b, h, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
+        )
+        pT = tl.math.exp2(sT * 1.4426950408889634 - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if SCORE_GRAD is not None:
+            dsT = SCORE_GRAD(s_inT, dsT, b, h, q_idx, kv_idx, score_args)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV_, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh,
+    Q_NUM, Q_IDX, FQ_NUM, FQ_IDX,
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
+    Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
+    mask_args, score_args,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
+    SPARSE_Q: tl.constexpr,
+    SPARSE_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    start_n = pid_n * BLOCK_N
+    col = start_n // SPARSE_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    kv_in = offs_n < KV_LEN
+    kv_idx = tl.minimum(offs_n, KV_LEN - 1)[:, None]
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_in[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=kv_in[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, DP], tl.float32)
+    dv = tl.zeros([BLOCK_N, DVP], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        Q_ptr = Q + b * stride_qb + h * stride_qh
+        DO_ptr = DO + b * stride_dob + h * stride_doh
+        LSE_ptr = LSE + b * stride_lb + h * stride_lh
+        DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
+        num_off = b * stride_nb + h * stride_nh + col
+        idx_off = b * stride_ib + h * stride_ih + col * stride_ik
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+            Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, kv_idx, kv_in[:, None],
+            Q_LEN, sm_scale, mask_args, score_args,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+            D, DP, DV, DVP, DOT_PREC,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+            FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, kv_idx, kv_in[:, None],
+            Q_LEN, sm_scale, mask_args, score_args,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+            D, DP, DV, DVP, DOT_PREC,
+        )
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty),
+        mask=kv_in[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+        dv.to(DV_.dtype.element_ty),
+        mask=kv_in[:, None] & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta,
+    K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+    idx_ptr, n_blocks, b, h, q_idx, KV_LEN, sm_scale,
+    mask_args, score_args, score_grads,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,
+    SCORE_PARAM_GRAD: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
+    SPARSE_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    SUB: tl.constexpr = SPARSE_KV // BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    for i in range(0, n_blocks * SUB):
+        blk = tl.load(idx_ptr + i // SUB)
+        offs_n = blk * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
+        kv_in = offs_n < KV_LEN
+        kT = tl.load(
+            K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=kv_in[None, :] & (offs_d[:, None] < D),
+            other=0.0,
+        )
+        vT = tl.load(
+            V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+            mask=kv_in[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
+        )
+        kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        qk = tl.dot(q, kT, input_precision=DOT_PREC)
+        s_in, s = scores_tile(
+            qk, b, h, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
+        )
+        p = tl.math.exp2(s * 1.4426950408889634 - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SCORE_PARAM_GRAD is not None:
+            SCORE_PARAM_GRAD(s_in, ds, b, h, q_idx, kv_idx, score_args, score_grads)
+        if SCORE_GRAD is not None:
+            ds = SCORE_GRAD(s_in, ds, b, h, q_idx, kv_idx, score_args)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh,
+    KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
+    mask_args, score_args, score_grads,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,
+    SCORE_PARAM_GRAD: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
+    SPARSE_Q: tl.constexpr,
+    SPARSE_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    row = start_m // SPARSE_Q
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    q_in = offs_m < Q_LEN
+    q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=q_in[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        mask=q_in[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    lse2 = _load_lse2(LSE + b * stride_lb + h * stride_lh, offs_m, Q_LEN)
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=q_in, other=0.0)
+    K_ptr = K + b * stride_kb + hk * stride_kh
+    V_ptr = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, DP], tl.float32)
+    num_off = b * stride_nb + h * stride_nh + row
+    idx_off = b * stride_ib + h * stride_ih + row * stride_iq
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale,
+        mask_args, score_args, score_grads,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+        D, DP, DV, DVP, DOT_PREC,
+    )
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale,
+        mask_args, score_args, score_grads,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+        D, DP, DV, DVP, DOT_PREC,
+    )
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=q_in[:, None] & (offs_d[None, :] < D),
+    )

@@ -1,0 +1,205 @@
+"""Forward kernel: block-sparse FlashAttention-2 (online softmax in the log2 domain).
+
+One program = one tile of BLOCK_M queries of one (batch, query head). It walks the key blocks its
+row of the block table lists: first the partial ones (mask_mod evaluated), then the full ones
+(mask_mod skipped). Table blocks (SPARSE_KV wide) are walked in tiles of BLOCK_N keys.
+
+Compile-time constants: head dims, dtypes, tile and table block sizes, the mods' identities and
+whether lengths divide the table block. Sequence lengths, batch and head counts, and every tensor a
+mod reads are run-time values: new lengths never recompile.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def scores_tile(
+    qk,
+    b,
+    h,
+    q_idx,
+    kv_idx,
+    kv_in,
+    sm_scale,
+    mask_args,
+    score_args,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
+    CHECK_KV: tl.constexpr,
+):
+    """Scaled, score-modded, masked scores (natural units); masked entries are -inf.
+
+    Returns (s_in, s): s_in is the score before score_mod (needed by score_mod derivatives).
+    """
+    s_in = qk * sm_scale
+    s = s_in
+    if SCORE_MOD is not None:
+        s = SCORE_MOD(s_in, b, h, q_idx, kv_idx, score_args)
+    if APPLY_MASK:
+        s = tl.where(MASK_MOD(b, h, q_idx, kv_idx, mask_args), s, float("-inf"))
+    if CHECK_KV:
+        s = tl.where(kv_in, s, float("-inf"))
+    return s_in, s
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_ptr,
+    V_ptr,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    idx_ptr,
+    n_blocks,
+    b,
+    h,
+    q_idx,
+    KV_LEN,
+    sm_scale,
+    mask_args,
+    score_args,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
+    SPARSE_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    SUB: tl.constexpr = SPARSE_KV // BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    for i in range(0, n_blocks * SUB):
+        blk = tl.load(idx_ptr + i // SUB)
+        offs_n = blk * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
+        kv_in = offs_n < KV_LEN
+        if KV_DIVISIBLE:
+            kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
+            v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=offs_dv[None, :] < DV, other=0.0)
+            kv_idx = offs_n[None, :]
+        else:
+            kT = tl.load(
+                K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=kv_in[None, :] & (offs_d[:, None] < D),
+                other=0.0,
+            )
+            v = tl.load(
+                V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        qk = tl.dot(q, kT, input_precision=DOT_PREC)
+        _, s = scores_tile(
+            qk, b, h, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
+        )
+        s = s * 1.4426950408889634  # log2(e): exp2 is the cheap exponential
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid inf - inf
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, SINK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
+    mask_args, score_args,
+    MASK_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
+    SPARSE_Q: tl.constexpr,
+    SPARSE_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    row = start_m // SPARSE_Q
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    q_in = offs_m < Q_LEN
+    q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]  # mods never see positions past the end
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=q_in[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    K_ptr = K + b * stride_kb + hk * stride_kh
+    V_ptr = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DVP], tl.float32)
+
+    num_off = b * stride_nb + h * stride_nh + row
+    idx_off = b * stride_ib + h * stride_ih + row * stride_iq
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale, mask_args, score_args,
+        MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale, mask_args, score_args,
+        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+    )
+
+    if HAS_SINK:
+        sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
+        m_fin = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_fin)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_fin)
+        acc = acc * alpha[:, None]
+        m_i = m_fin
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=q_in[:, None] & (offs_dv[None, :] < DV),
+    )
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=q_in)

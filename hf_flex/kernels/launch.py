@@ -1,0 +1,197 @@
+"""Launch helpers: tile choice, grids and strides for the forward and backward kernels.
+
+Tensors in, tensors out; no autograd here (that is hf_flex.autograd).
+Shapes: q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], o / do [B, Hq, Sq, Dv],
+lse / delta [B, Hq, Sq] float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from .forward import attn_fwd_kernel
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def _fit(t: Tiles, sparse_q: int, sparse_kv: int) -> Tiles:
+    # kernel tiles must divide the block-table blocks
+    return Tiles(min(t.block_m, sparse_q), min(t.block_n, sparse_kv), t.num_warps, t.num_stages)
+
+
+def fwd_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
+    d = max(dp, dvp)
+    if d <= 64:
+        t = Tiles(128, 64, 4, 3)
+    elif d <= 128:
+        t = Tiles(128, 64, 8, 3)
+    else:
+        t = Tiles(64, 32, 4, 2)
+    return _fit(t, sparse_q, sparse_kv)
+
+
+def bwd_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
+    d = max(dp, dvp)
+    if d <= 64:
+        t = Tiles(64, 64, 4, 2)
+    elif d <= 128:
+        t = Tiles(64, 64, 8, 2)
+    else:
+        t = Tiles(32, 32, 4, 1)
+    return _fit(t, sparse_q, sparse_kv)
+
+
+@dataclass
+class MaskTables:
+    """Block tables with broadcast strides, as the kernels read them."""
+
+    num: torch.Tensor
+    idx: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+
+    def strides(self):
+        Bm, Hm, R = self.num.shape
+        C = self.idx.shape[-1]
+        s_nb = Hm * R if Bm > 1 else 0
+        s_nh = R if Hm > 1 else 0
+        s_ib = Hm * R * C if Bm > 1 else 0
+        s_ih = R * C if Hm > 1 else 0
+        return s_nb, s_nh, s_ib, s_ih, C
+
+
+def _dot_prec(dtype):
+    # fp32 inputs: full-precision products (Triton would use tf32 by default)
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _common(q, k, v):
+    B, HQ, SQ, D = q.shape
+    HKV, SKV, DV = k.shape[1], k.shape[2], v.shape[3]
+    return B, HQ, HKV, SQ, SKV, D, DV, _pow2(max(D, 16)), _pow2(max(DV, 16))
+
+
+def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale):
+    """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log)."""
+    B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
+    sq, skv = sparse
+    t = fwd_tiles(DP, DVP, sq, skv)
+    out = torch.empty((B, HQ, SQ, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
+    grid = (triton.cdiv(SQ, t.block_m), B * HQ)
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse, sink if sink is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+        tables.num, tables.idx, tables.full_num, tables.full_idx,
+        s_nb, s_nh, s_ib, s_ih, tables.idx.shape[-1],
+        SQ, SKV, HQ, HQ // HKV, sm_scale,
+        mask_args, score_args,
+        MASK_MOD=mask_fn,
+        SCORE_MOD=score_fn,
+        HAS_SINK=sink is not None,
+        KV_DIVISIBLE=SKV % skv == 0,
+        SPARSE_Q=sq,
+        SPARSE_KV=skv,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        D=D,
+        DP=DP,
+        DV=DV,
+        DVP=DVP,
+        DOT_PREC=_dot_prec(q.dtype),
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
+    return out, lse
+
+
+def flex_backward(
+    q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
+    mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
+    dlse=None,
+):
+    """Returns (dq, dk, dv, delta); adds learnable score-mod gradients into ``score_grads`` (float32).
+
+    ``dlse`` [B, Hq, Sq] (the gradient reaching the returned LSE) folds into delta: since
+    d lse / d s = P, dS = P * (dP - (delta - dlse)). The returned delta includes it.
+    """
+    B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
+    sq, skv = sparse
+    t = bwd_tiles(DP, DVP, sq, skv)
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    delta = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    dm = 64
+    attn_bwd_delta_kernel[(triton.cdiv(SQ, dm), B * HQ)](
+        out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), delta.stride(1), SQ, HQ,
+        BLOCK_M=dm, DV=DV, DVP=DVP,
+    )
+    if dlse is not None:
+        delta = delta - dlse.float()
+    if lse.stride() != delta.stride():
+        lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    prec = _dot_prec(q.dtype)
+    s_nb, s_nh, s_ib, s_ih, _ = bwd_tables.strides()
+    attn_bwd_dkdv_kernel[(triton.cdiv(SKV, t.block_n), B * HKV)](
+        q, k, v, dout, dk, dv, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        lse.stride(0), lse.stride(1),
+        bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx,
+        s_nb, s_nh, s_ib, s_ih, bwd_tables.idx.shape[-1],
+        SQ, SKV, HKV, HQ // HKV, sm_scale,
+        mask_args, score_args,
+        MASK_MOD=mask_fn,
+        SCORE_MOD=score_fn,
+        SCORE_GRAD=score_grad_fn,
+        Q_DIVISIBLE=SQ % sq == 0,
+        KV_DIVISIBLE=SKV % skv == 0,
+        SPARSE_Q=sq,
+        SPARSE_KV=skv,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        D=D, DP=DP, DV=DV, DVP=DVP,
+        DOT_PREC=prec,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
+    s_nb, s_nh, s_ib, s_ih, _ = fwd_tables.strides()
+    attn_bwd_dq_kernel[(triton.cdiv(SQ, t.block_m), B * HQ)](
+        q, k, v, dout, dq, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        lse.stride(0), lse.stride(1),
+        fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx,
+        s_nb, s_nh, s_ib, s_ih, fwd_tables.idx.shape[-1],
+        SQ, SKV, HQ, HQ // HKV, sm_scale,
+        mask_args, score_args, score_grads,
+        MASK_MOD=mask_fn,
+        SCORE_MOD=score_fn,
+        SCORE_GRAD=score_grad_fn,
+        SCORE_PARAM_GRAD=score_param_grad_fn,
+        KV_DIVISIBLE=SKV % skv == 0,
+        SPARSE_Q=sq,
+        SPARSE_KV=skv,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        D=D, DP=DP, DV=DV, DVP=DVP,
+        DOT_PREC=prec,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
+    )
+    return dq, dk, dv, delta

@@ -1,0 +1,301 @@
+"""Built-in mods: each factory returns a MaskMod / ScoreMod holding a Triton function and its PyTorch twin.
+
+Positions ``q`` and ``kv`` are absolute (use :func:`offset` to shift them). Semantics:
+
+==================  =============================================================
+causal()            kv <= q
+sliding_window(w)   q - w < kv   (an overlay: with causal, Transformers' q - w < kv <= q)
+chunked(c)          q // c == kv // c
+prefix_lm(p)        kv < p  or  kv <= q
+document(ids)       ids[b, q] == ids[b, kv]                 ids [B, S] int
+padding(valid)      valid[b, kv]                            valid [B, KV] bool / int
+and_masks(*m)       all of m;   or_masks(*m): any of m
+offset(m, qo, ko)   m evaluated at (q + qo, kv + ko)
+softcap(c)          c * tanh(s / c)
+alibi(slopes)       s + slopes[h] * (kv - q)                slopes [H]
+relative_bias(t)    s + t[h, kv - q + L - 1]                t [H, 2L-1]; |kv - q| > L-1 clamps
+sinks(logit)        one extra logit[h] in each row's softmax denominator, no value   logit [H]
+chain(*s)           score mods applied left to right
+==================  =============================================================
+
+Positions are non-negative. ``alibi``, ``relative_bias`` and ``sinks`` get gradients when their tensor
+requires grad.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .modtypes import MaskMod, ScoreMod, chain_scores, combine_masks, offset_mask
+
+__all__ = [
+    "noop",
+    "causal",
+    "sliding_window",
+    "chunked",
+    "prefix_lm",
+    "document",
+    "padding",
+    "and_masks",
+    "or_masks",
+    "offset",
+    "softcap",
+    "alibi",
+    "relative_bias",
+    "sinks",
+    "chain",
+]
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
+        v = int(v.item())
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+# --- masks --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _noop(b, h, q, kv):
+    return (q >= 0) | (kv >= 0)
+
+
+def noop() -> MaskMod:
+    """Every position allowed (full attention)."""
+    return MaskMod(_noop, lambda b, h, q, kv: (q >= 0) | (kv >= 0), (), "noop")
+
+
+@triton.jit
+def _causal(b, h, q, kv):
+    return kv <= q
+
+
+def causal() -> MaskMod:
+    """kv <= q."""
+    return MaskMod(_causal, lambda b, h, q, kv: kv <= q, (), "causal")
+
+
+@triton.jit
+def _sliding_window(b, h, q, kv, w):
+    return q - w < kv
+
+
+def sliding_window(window: int) -> MaskMod:
+    """q - window < kv (combine with causal() for Transformers' sliding-window rule)."""
+    w = _positive_int("sliding_window: window", window)
+    return MaskMod(_sliding_window, lambda b, h, q, kv, w: q - w < kv, (w,), f"sliding_window({w})")
+
+
+@triton.jit
+def _chunked(b, h, q, kv, c):
+    return (q // c) == (kv // c)
+
+
+def chunked(chunk_size: int) -> MaskMod:
+    """q // chunk_size == kv // chunk_size."""
+    c = _positive_int("chunked: chunk_size", chunk_size)
+    return MaskMod(_chunked, lambda b, h, q, kv, c: (q // c) == (kv // c), (c,), f"chunked({c})")
+
+
+@triton.jit
+def _prefix_lm(b, h, q, kv, p):
+    return (kv < p) | (kv <= q)
+
+
+def prefix_lm(prefix_len: int) -> MaskMod:
+    """kv < prefix_len or kv <= q (bidirectional over the prefix, causal after it)."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
+        raise ValueError(f"prefix_lm: prefix_len must be an int >= 0, got {prefix_len!r}")
+    return MaskMod(
+        _prefix_lm, lambda b, h, q, kv, p: (kv < p) | (kv <= q), (prefix_len,), f"prefix_lm({prefix_len})"
+    )
+
+
+@triton.jit
+def _document(b, h, q, kv, ids, stride_b, S):
+    base = ids + b * stride_b
+    qd = tl.load(base + q, mask=q < S, other=-1)
+    kd = tl.load(base + kv, mask=kv < S, other=-2)
+    return qd == kd
+
+
+def _gather_rows(t: torch.Tensor, b, pos, fill):
+    """t[b, pos] with positions past the end reading ``fill`` (the Triton side's masked load)."""
+    S = t.shape[1]
+    val = t[b, pos.clamp(max=S - 1)]
+    return torch.where(pos < S, val, torch.full_like(val, fill))
+
+
+def document(doc_ids: torch.Tensor) -> MaskMod:
+    """ids[b, q] == ids[b, kv]: packed samples attend only within their own document.
+
+    Args:
+        doc_ids: [B, S] integer tensor, one document id per position (S >= the sequence length).
+    """
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2 or doc_ids.dtype.is_floating_point:
+        raise ValueError("document: doc_ids must be an integer tensor of shape [B, S]")
+    if doc_ids.dtype not in (torch.int32, torch.int64):
+        doc_ids = doc_ids.to(torch.int32)
+    ids = doc_ids.contiguous()
+
+    def twin(b, h, q, kv, ids, stride_b, S):
+        return _gather_rows(ids, b, q, -1) == _gather_rows(ids, b, kv, -2)
+
+    return MaskMod(_document, twin, (ids, ids.stride(0), ids.shape[1]), "document")
+
+
+@triton.jit
+def _padding(b, h, q, kv, valid, stride_b, S):
+    return tl.load(valid + b * stride_b + kv, mask=kv < S, other=0) != 0
+
+
+def padding(kv_valid: torch.Tensor) -> MaskMod:
+    """valid[b, kv]: keys marked False (padding) are never attended to.
+
+    Args:
+        kv_valid: [B, KV] bool or integer tensor; nonzero = a real token.
+    """
+    if not isinstance(kv_valid, torch.Tensor) or kv_valid.dim() != 2 or kv_valid.dtype.is_floating_point:
+        raise ValueError("padding: kv_valid must be a bool or integer tensor of shape [B, KV]")
+    valid = kv_valid.to(torch.int8).contiguous()
+
+    def twin(b, h, q, kv, valid, stride_b, S):
+        return _gather_rows(valid, b, kv, 0) != 0
+
+    return MaskMod(_padding, twin, (valid, valid.stride(0), valid.shape[1]), "padding")
+
+
+def and_masks(*masks: MaskMod) -> MaskMod:
+    """Allowed where every mask allows."""
+    return combine_masks("and", masks)
+
+
+def or_masks(*masks: MaskMod) -> MaskMod:
+    """Allowed where any mask allows."""
+    return combine_masks("or", masks)
+
+
+def offset(mask: MaskMod, q_offset: int = 0, kv_offset: int = 0) -> MaskMod:
+    """``mask`` evaluated at (q + q_offset, kv + kv_offset), e.g. a decode step after a KV cache."""
+    return offset_mask(mask, q_offset, kv_offset)
+
+
+# --- score mods ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # exact in fp32 (no libdevice needed, also under the interpreter); saturates to +-1 for large |x|
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _softcap(s, b, h, q, kv, cap):
+    return cap * _tanh(s / cap)
+
+
+@triton.jit
+def _softcap_grad(s, ds, b, h, q, kv, cap):
+    t = _tanh(s / cap)
+    return ds * (1.0 - t * t)
+
+
+def softcap(cap: float) -> ScoreMod:
+    """cap * tanh(score / cap) (Gemma 2's attention logit softcapping)."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"softcap: cap must be a positive number, got {cap!r}")
+    cap = float(cap)
+    return ScoreMod(
+        _softcap,
+        lambda s, b, h, q, kv, c: c * torch.tanh(s / c),
+        (cap,),
+        f"softcap({cap:g})",
+        grad_fn=_softcap_grad,
+    )
+
+
+@triton.jit
+def _alibi(s, b, h, q, kv, slopes):
+    return s + tl.load(slopes + h).to(tl.float32) * (kv - q).to(tl.float32)
+
+
+@triton.jit
+def _alibi_param_grad(s, ds, b, h, q, kv, slopes, g_slopes):
+    contrib = ds * (kv - q).to(tl.float32)
+    tl.atomic_add(g_slopes + h, tl.sum(tl.sum(contrib, 1), 0))
+
+
+def alibi(slopes: torch.Tensor) -> ScoreMod:
+    """score + slopes[h] * (kv - q). ``slopes`` [H] (query heads); learnable if it requires grad."""
+    if not isinstance(slopes, torch.Tensor) or slopes.dim() != 1 or not slopes.dtype.is_floating_point:
+        raise ValueError("alibi: slopes must be a floating tensor of shape [H]")
+    sl = slopes.contiguous()
+
+    def twin(s, b, h, q, kv, sl):
+        return s + sl[h].to(s.dtype) * (kv - q).to(s.dtype)
+
+    return ScoreMod(_alibi, twin, (sl,), "alibi", param_grad_fn=_alibi_param_grad, learnable=(0,))
+
+
+@triton.jit
+def _rel_index(q, kv, L):
+    r = kv - q + L - 1
+    return tl.minimum(tl.maximum(r, 0), 2 * L - 2)
+
+
+@triton.jit
+def _relative_bias(s, b, h, q, kv, table, L):
+    return s + tl.load(table + h * (2 * L - 1) + _rel_index(q, kv, L)).to(tl.float32)
+
+
+@triton.jit
+def _relative_bias_param_grad(s, ds, b, h, q, kv, table, L, g_table):
+    idx = _rel_index(q, kv, L) + (q - q) + (kv - kv)  # broadcast to the tile's shape
+    tl.atomic_add(g_table + h * (2 * L - 1) + idx, ds)
+
+
+def relative_bias(table: torch.Tensor) -> ScoreMod:
+    """score + table[h, kv - q + L - 1], table [H, 2L-1] (distances past L-1 use the edge entries).
+
+    Learnable when ``table`` requires grad (its gradient is accumulated with float32 atomics).
+    """
+    if (
+        not isinstance(table, torch.Tensor)
+        or table.dim() != 2
+        or table.shape[1] % 2 != 1
+        or not table.dtype.is_floating_point
+    ):
+        raise ValueError("relative_bias: table must be a floating tensor of shape [H, 2L-1]")
+    t = table.contiguous()
+    L = (t.shape[1] + 1) // 2
+
+    def twin(s, b, h, q, kv, t, L):
+        return s + t[h, (kv - q + L - 1).clamp(0, 2 * L - 2)].to(s.dtype)
+
+    return ScoreMod(
+        _relative_bias, twin, (t, L), "relative_bias", param_grad_fn=_relative_bias_param_grad, learnable=(0,)
+    )
+
+
+def sinks(logit: torch.Tensor) -> ScoreMod:
+    """One extra per-head logit in every row's softmax denominator, with no value (gpt-oss sinks).
+
+    Args:
+        logit: [Hq] floating tensor; learnable when it requires grad. A row with every key masked
+        then puts all its weight on the sink: output 0, LSE = logit[h].
+    """
+    if not isinstance(logit, torch.Tensor) or logit.dim() != 1 or not logit.dtype.is_floating_point:
+        raise ValueError("sinks: logit must be a floating tensor of shape [Hq]")
+    return ScoreMod(None, None, (), "sinks", sink=logit)
+
+
+def chain(*score_mods: ScoreMod) -> ScoreMod:
+    """Score mods applied left to right: chain(f, g)(s) == g(f(s)); at most one may be sinks()."""
+    if not score_mods:
+        raise ValueError("chain: give at least one ScoreMod")
+    return chain_scores(score_mods)

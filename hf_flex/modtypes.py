@@ -1,0 +1,408 @@
+"""MaskMod and ScoreMod: one attention variant as a Triton function plus its PyTorch twin.
+
+A mod is *what* to compute; the kernels decide *where*. Each mod holds
+
+* ``triton_fn``: a ``@triton.jit`` function the kernels inline into their tile loop,
+* ``torch_fn``: its PyTorch twin, used by :mod:`hf_flex.reference` and the CPU paths,
+* ``args``: the tensors and numbers it reads, passed to both as trailing positional arguments.
+
+Signatures (``b``, ``h`` are scalars; ``q``, ``kv`` are absolute positions, int tiles or int64 tensors
+that broadcast against each other; every function must be elementwise)::
+
+    mask:   fn(b, h, q, kv, *args) -> bool
+    score:  fn(score, b, h, q, kv, *args) -> score          (score is the *scaled* q.k, float32)
+
+Because tensors arrive as arguments, changing their *values* never recompiles anything; only the
+identity of the Triton functions (and the dtypes of the tensors) is part of the compiled kernel.
+
+Combinators (``and_masks``, ``or_masks``, ``offset``, ``chain``) write a small Triton function that calls
+their children and register its source with :mod:`linecache`, so Triton can read and compile it like
+any other. Generated functions are cached by structure: building the same combination again (for
+example once per training batch) returns the same function and so never recompiles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MaskMod", "ScoreMod", "generate_jit", "call_with_tuple"]
+
+_counter = itertools.count()
+_lock = threading.Lock()
+_cache: dict = {}
+
+
+def generate_jit(name: str, src: str, env: dict) -> Any:
+    """Compile ``src`` (which defines ``name``) as a ``@triton.jit`` function with globals ``env``.
+
+    The source is registered in :mod:`linecache` under a unique file name because Triton reads a
+    function's source with :func:`inspect.getsource`.
+    """
+    filename = f"<hf_flex generated {name} #{next(_counter)}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    namespace = {"triton": triton, "tl": tl, **env}
+    exec(compile(src, filename, "exec"), namespace)
+    return namespace[name]
+
+
+def _cached(key, build: Callable[[], Any]):
+    with _lock:
+        fn = _cache.get(key)
+        if fn is None:
+            fn = build()
+            _cache[key] = fn
+        return fn
+
+
+def call_with_tuple(fn, nargs: int, kind: str):
+    """A Triton function taking ``(..., args)`` with ``args`` a tuple, that calls ``fn(..., *args)``.
+
+    The kernels call every mod with one tuple argument; this adapter unpacks it. ``kind`` is
+    "mask" (``b, h, q, kv``), "score" (``s, b, h, q, kv``), "score_grad" (``s, ds, b, h, q, kv``) or
+    "score_param_grad" (``s, ds, b, h, q, kv, args, grads`` with two tuples).
+    """
+
+    def build():
+        if kind == "score_param_grad":
+            nargs_, ngrads = nargs
+            a = ", ".join([f"args[{i}]" for i in range(nargs_)] + [f"grads[{i}]" for i in range(ngrads)])
+            src = (
+                "@triton.jit\n"
+                "def score_param_grad_call(s, ds, b, h, q, kv, args, grads):\n"
+                f"    fn(s, ds, b, h, q, kv{', ' + a if a else ''})\n"
+            )
+            return generate_jit("score_param_grad_call", src, {"fn": fn})
+        lead = {"mask": "b, h, q, kv", "score": "s, b, h, q, kv", "score_grad": "s, ds, b, h, q, kv"}[kind]
+        a = "".join(f", args[{i}]" for i in range(nargs))
+        name = f"{kind}_call"
+        src = f"@triton.jit\ndef {name}({lead}, args):\n    return fn({lead}{a})\n"
+        return generate_jit(name, src, {"fn": fn})
+
+    return _cached(("tuple", kind, fn, nargs), build)
+
+
+def _check_args(args: Sequence, what: str) -> tuple:
+    args = tuple(args)
+    for i, a in enumerate(args):
+        if isinstance(a, bool) or not isinstance(a, (torch.Tensor, int, float)):
+            raise TypeError(f"{what}: args[{i}] must be a torch.Tensor, int or float, got {type(a).__name__}")
+    return args
+
+
+@dataclass(frozen=True, eq=False)
+class MaskMod:
+    """``mask_mod(b, h, q, kv) -> bool``: True where query ``q`` may attend to key ``kv``.
+
+    Args:
+        triton_fn: ``@triton.jit`` function ``(b, h, q, kv, *args) -> bool`` (elementwise).
+        torch_fn: PyTorch twin with the same signature on broadcasting int64 tensors.
+        args: tensors / ints / floats read by both functions (never baked into the compiled kernel).
+        name: shown in ``repr`` and in block-mask pictures.
+
+    Example (a mask of your own in a few lines)::
+
+        @triton.jit
+        def _every_other(b, h, q, kv):
+            return (kv <= q) & ((q - kv) % 2 == 0)
+
+        every_other = MaskMod(_every_other, lambda b, h, q, kv: (kv <= q) & ((q - kv) % 2 == 0))
+    """
+
+    triton_fn: Any
+    torch_fn: Callable
+    args: tuple = ()
+    name: str = "mask_mod"
+
+    def __post_init__(self):
+        if not isinstance(self.triton_fn, triton.runtime.jit.JITFunction) and not _is_interpreted(self.triton_fn):
+            raise TypeError(f"MaskMod: triton_fn must be a @triton.jit function, got {type(self.triton_fn).__name__}")
+        if not callable(self.torch_fn):
+            raise TypeError("MaskMod: torch_fn must be callable (the PyTorch twin)")
+        object.__setattr__(self, "args", _check_args(self.args, f"MaskMod {self.name!r}"))
+
+    def __call__(self, b, h, q, kv):
+        """Evaluate the PyTorch twin on broadcasting index tensors."""
+        return self.torch_fn(b, h, q, kv, *self.args)
+
+    @property
+    def kernel_fn(self):
+        """The Triton function the kernels call, as ``fn(b, h, q, kv, args_tuple)``."""
+        return call_with_tuple(self.triton_fn, len(self.args), "mask")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [a for a in self.args if isinstance(a, torch.Tensor)]
+
+    def __repr__(self):
+        return f"MaskMod({self.name})"
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreMod:
+    """``score_mod(score, b, h, q, kv) -> score`` on the scaled score, applied before the mask.
+
+    Args:
+        triton_fn: ``@triton.jit`` ``(s, b, h, q, kv, *args) -> s``; ``None`` for a mod that only adds
+            sinks.
+        torch_fn: PyTorch twin, same signature.
+        args: tensors / ints / floats both read.
+        name: for ``repr``.
+        grad_fn: ``@triton.jit`` ``(s, ds, b, h, q, kv, *args) -> ds_in``: the derivative through the mod
+            (``ds * d fn / d s``). ``None`` means the mod adds something to ``s`` (derivative 1).
+        param_grad_fn: ``@triton.jit`` ``(s, ds, b, h, q, kv, *args, *grads)``: adds the gradient of the
+            learnable tensors in ``args`` to their float32 buffers ``grads`` (one per learnable tensor, in
+            order), with atomics. Required when any learnable tensor requires grad.
+        learnable: indices into ``args`` of the tensors that may receive gradients.
+        sink: per-head sink logits ``[Hq]`` (gpt-oss): one extra logit in each row's softmax
+            denominator, carrying no value. Not an elementwise mod: the kernels handle it apart.
+    """
+
+    triton_fn: Any
+    torch_fn: Optional[Callable]
+    args: tuple = ()
+    name: str = "score_mod"
+    grad_fn: Any = None
+    param_grad_fn: Any = None
+    learnable: tuple = ()
+    sink: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "args", _check_args(self.args, f"ScoreMod {self.name!r}"))
+        object.__setattr__(self, "learnable", tuple(self.learnable))
+        if self.triton_fn is not None and not callable(self.torch_fn):
+            raise TypeError("ScoreMod: torch_fn must be callable (the PyTorch twin)")
+        for i in self.learnable:
+            if not isinstance(self.args[i], torch.Tensor):
+                raise TypeError(f"ScoreMod {self.name!r}: learnable index {i} is not a tensor")
+        if self.sink is not None:
+            if not isinstance(self.sink, torch.Tensor) or self.sink.dim() != 1:
+                raise ValueError(f"ScoreMod {self.name!r}: sink must be a 1-D tensor [Hq]")
+
+    def __call__(self, score, b, h, q, kv):
+        """Evaluate the PyTorch twin (sinks are not elementwise and are not applied here)."""
+        if self.torch_fn is None:
+            return score
+        return self.torch_fn(score, b, h, q, kv, *self.args)
+
+    @property
+    def has_elementwise(self) -> bool:
+        return self.triton_fn is not None
+
+    def learnable_tensors(self) -> list[torch.Tensor]:
+        return [self.args[i] for i in self.learnable]
+
+    def needs_param_grad(self) -> bool:
+        return any(self.args[i].requires_grad for i in self.learnable)
+
+    @property
+    def kernel_fn(self):
+        return call_with_tuple(self.triton_fn, len(self.args), "score")
+
+    @property
+    def kernel_grad_fn(self):
+        """``fn(s, ds, b, h, q, kv, args)`` or None when the derivative is 1."""
+        if self.grad_fn is None:
+            return None
+        return call_with_tuple(self.grad_fn, len(self.args), "score_grad")
+
+    @property
+    def kernel_param_grad_fn(self):
+        if self.param_grad_fn is None:
+            return None
+        return call_with_tuple(self.param_grad_fn, (len(self.args), len(self.learnable)), "score_param_grad")
+
+    def __repr__(self):
+        return f"ScoreMod({self.name})"
+
+
+def _is_interpreted(fn) -> bool:
+    interp = getattr(triton.runtime, "interpreter", None)
+    cls = getattr(interp, "InterpretedFunction", None)
+    return cls is not None and isinstance(fn, cls)
+
+
+def is_jit(fn) -> bool:
+    return isinstance(fn, triton.runtime.jit.JITFunction) or _is_interpreted(fn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Combinators: generated Triton functions that call their children, cached by structure.
+
+
+def combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
+    """``op`` is "and" or "or": the elementwise conjunction / disjunction of ``masks``."""
+    masks = tuple(masks)
+    if not masks:
+        raise ValueError(f"{op}_masks: give at least one MaskMod")
+    for i, m in enumerate(masks):
+        if not isinstance(m, MaskMod):
+            raise TypeError(f"{op}_masks: argument {i} must be a MaskMod, got {type(m).__name__}")
+    arities = tuple(len(m.args) for m in masks)
+    sym = " & " if op == "and" else " | "
+
+    def build():
+        env, calls, params, k = {}, [], [], 0
+        for i, (m, n) in enumerate(zip(masks, arities)):
+            env[f"c{i}"] = m.triton_fn
+            p = [f"a{k + j}" for j in range(n)]
+            k += n
+            params += p
+            calls.append(f"c{i}(b, h, q, kv{''.join(', ' + x for x in p)})")
+        name = f"{op}_masks_{len(masks)}"
+        src = (
+            f"@triton.jit\ndef {name}(b, h, q, kv{''.join(', ' + x for x in params)}):\n"
+            f"    return {sym.join('(' + c + ')' for c in calls)}\n"
+        )
+        return generate_jit(name, src, env)
+
+    fn = _cached((op, tuple(m.triton_fn for m in masks), arities), build)
+    torch_fns = tuple(m.torch_fn for m in masks)
+
+    def torch_fn(b, h, q, kv, *args):
+        out, k = None, 0
+        for f, n in zip(torch_fns, arities):
+            r = f(b, h, q, kv, *args[k : k + n])
+            k += n
+            out = r if out is None else (out & r if op == "and" else out | r)
+        return out
+
+    args = tuple(a for m in masks for a in m.args)
+    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})")
+
+
+def offset_mask(mask: MaskMod, q_offset, kv_offset) -> MaskMod:
+    """``mask`` evaluated at ``(q + q_offset, kv + kv_offset)``; offsets are ints or 0-d int tensors."""
+    if not isinstance(mask, MaskMod):
+        raise TypeError(f"offset: mask must be a MaskMod, got {type(mask).__name__}")
+    offs = []
+    for nm, o in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        if isinstance(o, torch.Tensor):
+            if o.numel() != 1 or o.dtype.is_floating_point:
+                raise ValueError(f"offset: {nm} must be an int or a one-element integer tensor")
+            o = int(o.item())
+        if isinstance(o, bool) or not isinstance(o, int):
+            raise TypeError(f"offset: {nm} must be an int, got {type(o).__name__}")
+        offs.append(o)
+    n = len(mask.args)
+
+    def build():
+        p = "".join(f", a{j}" for j in range(n))
+        src = (
+            "@triton.jit\n"
+            f"def offset_mask(b, h, q, kv, qo, ko{p}):\n"
+            f"    return c(b, h, q + qo, kv + ko{p})\n"
+        )
+        return generate_jit("offset_mask", src, {"c": mask.triton_fn})
+
+    fn = _cached(("offset", mask.triton_fn, n), build)
+    inner = mask.torch_fn
+
+    def torch_fn(b, h, q, kv, qo, ko, *args):
+        return inner(b, h, q + qo, kv + ko, *args)
+
+    return MaskMod(fn, torch_fn, (offs[0], offs[1]) + mask.args, f"offset({mask.name}, {offs[0]}, {offs[1]})")
+
+
+def chain_scores(mods: Sequence[ScoreMod]) -> ScoreMod:
+    """Apply score mods left to right: ``chain(f, g)(s) = g(f(s))``; at most one may carry sinks."""
+    mods = tuple(mods)
+    for i, m in enumerate(mods):
+        if not isinstance(m, ScoreMod):
+            raise TypeError(f"chain: argument {i} must be a ScoreMod, got {type(m).__name__}")
+    sinks = [m.sink for m in mods if m.sink is not None]
+    if len(sinks) > 1:
+        raise ValueError("chain: at most one score mod may carry sinks")
+    sink = sinks[0] if sinks else None
+    elem = tuple(m for m in mods if m.has_elementwise)
+    name = f"chain({', '.join(m.name for m in mods)})"
+    if not elem:
+        return ScoreMod(None, None, (), name, sink=sink)
+    if len(elem) == 1 and sink is None:
+        return elem[0]
+    if len(elem) == 1:
+        m = elem[0]
+        return ScoreMod(m.triton_fn, m.torch_fn, m.args, name, m.grad_fn, m.param_grad_fn, m.learnable, sink)
+
+    arities = tuple(len(m.args) for m in elem)
+    offs = list(itertools.accumulate((0,) + arities))
+    nlearn = tuple(len(m.learnable) for m in elem)
+    loffs = list(itertools.accumulate((0,) + nlearn))
+    learnable = tuple(offs[i] + j for i, m in enumerate(elem) for j in m.learnable)
+    args = tuple(a for m in elem for a in m.args)
+    key_fns = tuple((m.triton_fn, m.grad_fn, m.param_grad_fn) for m in elem)
+
+    def pstr(i):
+        return "".join(f", a{offs[i] + j}" for j in range(arities[i]))
+
+    def gstr(i):
+        return "".join(f", g{loffs[i] + j}" for j in range(nlearn[i]))
+
+    allp = "".join(f", a{j}" for j in range(offs[-1]))
+    allg = "".join(f", g{j}" for j in range(loffs[-1]))
+    env = {}
+    for i, m in enumerate(elem):
+        env[f"f{i}"] = m.triton_fn
+        if m.grad_fn is not None:
+            env[f"d{i}"] = m.grad_fn
+        if m.param_grad_fn is not None:
+            env[f"p{i}"] = m.param_grad_fn
+    n = len(elem)
+
+    def fwd_src():
+        body = "".join(f"    s = f{i}(s, b, h, q, kv{pstr(i)})\n" for i in range(n))
+        return f"@triton.jit\ndef chain_score(s, b, h, q, kv{allp}):\n{body}    return s\n"
+
+    def forward_inputs():
+        # s0 .. s{n-1}: the input of each mod, recomputed (cheap elementwise work, no storage)
+        lines = ["    s0 = s\n"]
+        for i in range(1, n):
+            lines.append(f"    s{i} = f{i - 1}(s{i - 1}, b, h, q, kv{pstr(i - 1)})\n")
+        return "".join(lines)
+
+    def grad_src():
+        body = forward_inputs()
+        for i in reversed(range(n)):
+            if elem[i].grad_fn is not None:
+                body += f"    ds = d{i}(s{i}, ds, b, h, q, kv{pstr(i)})\n"
+        return f"@triton.jit\ndef chain_score_grad(s, ds, b, h, q, kv{allp}):\n{body}    return ds\n"
+
+    def pgrad_src():
+        body = forward_inputs()
+        for i in reversed(range(n)):
+            if elem[i].param_grad_fn is not None and nlearn[i]:
+                body += f"    p{i}(s{i}, ds, b, h, q, kv{pstr(i)}{gstr(i)})\n"
+            if elem[i].grad_fn is not None:
+                body += f"    ds = d{i}(s{i}, ds, b, h, q, kv{pstr(i)})\n"
+        return f"@triton.jit\ndef chain_score_param_grad(s, ds, b, h, q, kv{allp}{allg}):\n{body}    return ds\n"
+
+    fwd = _cached(("chain", key_fns, arities), lambda: generate_jit("chain_score", fwd_src(), env))
+    has_grad = any(m.grad_fn is not None for m in elem)
+    grad = (
+        _cached(("chain_grad", key_fns, arities), lambda: generate_jit("chain_score_grad", grad_src(), env))
+        if has_grad
+        else None
+    )
+    has_pg = any(m.param_grad_fn is not None and m.learnable for m in elem)
+    pgrad = (
+        _cached(
+            ("chain_pgrad", key_fns, arities, nlearn),
+            lambda: generate_jit("chain_score_param_grad", pgrad_src(), env),
+        )
+        if has_pg
+        else None
+    )
+    torch_fns = tuple(m.torch_fn for m in elem)
+
+    def torch_fn(s, b, h, q, kv, *a):
+        for i, f in enumerate(torch_fns):
+            s = f(s, b, h, q, kv, *a[offs[i] : offs[i + 1]])
+        return s
+
+    return ScoreMod(fwd, torch_fn, args, name, grad, pgrad, learnable, sink)
