@@ -195,3 +195,12 @@ def flex_backward(
         num_stages=t.num_stages,
     )
     return dq, dk, dv, delta
+
+
+def compiled_variants() -> int:
+    """How many compiled variants of the attention kernels exist in this process (for recompile checks)."""
+    n = 0
+    for fn in (attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel):
+        for entry in getattr(fn, "device_caches", {}).values():
+            n += len(entry[0])
+    return n

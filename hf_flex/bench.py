@@ -1,0 +1,245 @@
+"""Kernel benchmark: hf_flex vs torch's compiled flex_attention vs SDPA on the anchor cases.
+
+    python -m hf_flex.bench [--quick] [--json out.json] [--cases causal,doc12]
+
+Each case first checks correctness (hf_flex and torch flex against each other and against an fp32
+SDPA-style reference on a slice), then times forward and forward+backward with triton's do_bench
+(median), then the block-mask build. TFLOP/s are over the unmasked FLOPs:
+4 * B * Hq * Sq * Skv * D * density forward, x3.5 for forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import hf_flex
+from hf_flex import mods
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    Hq: int
+    Hkv: int
+    S: int
+    D: int
+    kind: str  # causal | doc | sliding | softcap
+    param: int = 0
+
+
+ANCHORS = [
+    Case("causal", 8, 16, 16, 2048, 128, "causal"),
+    Case("causal", 2, 16, 16, 8192, 128, "causal"),
+    Case("causal", 2, 32, 32, 8192, 64, "causal"),
+    Case("causal, GQA", 1, 32, 8, 16384, 128, "causal"),
+    Case("12 docs + causal", 2, 16, 16, 8192, 128, "doc", 12),
+    Case("24 docs + causal, GQA", 1, 32, 8, 16384, 128, "doc", 24),
+    Case("sliding 1024 + causal", 2, 16, 16, 8192, 128, "sliding", 1024),
+    Case("softcap 50 + causal", 2, 16, 16, 8192, 128, "softcap", 50),
+]
+QUICK = [ANCHORS[1], ANCHORS[4], ANCHORS[6], ANCHORS[7]]
+
+
+def doc_ids(B, S, n_docs, seed=0):
+    """Random cut points, uniform: [B, S] int32 document ids on CUDA."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        cuts = torch.sort(torch.randperm(S - 1, generator=g)[: n_docs - 1] + 1).values
+        r = torch.zeros(S, dtype=torch.int32)
+        r[cuts] = 1
+        rows.append(torch.cumsum(r, 0))
+    return torch.stack(rows).cuda().to(torch.int32)
+
+
+def allowed_fraction(c: Case, ids=None) -> float:
+    S = c.S
+    if c.kind in ("causal", "softcap"):
+        return (S + 1) / (2 * S)
+    if c.kind == "sliding":
+        q = torch.arange(S, dtype=torch.float64)
+        return torch.minimum(q + 1, torch.full_like(q, c.param)).sum().item() / (S * S)
+    if c.kind == "doc":
+        tot = 0.0
+        for row in ids.cpu():
+            lens = torch.bincount(row.long()).double()
+            tot += (lens * (lens + 1) / 2).sum().item()
+        return tot / (ids.shape[0] * S * S)
+    raise ValueError(c.kind)
+
+
+def build(c: Case):
+    """(our mask_mod, our score_mod, Bm, torch mask_mod, torch score_mod, sdpa kwargs or None, ids)."""
+    ids = None
+    if c.kind == "causal":
+        return mods.causal(), None, None, (lambda b, h, q, kv: kv <= q), None, {"is_causal": True}, None
+    if c.kind == "softcap":
+        cap = float(c.param)
+        return (
+            mods.causal(),
+            mods.softcap(cap),
+            None,
+            (lambda b, h, q, kv: kv <= q),
+            (lambda s, b, h, q, kv: cap * torch.tanh(s / cap)),
+            None,
+            None,
+        )
+    if c.kind == "sliding":
+        w = c.param
+        return (
+            mods.and_masks(mods.causal(), mods.sliding_window(w)),
+            None,
+            None,
+            (lambda b, h, q, kv: (kv <= q) & (q - kv < w)),
+            None,
+            "dense",
+            None,
+        )
+    if c.kind == "doc":
+        ids = doc_ids(c.B, c.S, c.param)
+        return (
+            mods.and_masks(mods.causal(), mods.document(ids)),
+            None,
+            c.B,
+            (lambda b, h, q, kv: (kv <= q) & (ids[b, q] == ids[b, kv])),
+            None,
+            "dense",
+            ids,
+        )
+    raise ValueError(c.kind)
+
+
+def _ms(fn, rep=100):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def run_case(c: Case, do_sdpa=True):
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+    from torch.nn.attention.flex_attention import flex_attention as t_flex
+
+    t_flex_c = torch.compile(t_flex, dynamic=False)
+    mm, sm, Bm, t_mask, t_score, sdpa_kw, ids = build(c)
+    gqa = c.Hq != c.Hkv
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(c.B, c.Hq, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    do = torch.randn_like(q)
+
+    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
+    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
+    ours_f = lambda: hf_flex.flex_attention(q, k, v, sm, bm, enable_gqa=gqa)  # noqa: E731
+    torch_f = lambda: t_flex_c(q, k, v, score_mod=t_score, block_mask=tbm, enable_gqa=gqa)  # noqa: E731
+
+    # correctness first: ours vs torch flex, both bf16 kernels with fp32 accumulation
+    o1, o2 = ours_f(), torch_f()
+    err = ((o1.float() - o2.float()).norm() / o2.float().norm()).item()
+    if not (err < 1e-2 and torch.isfinite(o1).all()):
+        raise AssertionError(f"{c.name}: hf_flex disagrees with torch flex (rel err {err:.3e})")
+
+    dens = allowed_fraction(c, ids)
+    flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
+    tf = lambda ms, mult=1.0: flops * mult / (ms * 1e-3) / 1e12  # noqa: E731
+
+    def fwdbwd(f):
+        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+        return lambda: f(qs, ks, vs).backward(do)
+
+    ours_fb = fwdbwd(lambda a, b_, c_: hf_flex.flex_attention(a, b_, c_, sm, bm, enable_gqa=gqa))
+    torch_fb = fwdbwd(lambda a, b_, c_: t_flex_c(a, b_, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa))
+    # gradient check (relative to torch flex) before timing
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    g1 = torch.autograd.grad(hf_flex.flex_attention(qs, ks, vs, sm, bm, enable_gqa=gqa), (qs, ks, vs), do)
+    g2 = torch.autograd.grad(t_flex_c(qs, ks, vs, score_mod=t_score, block_mask=tbm, enable_gqa=gqa), (qs, ks, vs), do)
+    for n, a, b_ in zip("qkv", g1, g2):
+        e = ((a.float() - b_.float()).norm() / b_.float().norm()).item()
+        if not e < 2e-2:
+            raise AssertionError(f"{c.name}: d{n} disagrees with torch flex (rel err {e:.3e})")
+
+    row = dict(
+        case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
+        hf_flex_fwd_tflops=tf(_ms(ours_f)),
+        torch_flex_fwd_tflops=tf(_ms(torch_f)),
+        hf_flex_fwdbwd_tflops=tf(_ms(ours_fb), 3.5),
+        torch_flex_fwdbwd_tflops=tf(_ms(torch_fb), 3.5),
+        sdpa_fwd_tflops=None,
+        sdpa_fwdbwd_tflops=None,
+    )
+    if do_sdpa and sdpa_kw is not None:
+        kk = k.repeat_interleave(c.Hq // c.Hkv, 1) if gqa else k
+        vv = v.repeat_interleave(c.Hq // c.Hkv, 1) if gqa else v
+        if sdpa_kw == "dense":
+            dense = bm.materialize() if c.B * c.S * c.S <= 2**31 else None
+            kw = {"attn_mask": dense} if dense is not None else None
+        else:
+            kw = sdpa_kw
+        if kw is not None:
+            sd = lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv, **kw)  # noqa: E731
+            sd_fb = fwdbwd(lambda a, b_, c_: torch.nn.functional.scaled_dot_product_attention(a, kk, vv, **kw))
+            row["sdpa_fwd_tflops"] = tf(_ms(sd))
+            row["sdpa_fwdbwd_tflops"] = tf(_ms(sd_fb), 3.5)
+            del kw
+    row["hf_flex_block_mask_ms"] = _ms(lambda: hf_flex.create_block_mask(mm, Bm, None, c.S, c.S), rep=50)
+    row["torch_flex_block_mask_ms"] = _ms(lambda: t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda"), rep=50)
+    row["rel_err_vs_torch_flex"] = err
+    return row
+
+
+def versions():
+    import transformers
+    import triton
+
+    return dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a one-minute subset")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--no-sdpa", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("hf_flex.bench needs a CUDA GPU")
+    res = versions()
+    res["kernel"] = []
+    hdr = f"{'case':24s} {'B':>2s} {'Hq/Hkv':>6s} {'S':>6s} {'D':>4s} {'dens':>6s} | {'fwd ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'f+b ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'mask ms ours':>12s} {'torch':>6s}"
+    lines = []
+    for c in QUICK if args.quick else ANCHORS:
+        r = run_case(c, do_sdpa=not args.no_sdpa)
+        res["kernel"].append(r)
+        f = lambda x: "   -  " if x is None else f"{x:6.0f}"  # noqa: E731
+        lines.append(
+            f"{r['case']:24s} {r['B']:2d} {r['Hq']:>3d}/{r['Hkv']:<2d} {r['S']:6d} {r['D']:4d} {r['density']:6.3f} | "
+            f"{r['hf_flex_fwd_tflops']:8.0f} {f(r['torch_flex_fwd_tflops'])} {f(r['sdpa_fwd_tflops'])} | "
+            f"{r['hf_flex_fwdbwd_tflops']:8.0f} {f(r['torch_flex_fwdbwd_tflops'])} {f(r['sdpa_fwdbwd_tflops'])} | "
+            f"{r['hf_flex_block_mask_ms']:12.3f} {r['torch_flex_block_mask_ms']:6.2f}"
+        )
+        print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  transformers {res['transformers']}  (TFLOP/s)")
+    print(hdr)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
