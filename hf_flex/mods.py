@@ -116,8 +116,19 @@ def prefix_lm(prefix_len: int) -> MaskMod:
     )
 
 
+def _row_meta(t: torch.Tensor) -> torch.Tensor:
+    """[row stride, length] of a [B, S] tensor, as int32 data on its device.
+
+    Passed as a tensor, not as ints, because Triton specialises int arguments (divisibility by 16):
+    as ints they would compile a new variant when the length changes.
+    """
+    return torch.tensor([t.stride(0), t.shape[1]], dtype=torch.int32).to(t.device, non_blocking=True)
+
+
 @triton.jit
-def _document(b, h, q, kv, ids, stride_b, S):
+def _document(b, h, q, kv, ids, meta):
+    stride_b = tl.load(meta)
+    S = tl.load(meta + 1)
     base = ids + b * stride_b
     qd = tl.load(base + q, mask=q < S, other=-1)
     kd = tl.load(base + kv, mask=kv < S, other=-2)
@@ -143,14 +154,16 @@ def document(doc_ids: torch.Tensor) -> MaskMod:
         doc_ids = doc_ids.to(torch.int32)
     ids = doc_ids.contiguous()
 
-    def twin(b, h, q, kv, ids, stride_b, S):
+    def twin(b, h, q, kv, ids, meta):
         return _gather_rows(ids, b, q, -1) == _gather_rows(ids, b, kv, -2)
 
-    return MaskMod(_document, twin, (ids, ids.stride(0), ids.shape[1]), "document")
+    return MaskMod(_document, twin, (ids, _row_meta(ids)), "document")
 
 
 @triton.jit
-def _padding(b, h, q, kv, valid, stride_b, S):
+def _padding(b, h, q, kv, valid, meta):
+    stride_b = tl.load(meta)
+    S = tl.load(meta + 1)
     return tl.load(valid + b * stride_b + kv, mask=kv < S, other=0) != 0
 
 
@@ -164,10 +177,10 @@ def padding(kv_valid: torch.Tensor) -> MaskMod:
         raise ValueError("padding: kv_valid must be a bool or integer tensor of shape [B, KV]")
     valid = kv_valid.to(torch.int8).contiguous()
 
-    def twin(b, h, q, kv, valid, stride_b, S):
+    def twin(b, h, q, kv, valid, meta):
         return _gather_rows(valid, b, kv, 0) != 0
 
-    return MaskMod(_padding, twin, (valid, valid.stride(0), valid.shape[1]), "padding")
+    return MaskMod(_padding, twin, (valid, _row_meta(valid)), "padding")
 
 
 def and_masks(*masks: MaskMod) -> MaskMod:

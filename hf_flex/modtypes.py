@@ -48,7 +48,8 @@ def generate_jit(name: str, src: str, env: dict) -> Any:
     """
     filename = f"<hf_flex generated {name} #{next(_counter)}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
-    namespace = {"triton": triton, "tl": tl, **env}
+    # a real module name: Triton inspects fn.__module__ of every function it compiles
+    namespace = {"__name__": "hf_flex.generated", "triton": triton, "tl": tl, **env}
     exec(compile(src, filename, "exec"), namespace)
     return namespace[name]
 

@@ -13,7 +13,11 @@ import triton.language as tl
 from .forward import scores_tile
 
 
-@triton.jit
+# lengths and the strides that grow with them are run-time values: no variant per length
+_DYNAMIC = ["stride_lb", "stride_lh", "stride_nb", "stride_nh", "stride_ib", "stride_ih", "stride_iq", "stride_ik", "Q_LEN", "KV_LEN"]
+
+
+@triton.jit(do_not_specialize=["stride_db", "stride_dh", "Q_LEN"])
 def attn_bwd_delta_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -102,7 +106,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _DYNAMIC if n != "stride_iq"])
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -244,7 +248,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _DYNAMIC if n != "stride_ik"])
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -10,7 +10,7 @@ import triton.language as tl
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_oq", "NKV", "Q_LEN", "KV_LEN"])
 def _classify_blocks_kernel(
     OUT,  # int8 [Bm, Hm, nQ, nKV]
     stride_ob,

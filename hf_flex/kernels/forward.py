@@ -122,7 +122,11 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+# lengths and the strides that grow with them are run-time values: no variant per length
+_FWD_DYNAMIC = ["stride_lb", "stride_lh", "stride_nb", "stride_nh", "stride_ib", "stride_ih", "stride_iq", "Q_LEN", "KV_LEN"]
+
+
+@triton.jit(do_not_specialize=_FWD_DYNAMIC)
 def attn_fwd_kernel(
     Q, K, V, O, LSE, SINK,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -33,9 +33,15 @@ def _fit(t: Tiles, sparse_q: int, sparse_kv: int) -> Tiles:
     return Tiles(min(t.block_m, sparse_q), min(t.block_n, sparse_kv), t.num_warps, t.num_stages)
 
 
+# Tile choices per pass, by padded head dim. OVERRIDES (pass -> Tiles) lets a tuning script try others.
+OVERRIDES: dict = {}
+
+
 def fwd_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
     d = max(dp, dvp)
-    if d <= 64:
+    if "fwd" in OVERRIDES:
+        t = OVERRIDES["fwd"]
+    elif d <= 64:
         t = Tiles(128, 64, 4, 3)
     elif d <= 128:
         t = Tiles(128, 64, 8, 3)
@@ -44,9 +50,25 @@ def fwd_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
     return _fit(t, sparse_q, sparse_kv)
 
 
-def bwd_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
+def dkdv_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
+    """block_n keys per program, walked in block_m query sub-tiles."""
     d = max(dp, dvp)
-    if d <= 64:
+    if "dkdv" in OVERRIDES:
+        t = OVERRIDES["dkdv"]
+    elif d <= 64:
+        t = Tiles(64, 64, 4, 2)
+    elif d <= 128:
+        t = Tiles(64, 64, 8, 2)
+    else:
+        t = Tiles(32, 32, 4, 1)
+    return _fit(t, sparse_q, sparse_kv)
+
+
+def dq_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
+    d = max(dp, dvp)
+    if "dq" in OVERRIDES:
+        t = OVERRIDES["dq"]
+    elif d <= 64:
         t = Tiles(64, 64, 4, 2)
     elif d <= 128:
         t = Tiles(64, 64, 8, 2)
@@ -132,7 +154,8 @@ def flex_backward(
     """
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
-    t = bwd_tiles(DP, DVP, sq, skv)
+    t = dkdv_tiles(DP, DVP, sq, skv)
+    t2 = dq_tiles(DP, DVP, sq, skv)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     delta = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     dm = 64
@@ -172,7 +195,7 @@ def flex_backward(
         num_stages=t.num_stages,
     )
     s_nb, s_nh, s_ib, s_ih, _ = fwd_tables.strides()
-    attn_bwd_dq_kernel[(triton.cdiv(SQ, t.block_m), B * HQ)](
+    attn_bwd_dq_kernel[(triton.cdiv(SQ, t2.block_m), B * HQ)](
         q, k, v, dout, dq, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         lse.stride(0), lse.stride(1),
@@ -187,12 +210,12 @@ def flex_backward(
         KV_DIVISIBLE=SKV % skv == 0,
         SPARSE_Q=sq,
         SPARSE_KV=skv,
-        BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n,
+        BLOCK_M=t2.block_m,
+        BLOCK_N=t2.block_n,
         D=D, DP=DP, DV=DV, DVP=DVP,
         DOT_PREC=prec,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        num_warps=t2.num_warps,
+        num_stages=t2.num_stages,
     )
     return dq, dk, dv, delta
 

@@ -1,0 +1,223 @@
+"""Shared test utilities: random inputs, the FlashAttention-style tolerance, and a kernel-vs-reference check.
+
+Tolerance (as in FlashAttention's and torch flex_attention's tests): the kernel's max abs error against
+an fp64 reference must be at most ``fudge`` times the max abs error that the *same-precision* PyTorch
+reference (``hf_flex.reference.attention`` on inputs of the kernel's dtype) has against the same fp64
+reference, plus a few ulps of the dtype at the reference's magnitude (so that a lucky, exact
+same-precision reference does not demand bit-exactness of the kernel). The fp64 reference runs on the
+kernel's inputs cast to float64, so the only difference it sees is arithmetic, not input rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+import hf_flex
+from hf_flex import reference
+
+
+def rand_qkv(B, Hq, Hkv, Sq, Skv, D, Dv=None, dtype=torch.float32, device="cpu", seed=0):
+    """Fresh standard-normal q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] (leaves, requires_grad).
+
+    Drawn in float32 on the CPU from a seeded generator (reproducible on any device), then cast.
+    """
+    Dv = D if Dv is None else Dv
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((B, Hq, Sq, D), (B, Hkv, Skv, D), (B, Hkv, Skv, Dv))
+    out = []
+    for shp in shapes:
+        t = torch.randn(shp, generator=g, dtype=torch.float32)
+        out.append(t.to(device=device, dtype=dtype).requires_grad_())
+    return tuple(out)
+
+
+def randn_like(t: torch.Tensor, seed: int, dtype=None) -> torch.Tensor:
+    """A seeded standard-normal tensor shaped like ``t`` (upstream gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t.shape, generator=g, dtype=torch.float32).to(device=t.device, dtype=dtype or t.dtype)
+
+
+def assert_close_to_fp64(name, out, out_lowprec_ref, out_fp64, fudge=2.0, dtype=None):
+    """max|out - fp64| <= fudge * max|lowprec_ref - fp64| + atol, atol = 4 ulp(dtype) * max(1, max|fp64|).
+
+    Entries where the fp64 reference is not finite (lse = -inf for a fully masked row) must be equal in
+    ``out`` (same infinity); NaN anywhere in ``out`` fails. ``dtype`` is the precision the ulps are taken
+    in (default: the low-precision reference's dtype; pass the *input* dtype for float32 outputs such
+    as lse).
+    """
+    dtype = dtype or out_lowprec_ref.dtype
+    o = out.detach().double().cpu()
+    r = out_fp64.detach().double().cpu()
+    lo = out_lowprec_ref.detach().double().cpu()
+    assert o.shape == r.shape == lo.shape, f"{name}: shapes differ: kernel {tuple(o.shape)}, ref {tuple(r.shape)}"
+    n_nan = int(torch.isnan(o).sum())
+    assert n_nan == 0, f"{name}: {n_nan} NaN in the kernel's result"
+    assert not torch.isnan(r).any(), f"{name}: NaN in the fp64 reference (test setup error)"
+    nonfin = ~torch.isfinite(r)
+    if nonfin.any():
+        bad = int((o[nonfin] != r[nonfin]).sum())
+        assert bad == 0, f"{name}: {bad} entries where the fp64 reference is +-inf differ in the kernel's result"
+    fin = ~nonfin
+    n_inf = int((~torch.isfinite(o[fin])).sum())
+    assert n_inf == 0, f"{name}: {n_inf} non-finite entries in the kernel's result where the reference is finite"
+    if not fin.any():
+        return
+    err = (o - r)[fin].abs().max().item()
+    lo_err = torch.nan_to_num((lo - r)[fin], nan=float("inf")).abs().max().item()
+    ref_max = r[fin].abs().max().item()
+    atol = 4 * torch.finfo(dtype).eps * max(1.0, ref_max)
+    bound = fudge * lo_err + atol
+    assert err <= bound, (
+        f"{name}: kernel max abs err {err:.3e} > {fudge} * same-precision reference err {lo_err:.3e} "
+        f"+ atol {atol:.3e} (= {bound:.3e}); max|ref| {ref_max:.3e}, dtype {dtype}"
+    )
+
+
+def allowed_mask(block_mask: Optional["hf_flex.BlockMask"], B, Hq, Sq, Skv) -> torch.Tensor:
+    """Element-level mask [B, Hq, Sq, Skv] with the reference's broadcast rule (a 1 in the block mask's
+    [Bm, Hm] means the mask_mod sees index 0 there)."""
+    if block_mask is None:
+        return torch.ones((B, Hq, Sq, Skv), dtype=torch.bool)
+    Bm, Hm = block_mask.shape[:2]
+    m = reference.dense_mask(
+        block_mask.mask_mod, 1 if Bm == 1 else B, 1 if Hm == 1 else Hq, Sq, Skv, device=block_mask.device
+    )
+    return m.cpu().expand(B, Hq, Sq, Skv)
+
+
+def _detach_like(t, dtype):
+    return t.detach().to(dtype).clone().requires_grad_(t.requires_grad)
+
+
+def check_attention(
+    q,
+    k,
+    v,
+    score_mod=None,
+    block_mask=None,
+    *,
+    scale=None,
+    enable_gqa=False,
+    params: Sequence[torch.Tensor] = (),
+    use_dout=True,
+    use_dlse=True,
+    backward=True,
+    fudge=2.0,
+    grad_fudge=3.0,
+    seed=1234,
+):
+    """Run hf_flex.flex_attention (forward with return_lse=True, and backward) and compare with the
+    reference at the same precision and in float64.
+
+    ``params`` are learnable tensors read by ``score_mod`` (relative-bias table, ALiBi slopes, sink
+    logits); they stay as they are for all three runs (the twins cast them to the score's dtype, so
+    the fp64 run computes their gradient in float64). The upstream gradient is random for ``out``
+    (``use_dout``) and for ``lse`` (``use_dlse``); at least one must be used when ``backward``.
+
+    Also checks: dtypes and shapes; every element of out / grads finite; rows with no allowed key give
+    out exactly 0 and lse -inf (or the sink logit with sinks). Returns a dict of the kernel's results
+    and the number of fully masked rows.
+    """
+    dtype = q.dtype
+    B, Hq, Sq, D = q.shape
+    Skv, Dv = k.shape[2], v.shape[3]
+    kw = dict(scale=scale, enable_gqa=enable_gqa, return_lse=True)
+    out, lse = hf_flex.flex_attention(q, k, v, score_mod, block_mask, **kw)
+    assert out.shape == (B, Hq, Sq, Dv) and out.dtype == dtype, (out.shape, out.dtype)
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
+    assert out.device == q.device and lse.device == q.device
+
+    # expected fully masked rows, from the dense mask (independent of the kernels)
+    allowed = allowed_mask(block_mask, B, Hq, Sq, Skv)
+    empty = ~allowed.any(-1)
+    sink = score_mod.sink if score_mod is not None else None
+    o_cpu, l_cpu = out.detach().float().cpu(), lse.detach().cpu()
+    assert torch.isfinite(o_cpu).all(), f"out: {int((~torch.isfinite(o_cpu)).sum())} non-finite entries"
+    if empty.any():
+        assert (o_cpu[empty] == 0).all(), "out: a fully masked row is not exactly 0"
+        if sink is None:
+            assert torch.isneginf(l_cpu[empty]).all(), "lse: a fully masked row is not -inf"
+        else:
+            s = sink.detach().float().cpu().view(1, Hq, 1).expand(B, Hq, Sq)
+            torch.testing.assert_close(l_cpu[empty], s[empty], rtol=0, atol=1e-6)
+    assert torch.isfinite(l_cpu[~empty]).all(), "lse: non-finite entry in a row with allowed keys"
+
+    mm = block_mask.mask_mod if block_mask is not None else None
+    bh = block_mask.shape[:2] if block_mask is not None else (0, 0)
+    rkw = dict(scale=scale, enable_gqa=enable_gqa, return_lse=True, mask_bh=bh)
+
+    def ref(dt):
+        ins = tuple(_detach_like(t, dt) for t in (q, k, v))
+        return ins, reference.attention(*ins, score_mod, mm, **rkw)
+
+    lo_in, (lo_out, lo_lse) = ref(dtype)
+    hi_in, (hi_out, hi_lse) = ref(torch.float64)
+    assert_close_to_fp64("out", out, lo_out, hi_out, fudge)
+    assert_close_to_fp64("lse", lse, lo_lse, hi_lse, fudge, dtype=dtype)
+    result = dict(out=out, lse=lse, n_empty=int(empty.sum()), empty=empty)
+    if not backward:
+        return result
+
+    assert use_dout or use_dlse
+    dout = randn_like(out, seed) if use_dout else None
+    dlse = randn_like(lse, seed + 1) if use_dlse else None
+
+    def grads(o, l, inputs):
+        outs, gos = [], []
+        if dout is not None:
+            outs.append(o)
+            gos.append(dout.to(o.dtype))
+        if dlse is not None:
+            outs.append(l)
+            gos.append(dlse)
+        return torch.autograd.grad(outs, inputs, gos, allow_unused=True)
+
+    params = tuple(params)
+    g_k = grads(out, lse, (q, k, v) + params)
+    g_lo = grads(lo_out, lo_lse, tuple(lo_in) + params)
+    g_hi = grads(hi_out, hi_lse, tuple(hi_in) + params)
+    names = ["dq", "dk", "dv"] + [f"d{getattr(p, '_test_name', 'param')}" for p in params]
+    inputs_shape = dict(zip(names, (t.shape for t in (q, k, v) + params)))
+    for nm, a, lo, hi in zip(names, g_k, g_lo, g_hi):
+        if hi is None:  # e.g. dv for a loss on lse alone: the true gradient is zero
+            assert lo is None, f"{nm}: the references disagree on whether a gradient exists (test setup error)"
+            hi = torch.zeros(inputs_shape[nm], dtype=torch.float64, device=q.device)
+            lo = hi
+        assert a is not None, f"{nm}: the kernel path gave no gradient"
+        assert a.shape == hi.shape, (nm, a.shape, hi.shape)
+        assert torch.isfinite(a.detach().float().cpu()).all(), f"{nm}: non-finite entries in the kernel's gradient"
+        assert_close_to_fp64(nm, a, lo, hi, grad_fudge, dtype=dtype)
+    result.update(grads=dict(zip(names, g_k)))
+    return result
+
+
+def named(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Tag a learnable tensor with a name for assertion messages."""
+    t._test_name = name
+    return t
+
+
+def make_param(shape, seed, scale=1.0, device="cpu", name="param"):
+    """A learnable float32 leaf tensor (random normal * scale)."""
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g) * scale).to(device).requires_grad_()
+    return named(t, name)
+
+
+def random_doc_ids(B, S, seed, max_docs=5, same_rows=False):
+    """[B, S] int32 document ids: each row cut into 1..max_docs documents of random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        if same_rows and rows:
+            rows.append(rows[0].clone())
+            continue
+        n = int(torch.randint(1, max_docs + 1, (1,), generator=g))
+        cuts = torch.randperm(max(S - 1, 1), generator=g)[: n - 1] + 1 if S > 1 else torch.tensor([], dtype=torch.long)
+        ids = torch.zeros(S, dtype=torch.int32)
+        for c in sorted(cuts.tolist()):
+            ids[c:] += 1
+        rows.append(ids)
+    return torch.stack(rows)

@@ -1,0 +1,497 @@
+"""The Triton kernels (through hf_flex.flex_attention on the ``device`` fixture) against the reference.
+
+Every case runs forward (out and lse, return_lse=True) and backward (dq, dk, dv and learnable score-mod
+tensors, via torch.autograd.grad with random upstream gradients on out and on lse) and compares with
+hf_flex.reference.attention in float64, with the FlashAttention tolerance of helpers.assert_close_to_fp64:
+kernel error <= fudge * (same-precision reference error) + a few ulps. It also checks that rows with no
+allowed key give out exactly 0 and lse -inf (the sink logit with sinks), with no NaN anywhere.
+
+On CPU the kernels run in Triton's interpreter (conftest.py), which costs ~1 s per small fwd+bwd, so
+shapes are small: B*H <= 8, lengths <= 130, head dim 16/32 except in the head-dim cases.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import hf_flex
+from hf_flex import mods
+from hf_flex.dispatch import triton_runs_on
+from helpers import check_attention, make_param, rand_qkv, random_doc_ids
+
+
+@pytest.fixture(autouse=True)
+def _kernels_really_run(device):
+    # the comparison is only meaningful if the Triton path, not the reference, produced the result
+    assert triton_runs_on(device)
+
+
+# --- mask builders: (B, Sq, Skv, device, seed) -> MaskMod --------------------------------------------
+
+
+def _valid(B, S, seed, left):
+    """[B, S] bool: row b has a random number of real tokens, padding on the left or right."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(S // 3, S + 1, (B,), generator=g)
+    lens[0] = max(1, S - 7)  # at least one row padded, whatever the draw
+    pos = torch.arange(S)
+    if left:
+        return pos[None, :] >= (S - lens)[:, None]
+    return pos[None, :] < lens[:, None]
+
+
+MASKS = {
+    "noop": lambda B, Sq, Skv, dev, seed: mods.noop(),
+    "causal": lambda B, Sq, Skv, dev, seed: mods.causal(),
+    "sliding_window": lambda B, Sq, Skv, dev, seed: mods.sliding_window(20),
+    "chunked": lambda B, Sq, Skv, dev, seed: mods.chunked(24),
+    "prefix_lm": lambda B, Sq, Skv, dev, seed: mods.prefix_lm(21),
+    "document": lambda B, Sq, Skv, dev, seed: mods.document(random_doc_ids(B, max(Sq, Skv), seed).to(dev)),
+    "padding_right": lambda B, Sq, Skv, dev, seed: mods.padding(_valid(B, Skv, seed, left=False).to(dev)),
+    "padding_left": lambda B, Sq, Skv, dev, seed: mods.padding(_valid(B, Skv, seed, left=True).to(dev)),
+    "decode": lambda B, Sq, Skv, dev, seed: mods.offset(mods.causal(), Skv - Sq, 0),
+    "causal&sliding": lambda B, Sq, Skv, dev, seed: mods.and_masks(mods.causal(), mods.sliding_window(16)),
+    "causal&document": lambda B, Sq, Skv, dev, seed: mods.and_masks(
+        mods.causal(), mods.document(random_doc_ids(B, max(Sq, Skv), seed).to(dev))
+    ),
+    "causal&padding_left": lambda B, Sq, Skv, dev, seed: mods.and_masks(
+        mods.causal(), mods.padding(_valid(B, Skv, seed, left=True).to(dev))
+    ),
+    "causal&padding_right": lambda B, Sq, Skv, dev, seed: mods.and_masks(
+        mods.causal(), mods.padding(_valid(B, Skv, seed, left=False).to(dev))
+    ),
+    "or(causal&sliding,chunked)": lambda B, Sq, Skv, dev, seed: mods.or_masks(
+        mods.and_masks(mods.causal(), mods.sliding_window(10)), mods.chunked(32)
+    ),
+    "or(document,prefix_lm)": lambda B, Sq, Skv, dev, seed: mods.or_masks(
+        mods.document(random_doc_ids(B, max(Sq, Skv), seed).to(dev)), mods.prefix_lm(5)
+    ),
+    "and(or,offset)": lambda B, Sq, Skv, dev, seed: mods.and_masks(
+        mods.or_masks(mods.causal(), mods.chunked(16)), mods.offset(mods.sliding_window(40), 3, 0)
+    ),
+}
+
+
+def _block_mask(name, B, Hq, Sq, Skv, device, bs, seed=0, bm_B="B"):
+    if name == "none":
+        return None
+    mm = MASKS[name](B, Sq, Skv, device, seed)
+    return hf_flex.create_block_mask(mm, B if bm_B == "B" else None, None, Sq, Skv, device=device, BLOCK_SIZE=bs)
+
+
+# --- every built-in mask and combinations -------------------------------------------------------------
+
+# (mask, B, Sq, Skv, BLOCK_SIZE)
+MASK_CASES = [
+    ("none", 1, 70, 70, 32),
+    ("noop", 1, 70, 70, 32),
+    ("causal", 2, 70, 70, 16),
+    ("sliding_window", 1, 70, 70, 16),
+    ("chunked", 1, 113, 113, 32),
+    ("prefix_lm", 1, 70, 70, 16),
+    ("document", 2, 113, 113, 32),
+    ("padding_right", 2, 70, 70, 32),
+    ("padding_left", 2, 70, 70, 16),
+    ("decode", 2, 17, 113, 16),
+    ("causal&sliding", 1, 113, 113, 16),
+    ("causal&document", 2, 70, 70, 16),
+    ("causal&padding_left", 2, 70, 70, 32),
+    ("causal&padding_right", 2, 70, 70, 16),
+    ("or(causal&sliding,chunked)", 1, 113, 113, 32),
+    ("or(document,prefix_lm)", 2, 70, 70, 32),
+    ("and(or,offset)", 1, 70, 70, 16),
+]
+
+
+@pytest.mark.parametrize("mask,B,Sq,Skv,bs", MASK_CASES, ids=[c[0] for c in MASK_CASES])
+def test_mask_mods(device, mask, B, Sq, Skv, bs):
+    q, k, v = rand_qkv(B, 2, 2, Sq, Skv, 32, dtype=torch.float32, device=device, seed=zlib.crc32(mask.encode()) % 1000)
+    bm = _block_mask(mask, B, 2, Sq, Skv, device, bs, seed=7)
+    check_attention(q, k, v, None, bm)
+
+
+# --- score mods, learnable tensors --------------------------------------------------------------------
+
+
+def _score_case(name, H, device):
+    """(score_mod, learnable params) for a score-mod case name."""
+    if name == "softcap":
+        return mods.softcap(1.5), ()
+    if name == "alibi":
+        slopes = make_param((H,), 11, 0.2, device, "slopes")
+        return mods.alibi(slopes), (slopes,)
+    if name == "alibi_frozen":
+        return mods.alibi(torch.tensor([2.0 ** -(i + 1) for i in range(H)], device=device)), ()
+    if name == "relative_bias":
+        table = make_param((H, 2 * 20 - 1), 12, 1.0, device, "table")  # L=20 < S: clamping is exercised
+        return mods.relative_bias(table), (table,)
+    if name == "sinks":
+        logit = make_param((H,), 13, 1.0, device, "sinks")
+        return mods.sinks(logit), (logit,)
+    if name == "chain(softcap,alibi)":
+        slopes = make_param((H,), 14, 0.2, device, "slopes")
+        return mods.chain(mods.softcap(2.0), mods.alibi(slopes)), (slopes,)
+    if name == "chain(relative_bias,sinks)":
+        table = make_param((H, 2 * 9 - 1), 15, 1.0, device, "table")
+        logit = make_param((H,), 16, 1.0, device, "sinks")
+        return mods.chain(mods.relative_bias(table), mods.sinks(logit)), (table, logit)
+    if name == "chain(softcap,relative_bias,softcap)":
+        table = make_param((H, 2 * 33 - 1), 17, 1.0, device, "table")
+        return mods.chain(mods.softcap(3.0), mods.relative_bias(table), mods.softcap(1.0)), (table,)
+    if name == "chain(alibi,relative_bias)":
+        slopes = make_param((H,), 18, 0.2, device, "slopes")
+        table = make_param((H, 2 * 5 - 1), 19, 1.0, device, "table")
+        return mods.chain(mods.alibi(slopes), mods.relative_bias(table)), (slopes, table)
+    raise KeyError(name)
+
+
+# (score mod, mask, B, H, S, BLOCK_SIZE)
+SCORE_CASES = [
+    ("softcap", "causal", 1, 2, 70, 32),
+    ("softcap", "none", 1, 2, 70, 32),
+    ("alibi", "causal", 1, 2, 70, 16),
+    ("alibi_frozen", "none", 1, 2, 70, 32),
+    ("relative_bias", "causal", 1, 2, 70, 32),
+    ("relative_bias", "none", 2, 2, 113, 32),
+    ("sinks", "causal", 1, 2, 70, 32),
+    ("sinks", "none", 1, 2, 70, 32),
+    ("chain(softcap,alibi)", "causal&sliding", 1, 2, 70, 16),
+    ("chain(relative_bias,sinks)", "causal", 1, 2, 70, 32),
+    ("chain(softcap,relative_bias,softcap)", "document", 2, 2, 70, 32),
+    ("chain(alibi,relative_bias)", "causal", 1, 2, 70, 32),
+]
+
+
+@pytest.mark.parametrize(
+    "score,mask,B,H,S,bs", SCORE_CASES, ids=[f"{c[0]}-{c[1]}" for c in SCORE_CASES]
+)
+def test_score_mods(device, score, mask, B, H, S, bs):
+    q, k, v = rand_qkv(B, H, H, S, S, 32, dtype=torch.float32, device=device, seed=3)
+    sm, params = _score_case(score, H, device)
+    bm = _block_mask(mask, B, H, S, S, device, bs, seed=5)
+    r = check_attention(q, k, v, sm, bm, params=params)
+    if params:
+        for p in params:
+            assert f"d{p._test_name}" in r["grads"]
+
+
+def test_learnable_grads_are_not_trivial(device):
+    """The parameter gradients compared above are non-zero (a zero gradient on both sides would pass)."""
+    q, k, v = rand_qkv(1, 2, 2, 40, 40, 16, device=device, seed=4)
+    sm, (slopes, table, ) = _score_case("chain(alibi,relative_bias)", 2, device)
+    bm = _block_mask("causal", 1, 2, 40, 40, device, 16)
+    out = hf_flex.flex_attention(q, k, v, sm, bm)
+    gs, gt = torch.autograd.grad((out * torch.randn_like(out)).sum(), (slopes, table))
+    assert gs.abs().min() > 0
+    # causal: only distances kv - q <= 0 (table columns 0..4 of 9, the first clamped) are used
+    assert (gt[:, :5].abs() > 0).all()
+    assert (gt[:, 5:] == 0).all()
+
+
+def test_sinks_only_lse_loss(device):
+    """A loss on lse alone (no gradient reaches out): dsink and dq/dk through dlse only."""
+    q, k, v = rand_qkv(1, 2, 2, 40, 40, 16, device=device, seed=8)
+    sm, params = _score_case("sinks", 2, device)
+    bm = _block_mask("causal", 1, 2, 40, 40, device, 16)
+    check_attention(q, k, v, sm, bm, params=params, use_dout=False, use_dlse=True)
+
+
+# --- GQA ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+@pytest.mark.parametrize("mask", ["causal&document", "causal&sliding"])
+def test_gqa(device, Hkv, mask):
+    q, k, v = rand_qkv(1, 4, Hkv, 70, 70, 16, dtype=torch.float32, device=device, seed=Hkv)
+    bm = _block_mask(mask, 1, 4, 70, 70, device, 32, seed=Hkv)
+    check_attention(q, k, v, None, bm, enable_gqa=True)
+
+
+def test_gqa_with_per_head_score_mods(device):
+    """Slopes / tables / sinks index query heads, not key heads."""
+    q, k, v = rand_qkv(1, 4, 2, 70, 70, 16, device=device, seed=21)
+    slopes = make_param((4,), 22, 0.2, device, "slopes")
+    logit = make_param((4,), 23, 1.0, device, "sinks")
+    sm = mods.chain(mods.alibi(slopes), mods.sinks(logit))
+    bm = _block_mask("causal", 1, 4, 70, 70, device, 32)
+    check_attention(q, k, v, sm, bm, enable_gqa=True, params=(slopes, logit))
+
+
+# --- ragged lengths, Sq != Skv -------------------------------------------------------------------------
+
+# (Sq, Skv, mask, BLOCK_SIZE)
+LENGTH_CASES = [
+    (1, 1, "causal", 16),
+    (1, 17, "none", 16),
+    (1, 130, "decode", 32),
+    (17, 17, "causal", 16),
+    (17, 113, "decode", 16),
+    (113, 17, "causal", 32),
+    (113, 113, "causal", 32),
+    (130, 130, "causal", 32),
+    (130, 70, "document", 32),
+    (70, 130, "causal&sliding", (16, 32)),
+    (113, 70, "prefix_lm", (32, 16)),
+]
+
+
+@pytest.mark.parametrize("Sq,Skv,mask,bs", LENGTH_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-{c[3]}" for c in LENGTH_CASES])
+def test_lengths(device, Sq, Skv, mask, bs):
+    q, k, v = rand_qkv(1, 2, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=Sq + Skv)
+    bm = _block_mask(mask, 1, 2, Sq, Skv, device, bs, seed=3)
+    check_attention(q, k, v, None, bm)
+
+
+# --- fully masked rows -------------------------------------------------------------------------------
+
+
+def _empty_row_mask(kind, B, Sq, Skv, device):
+    if kind == "padding_all_of_batch_1":
+        valid = torch.ones(B, Skv, dtype=torch.bool)
+        valid[1] = False  # batch row 1 has no real key: every query of it is fully masked
+        return mods.padding(valid.to(device))
+    if kind == "causal&left_padding":
+        valid = torch.arange(Skv)[None, :] >= torch.tensor([23, 5])[:, None]
+        return mods.and_masks(mods.causal(), mods.padding(valid.to(device)))
+    if kind == "kv_offset_causal":
+        return mods.offset(mods.causal(), 0, 40)  # kv + 40 <= q: queries < 40 see nothing
+    if kind == "document_missing_in_kv":
+        ids = torch.zeros(B, max(Sq, Skv), dtype=torch.int32)
+        ids[:, 30:] = 1
+        ids[:, 50:] = 2  # with Skv = 45, queries of document 2 find no key
+        return mods.document(ids.to(device))
+    raise KeyError(kind)
+
+
+# (kind, B, Sq, Skv, BLOCK_SIZE, dtype, score)
+EMPTY_CASES = [
+    ("padding_all_of_batch_1", 2, 40, 40, 16, torch.float32, None),
+    ("causal&left_padding", 2, 70, 70, 16, torch.float32, None),
+    ("causal&left_padding", 2, 70, 70, 32, torch.float16, None),
+    ("kv_offset_causal", 1, 70, 70, 16, torch.float32, None),
+    ("kv_offset_causal", 1, 70, 70, 32, torch.float32, "sinks"),
+    ("kv_offset_causal", 1, 70, 70, 16, torch.float32, "chain(softcap,alibi)"),
+    ("document_missing_in_kv", 1, 70, 45, 16, torch.float32, None),
+    ("padding_all_of_batch_1", 2, 40, 40, 32, torch.float32, "relative_bias"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,B,Sq,Skv,bs,dtype,score", EMPTY_CASES, ids=[f"{c[0]}-{c[4]}-{c[5]}-{c[6]}" for c in EMPTY_CASES]
+)
+def test_fully_masked_rows(device, kind, B, Sq, Skv, bs, dtype, score):
+    q, k, v = rand_qkv(B, 2, 2, Sq, Skv, 16, dtype=dtype, device=device, seed=31)
+    mm = _empty_row_mask(kind, B, Sq, Skv, device)
+    bm = hf_flex.create_block_mask(mm, B, None, Sq, Skv, device=device, BLOCK_SIZE=bs)
+    sm, params = _score_case(score, 2, device) if score else (None, ())
+    r = check_attention(q, k, v, sm, bm, params=params)
+    assert r["n_empty"] > 0, "test setup: the case has no fully masked row"
+
+
+def test_fully_masked_rows_lse_only_loss(device):
+    """Backward with dout = None and dlse != 0 on a mask with empty rows: no NaN, grads agree."""
+    q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, device=device, seed=32)
+    bm = hf_flex.create_block_mask(
+        _empty_row_mask("causal&left_padding", 2, 70, 70, device), 2, None, 70, 70, device=device, BLOCK_SIZE=16
+    )
+    r = check_attention(q, k, v, None, bm, use_dout=True, use_dlse=False)
+    assert r["n_empty"] > 0
+    check_attention(q, k, v, None, bm, use_dout=False, use_dlse=True)
+
+
+def test_every_row_masked(device):
+    """A mask that allows nothing: out 0, lse -inf, zero gradients (not NaN)."""
+    q, k, v = rand_qkv(1, 2, 2, 40, 40, 16, device=device, seed=33)
+    bm = hf_flex.create_block_mask(mods.offset(mods.causal(), 0, 100), None, None, 40, 40, device=device, BLOCK_SIZE=16)
+    assert bm.density() == 0.0
+    out, lse = hf_flex.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+    dq, dk, dv = torch.autograd.grad((out, lse), (q, k, v), (torch.randn_like(out), torch.randn_like(lse)))
+    for g in (dq, dk, dv):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+# --- head dims, Dv != D ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "D,Dv,bs",
+    [(64, 64, 32), (80, 80, 16), (96, 96, 32), (128, 128, 32), (256, 256, 32), (32, 16, 16), (16, 64, 32), (80, 48, 32)],
+)
+def test_head_dims(device, D, Dv, bs):
+    q, k, v = rand_qkv(1, 2, 2, 45, 45, D, Dv, dtype=torch.float32, device=device, seed=D + Dv)
+    bm = _block_mask("causal&sliding", 1, 2, 45, 45, device, bs)
+    check_attention(q, k, v, None, bm)
+
+
+# --- fp16 --------------------------------------------------------------------------------------------
+
+# (mask, score, Hkv, D, Dv, BLOCK_SIZE)
+FP16_CASES = [
+    ("causal", None, 2, 32, 32, 32),
+    ("causal&document", None, 2, 16, 16, 16),
+    ("none", None, 2, 64, 64, 32),
+    ("causal", "softcap", 2, 32, 32, 32),
+    ("causal", "alibi", 2, 32, 32, 32),
+    ("document", "relative_bias", 2, 16, 16, 32),
+    ("causal&sliding", "sinks", 2, 32, 32, 16),
+    ("causal", None, 1, 32, 32, 32),
+    ("decode", None, 2, 80, 48, 16),
+]
+
+
+@pytest.mark.parametrize(
+    "mask,score,Hkv,D,Dv,bs", FP16_CASES, ids=[f"{c[0]}-{c[1]}-hkv{c[2]}-d{c[3]}x{c[4]}" for c in FP16_CASES]
+)
+def test_fp16(device, mask, score, Hkv, D, Dv, bs):
+    Sq = 17 if mask == "decode" else 70
+    q, k, v = rand_qkv(1, 2, Hkv, Sq, 70, D, Dv, dtype=torch.float16, device=device, seed=41)
+    sm, params = _score_case(score, 2, device) if score else (None, ())
+    bm = _block_mask(mask, 1, 2, Sq, 70, device, bs, seed=4)
+    check_attention(q, k, v, sm, bm, enable_gqa=Hkv != 2, params=params)
+
+
+# --- block sizes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask,S,bs",
+    [("causal", 200, 128), ("causal&document", 260, 128), ("causal", 70, (16, 32)), ("document", 70, (32, 16))],
+)
+def test_block_sizes(device, mask, S, bs):
+    q, k, v = rand_qkv(1, 1, 1, S, S, 16, device=device, seed=51)
+    bm = _block_mask(mask, 1, 1, S, S, device, bs, seed=2)
+    check_attention(q, k, v, None, bm)
+
+
+def test_block_size_does_not_change_the_result(device):
+    """The same mask with BLOCK_SIZE 16, 32 and 128 gives the same output (to fp32 rounding)."""
+    q, k, v = rand_qkv(1, 2, 2, 70, 70, 16, device=device, seed=52)
+    mm = mods.and_masks(mods.causal(), mods.sliding_window(20))
+    outs = [
+        hf_flex.flex_attention(q, k, v, block_mask=hf_flex.create_block_mask(mm, None, None, 70, 70, device=device, BLOCK_SIZE=bs))
+        for bs in (16, 32, 128)
+    ]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=2e-6)
+
+
+# --- broadcast and per-batch / per-head block masks ---------------------------------------------------
+
+
+@triton.jit
+def _head_window(b, h, q, kv, base):
+    return (kv <= q) & (q - kv < base * (h + 1))
+
+
+def head_window(base):
+    """A per-head mask: head h sees a causal window of base * (h + 1) keys."""
+    return hf_flex.MaskMod(
+        _head_window, lambda b, h, q, kv, base: (kv <= q) & (q - kv < base * (h + 1)), (base,), "head_window"
+    )
+
+
+def test_per_batch_block_mask(device):
+    """document ids that differ per batch row, block mask built with B=2."""
+    q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, device=device, seed=61)
+    ids = random_doc_ids(2, 70, seed=9).to(device)
+    assert not torch.equal(ids[0], ids[1])
+    bm = hf_flex.create_block_mask(mods.document(ids), 2, None, 70, 70, device=device, BLOCK_SIZE=16)
+    assert bm.shape[:2] == (2, 1)
+    assert not torch.equal(bm.to_dense()[0], bm.to_dense()[1])
+    check_attention(q, k, v, None, bm)
+
+
+def test_per_head_block_mask(device):
+    """A custom MaskMod that uses h, block mask built with H=Hq, with GQA (Hq=4, Hkv=2)."""
+    q, k, v = rand_qkv(1, 4, 2, 70, 70, 16, device=device, seed=62)
+    bm = hf_flex.create_block_mask(head_window(8), None, 4, 70, 70, device=device, BLOCK_SIZE=16)
+    assert bm.shape[:2] == (1, 4)
+    check_attention(q, k, v, None, bm, enable_gqa=True)
+
+
+def test_broadcast_B_equals_per_batch_when_rows_agree(device):
+    """B=None and B=2 give the same result when the mask is the same for every batch row."""
+    q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, device=device, seed=63)
+    ids = random_doc_ids(2, 70, seed=10, same_rows=True).to(device)
+    mm = mods.and_masks(mods.causal(), mods.document(ids))
+    b1 = hf_flex.create_block_mask(mm, None, None, 70, 70, device=device, BLOCK_SIZE=16)
+    b2 = hf_flex.create_block_mask(mm, 2, 2, 70, 70, device=device, BLOCK_SIZE=16)
+    o1 = hf_flex.flex_attention(q, k, v, block_mask=b1)
+    o2 = hf_flex.flex_attention(q, k, v, block_mask=b2)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-6)
+    check_attention(q, k, v, None, b1)
+
+
+def test_broadcast_B_with_per_batch_mask_mod(device):
+    """Block mask built with B=None for a mask_mod that differs per batch row.
+
+    Documented semantics (create_block_mask: "None broadcasts (the mask_mod then sees b = 0)";
+    reference.attention's mask_bh): every batch row uses row 0's mask. The kernel must agree with the
+    reference (and with flex_attention's own CPU path, which is that reference).
+    """
+    q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, device=device, seed=64)
+    ids = random_doc_ids(2, 70, seed=9).to(device)
+    assert not torch.equal(ids[0], ids[1])
+    bm = hf_flex.create_block_mask(
+        mods.and_masks(mods.causal(), mods.document(ids)), None, None, 70, 70, device=device, BLOCK_SIZE=16
+    )
+    check_attention(q, k, v, None, bm)
+
+
+def test_broadcast_H_with_per_head_mask_mod(device):
+    """Block mask built with H=None for a per-head mask_mod: every head uses head 0's mask."""
+    q, k, v = rand_qkv(1, 4, 4, 70, 70, 16, device=device, seed=65)
+    bm = hf_flex.create_block_mask(head_window(8), None, None, 70, 70, device=device, BLOCK_SIZE=16)
+    check_attention(q, k, v, None, bm)
+
+
+# --- misc: scale, strides, determinism ---------------------------------------------------------------
+
+
+def test_custom_scale(device):
+    q, k, v = rand_qkv(1, 2, 2, 70, 70, 32, device=device, seed=71)
+    bm = _block_mask("causal", 1, 2, 70, 70, device, 32)
+    check_attention(q, k, v, mods.softcap(5.0), bm, scale=0.7)
+
+
+def test_non_contiguous_inputs(device):
+    """Transformers' layout [B, S, H, D] transposed to [B, H, S, D], and a v with a non-unit last stride."""
+    g = torch.Generator().manual_seed(72)
+    q = torch.randn(1, 70, 2, 32, generator=g).to(device).transpose(1, 2).detach().requires_grad_()
+    k = torch.randn(1, 70, 2, 32, generator=g).to(device).transpose(1, 2).detach().requires_grad_()
+    v = torch.randn(1, 2, 32, 70, generator=g).to(device).transpose(2, 3).detach().requires_grad_()
+    assert not q.is_contiguous() and v.stride(-1) != 1
+    bm = _block_mask("causal&sliding", 1, 2, 70, 70, device, 32)
+    check_attention(q, k, v, None, bm)
+
+
+def test_deterministic(device):
+    """Two runs give bitwise-identical out, lse and dq/dk/dv (no atomics on them)."""
+    q, k, v = rand_qkv(1, 4, 2, 70, 70, 16, device=device, seed=73)
+    bm = _block_mask("causal&document", 1, 4, 70, 70, device, 16)
+    res = []
+    for _ in range(2):
+        out, lse = hf_flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+        g = torch.Generator().manual_seed(0)
+        do = torch.randn(out.shape, generator=g).to(device)
+        res.append((out, lse) + torch.autograd.grad(out, (q, k, v), do))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_outputs_do_not_depend_on_garbage(device):
+    """Poisoned memory around the inputs (padding rows past Sq/Skv in a larger buffer) does not leak."""
+    g = torch.Generator().manual_seed(74)
+    big = [torch.randn(1, 2, 96, 32, generator=g).to(device) for _ in range(3)]
+    for t in big:
+        t[:, :, 70:] = float("nan")
+    q, k, v = (t[:, :, :70].detach().requires_grad_() for t in big)
+    bm = _block_mask("causal", 1, 2, 70, 70, device, 32)
+    check_attention(q, k, v, None, bm)
