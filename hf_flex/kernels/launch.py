@@ -33,48 +33,43 @@ def _fit(t: Tiles, sparse_q: int, sparse_kv: int) -> Tiles:
     return Tiles(min(t.block_m, sparse_q), min(t.block_n, sparse_kv), t.num_warps, t.num_stages)
 
 
-# Tile choices per pass, by padded head dim. OVERRIDES (pass -> Tiles) lets a tuning script try others.
+# Tile choices per pass, keyed by (padded head dim bucket, element size). Measured on an H100 with
+# torch 2.11 / triton 3.6 (scripts/tune_tiles.py, causal, S=8192; notes in tests/benchmarks/NOTES.md).
+# OVERRIDES (pass -> Tiles) lets a tuning script try others.
 OVERRIDES: dict = {}
 
+_TABLE = {
+    # (d <= 64, 2-byte):   fwd                 dkdv (block_m = query sub-tile, block_n = keys)   dq
+    (64, 2): (Tiles(128, 64, 8, 3), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3)),
+    (128, 2): (Tiles(128, 128, 8, 3), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
+    (256, 2): (Tiles(64, 32, 4, 2), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1)),
+    # fp32 tiles hold twice the bytes: smaller tiles keep them in shared memory
+    (64, 4): (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+    (128, 4): (Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 1), Tiles(32, 32, 4, 1)),
+    (256, 4): (Tiles(32, 32, 4, 1), Tiles(16, 32, 4, 1), Tiles(16, 32, 4, 1)),
+}
 
-def fwd_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
+
+def _pick(pass_index: int, name: str, dp: int, dvp: int, elt: int, sparse_q: int, sparse_kv: int) -> Tiles:
+    if name in OVERRIDES:
+        return _fit(OVERRIDES[name], sparse_q, sparse_kv)
     d = max(dp, dvp)
-    if "fwd" in OVERRIDES:
-        t = OVERRIDES["fwd"]
-    elif d <= 64:
-        t = Tiles(128, 64, 4, 3)
-    elif d <= 128:
-        t = Tiles(128, 64, 8, 3)
-    else:
-        t = Tiles(64, 32, 4, 2)
-    return _fit(t, sparse_q, sparse_kv)
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
+    return _fit(_TABLE[(bucket, 4 if elt >= 4 else 2)][pass_index], sparse_q, sparse_kv)
 
 
-def dkdv_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
-    """block_n keys per program, walked in block_m query sub-tiles."""
-    d = max(dp, dvp)
-    if "dkdv" in OVERRIDES:
-        t = OVERRIDES["dkdv"]
-    elif d <= 64:
-        t = Tiles(64, 64, 4, 2)
-    elif d <= 128:
-        t = Tiles(64, 64, 8, 2)
-    else:
-        t = Tiles(32, 32, 4, 1)
-    return _fit(t, sparse_q, sparse_kv)
+def fwd_tiles(dp, dvp, elt, sparse_q, sparse_kv) -> Tiles:
+    """block_m queries per program, walking block_n keys at a time."""
+    return _pick(0, "fwd", dp, dvp, elt, sparse_q, sparse_kv)
 
 
-def dq_tiles(dp: int, dvp: int, sparse_q: int, sparse_kv: int) -> Tiles:
-    d = max(dp, dvp)
-    if "dq" in OVERRIDES:
-        t = OVERRIDES["dq"]
-    elif d <= 64:
-        t = Tiles(64, 64, 4, 2)
-    elif d <= 128:
-        t = Tiles(64, 64, 8, 2)
-    else:
-        t = Tiles(32, 32, 4, 1)
-    return _fit(t, sparse_q, sparse_kv)
+def dkdv_tiles(dp, dvp, elt, sparse_q, sparse_kv) -> Tiles:
+    """block_n keys per program, walking block_m queries at a time."""
+    return _pick(1, "dkdv", dp, dvp, elt, sparse_q, sparse_kv)
+
+
+def dq_tiles(dp, dvp, elt, sparse_q, sparse_kv) -> Tiles:
+    return _pick(2, "dq", dp, dvp, elt, sparse_q, sparse_kv)
 
 
 @dataclass
@@ -111,7 +106,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
     """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
-    t = fwd_tiles(DP, DVP, sq, skv)
+    t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
     out = torch.empty((B, HQ, SQ, DV), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
@@ -154,8 +149,8 @@ def flex_backward(
     """
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
-    t = dkdv_tiles(DP, DVP, sq, skv)
-    t2 = dq_tiles(DP, DVP, sq, skv)
+    t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
+    t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     delta = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     dm = 64
