@@ -127,6 +127,8 @@ def run_case(c: Case, do_sdpa=True):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     from torch.nn.attention.flex_attention import flex_attention as t_flex
 
+    # one compiled variant per case: raise dynamo's limit so it never falls back to the unfused path
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     t_flex_c = torch.compile(t_flex, dynamic=False)
     mm, sm, Bm, t_mask, t_score, sdpa_kw, ids = build(c)
     gqa = c.Hq != c.Hkv

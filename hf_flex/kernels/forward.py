@@ -146,6 +146,7 @@ def attn_fwd_kernel(
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_N_FULL: tl.constexpr,
     D: tl.constexpr,
     DP: tl.constexpr,
     DV: tl.constexpr,
@@ -187,7 +188,7 @@ def attn_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
     )
 
     if HAS_SINK:

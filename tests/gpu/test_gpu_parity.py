@@ -21,6 +21,7 @@ FUDGE_FWD, FUDGE_BWD = 2.0, 3.0
 def _torch_flex():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
