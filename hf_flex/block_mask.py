@@ -192,7 +192,12 @@ class BlockMask:
 
 
 def _check_block_size(BLOCK_SIZE) -> Tuple[int, int]:
-    bs = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    if isinstance(BLOCK_SIZE, int):
+        bs = (BLOCK_SIZE, BLOCK_SIZE)
+    elif isinstance(BLOCK_SIZE, (tuple, list)):
+        bs = tuple(BLOCK_SIZE)
+    else:
+        raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {BLOCK_SIZE!r}")
     if len(bs) != 2:
         raise ValueError(f"BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {BLOCK_SIZE!r}")
     for x in bs:

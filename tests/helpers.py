@@ -10,6 +10,7 @@ kernel's inputs cast to float64, so the only difference it sees is arithmetic, n
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -64,8 +65,10 @@ def assert_close_to_fp64(name, out, out_lowprec_ref, out_fp64, fudge=2.0, dtype=
     assert n_inf == 0, f"{name}: {n_inf} non-finite entries in the kernel's result where the reference is finite"
     if not fin.any():
         return
+    # a non-finite baseline would make the bound infinite and the check vacuous
+    assert torch.isfinite(lo[fin]).all(), f"{name}: the same-precision reference is not finite (test setup error)"
     err = (o - r)[fin].abs().max().item()
-    lo_err = torch.nan_to_num((lo - r)[fin], nan=float("inf")).abs().max().item()
+    lo_err = (lo - r)[fin].abs().max().item()
     ref_max = r[fin].abs().max().item()
     atol = 4 * torch.finfo(dtype).eps * max(1.0, ref_max)
     bound = fudge * lo_err + atol
@@ -112,8 +115,8 @@ def check_attention(
     reference at the same precision and in float64.
 
     ``params`` are learnable tensors read by ``score_mod`` (relative-bias table, ALiBi slopes, sink
-    logits); they stay as they are for all three runs (the twins cast them to the score's dtype, so
-    the fp64 run computes their gradient in float64). The upstream gradient is random for ``out``
+    logits); the kernel and the same-precision reference read them as they are, the fp64 reference
+    reads float64 copies (so its parameter gradients are accumulated in float64 too). The upstream gradient is random for ``out``
     (``use_dout``) and for ``lse`` (``use_dlse``); at least one must be used when ``backward``.
 
     Also checks: dtypes and shapes; every element of out / grads finite; rows with no allowed key give
@@ -148,12 +151,17 @@ def check_attention(
     bh = block_mask.shape[:2] if block_mask is not None else (0, 0)
     rkw = dict(scale=scale, enable_gqa=enable_gqa, return_lse=True, mask_bh=bh)
 
-    def ref(dt):
-        ins = tuple(_detach_like(t, dt) for t in (q, k, v))
-        return ins, reference.attention(*ins, score_mod, mm, **rkw)
+    params = tuple(params)
+    # the fp64 run reads float64 copies of the learnable tensors: with float32 ones, autograd would
+    # accumulate their gradient (an index / sum backward) in float32
+    sm_hi, params_hi = _with_params_in(score_mod, params, torch.float64)
 
-    lo_in, (lo_out, lo_lse) = ref(dtype)
-    hi_in, (hi_out, hi_lse) = ref(torch.float64)
+    def ref(dt, sm):
+        ins = tuple(_detach_like(t, dt) for t in (q, k, v))
+        return ins, reference.attention(*ins, sm, mm, **rkw)
+
+    lo_in, (lo_out, lo_lse) = ref(dtype, score_mod)
+    hi_in, (hi_out, hi_lse) = ref(torch.float64, sm_hi)
     assert_close_to_fp64("out", out, lo_out, hi_out, fudge)
     assert_close_to_fp64("lse", lse, lo_lse, hi_lse, fudge, dtype=dtype)
     result = dict(out=out, lse=lse, n_empty=int(empty.sum()), empty=empty)
@@ -174,10 +182,9 @@ def check_attention(
             gos.append(dlse)
         return torch.autograd.grad(outs, inputs, gos, allow_unused=True)
 
-    params = tuple(params)
     g_k = grads(out, lse, (q, k, v) + params)
     g_lo = grads(lo_out, lo_lse, tuple(lo_in) + params)
-    g_hi = grads(hi_out, hi_lse, tuple(hi_in) + params)
+    g_hi = grads(hi_out, hi_lse, tuple(hi_in) + params_hi)
     names = ["dq", "dk", "dv"] + [f"d{getattr(p, '_test_name', 'param')}" for p in params]
     inputs_shape = dict(zip(names, (t.shape for t in (q, k, v) + params)))
     for nm, a, lo, hi in zip(names, g_k, g_lo, g_hi):
@@ -191,6 +198,20 @@ def check_attention(
         assert_close_to_fp64(nm, a, lo, hi, grad_fudge, dtype=dtype)
     result.update(grads=dict(zip(names, g_k)))
     return result
+
+
+def _with_params_in(score_mod, params, dtype):
+    """(score_mod with each tensor of ``params`` replaced by a ``dtype`` leaf copy, the copies)."""
+    if score_mod is None or not params:
+        return score_mod, ()
+    copies = {id(p): p.detach().to(dtype).requires_grad_() for p in params}
+    swap = lambda a: copies.get(id(a), a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    changes = dict(args=tuple(swap(a) for a in score_mod.args))
+    if score_mod.sink is not None:
+        changes["sink"] = swap(score_mod.sink)
+    used = {id(a) for a in changes["args"]} | {id(changes.get("sink"))}
+    assert all(id(c) in used for c in copies.values()), "a param is not read by the score_mod (test setup error)"
+    return dataclasses.replace(score_mod, **changes), tuple(copies[id(p)] for p in params)
 
 
 def named(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 import triton
-import triton.language as tl
+import triton.language as tl  # noqa: F401  (Triton wants it visible to the @triton.jit mask below)
 
 import hf_flex
 from hf_flex import mods
@@ -81,7 +81,8 @@ def _block_mask(name, B, Hq, Sq, Skv, device, bs, seed=0, bm_B="B"):
     if name == "none":
         return None
     mm = MASKS[name](B, Sq, Skv, device, seed)
-    return hf_flex.create_block_mask(mm, B if bm_B == "B" else None, None, Sq, Skv, device=device, BLOCK_SIZE=bs)
+    kw = {} if bs is None else dict(BLOCK_SIZE=bs)  # None: create_block_mask's default (128)
+    return hf_flex.create_block_mask(mm, B if bm_B == "B" else None, None, Sq, Skv, device=device, **kw)
 
 
 # --- every built-in mask and combinations -------------------------------------------------------------
@@ -237,6 +238,7 @@ LENGTH_CASES = [
     (130, 70, "document", 32),
     (70, 130, "causal&sliding", (16, 32)),
     (113, 70, "prefix_lm", (32, 16)),
+    (130, 130, "causal&document", 16),
 ]
 
 
@@ -343,6 +345,9 @@ FP16_CASES = [
     ("causal&sliding", "sinks", 2, 32, 32, 16),
     ("causal", None, 1, 32, 32, 32),
     ("decode", None, 2, 80, 48, 16),
+    ("causal", None, 2, 128, 128, None),
+    ("causal&sliding", None, 2, 256, 256, 32),
+    ("causal&padding_left", "sinks", 1, 32, 32, 16),
 ]
 
 
@@ -361,11 +366,18 @@ def test_fp16(device, mask, score, Hkv, D, Dv, bs):
 
 
 @pytest.mark.parametrize(
-    "mask,S,bs",
-    [("causal", 200, 128), ("causal&document", 260, 128), ("causal", 70, (16, 32)), ("document", 70, (32, 16))],
+    "mask,S,bs,dtype",
+    [
+        ("causal", 200, None, torch.float32),
+        ("causal&document", 260, 128, torch.float32),
+        ("causal&document", 260, None, torch.float16),
+        ("causal", 70, (16, 32), torch.float32),
+        ("document", 70, (32, 16), torch.float32),
+        ("causal&padding_left", 130, (16, 32), torch.float16),
+    ],
 )
-def test_block_sizes(device, mask, S, bs):
-    q, k, v = rand_qkv(1, 1, 1, S, S, 16, device=device, seed=51)
+def test_block_sizes(device, mask, S, bs, dtype):
+    q, k, v = rand_qkv(1, 1, 1, S, S, 16, dtype=dtype, device=device, seed=51)
     bm = _block_mask(mask, 1, 1, S, S, device, bs, seed=2)
     check_attention(q, k, v, None, bm)
 

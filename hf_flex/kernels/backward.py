@@ -53,7 +53,7 @@ def _dkdv_inner(
     dk, dv, k, v,
     Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
     stride_qm, stride_qd, stride_dom, stride_dod,
-    idx_ptr, n_blocks, b, h, kv_idx, kv_in,
+    idx_ptr, n_blocks, b, h, mb, mh, kv_idx, kv_in,
     Q_LEN, sm_scale, mask_args, score_args,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
@@ -93,7 +93,7 @@ def _dkdv_inner(
         # transposed tile: rows are keys, columns are queries
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
-            qkT, b, h, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
+            qkT, b, h, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
         pT = tl.math.exp2(sT * 1.4426950408889634 - lse2[None, :])
@@ -158,8 +158,10 @@ def attn_bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
     dv = tl.zeros([BLOCK_N, DVP], tl.float32)
+    mb = tl.where(stride_nb != 0, b, 0)  # broadcast block-mask dims: the mask sees index 0
     for g in range(0, GROUP):
         h = hk * GROUP + g
+        mh = tl.where(stride_nh != 0, h, 0)
         Q_ptr = Q + b * stride_qb + h * stride_qh
         DO_ptr = DO + b * stride_dob + h * stride_doh
         LSE_ptr = LSE + b * stride_lb + h * stride_lh
@@ -168,14 +170,14 @@ def attn_bwd_dkdv_kernel(
         idx_off = b * stride_ib + h * stride_ih + col * stride_ik
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, kv_idx, kv_in[:, None],
+            Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, kv_idx, kv_in[:, None],
+            FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC,
@@ -197,7 +199,7 @@ def attn_bwd_dkdv_kernel(
 def _dq_inner(
     dq, q, do, lse2, delta,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-    idx_ptr, n_blocks, b, h, q_idx, KV_LEN, sm_scale,
+    idx_ptr, n_blocks, b, h, mb, mh, q_idx, KV_LEN, sm_scale,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
@@ -234,7 +236,7 @@ def _dq_inner(
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         s_in, s = scores_tile(
-            qk, b, h, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
+            qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
         p = tl.math.exp2(s * 1.4426950408889634 - lse2[:, None])
@@ -303,18 +305,20 @@ def attn_bwd_dq_kernel(
     K_ptr = K + b * stride_kb + hk * stride_kh
     V_ptr = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
+    mb = tl.where(stride_nb != 0, b, 0)  # broadcast block-mask dims: the mask sees index 0
+    mh = tl.where(stride_nh != 0, h, 0)
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale,
+        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale,
+        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,

@@ -22,6 +22,8 @@ def scores_tile(
     qk,
     b,
     h,
+    mb,
+    mh,
     q_idx,
     kv_idx,
     kv_in,
@@ -36,13 +38,15 @@ def scores_tile(
     """Scaled, score-modded, masked scores (natural units); masked entries are -inf.
 
     Returns (s_in, s): s_in is the score before score_mod (needed by score_mod derivatives).
+    The score mod sees the real (b, h); the mask sees (mb, mh), which are 0 where the block mask
+    was built with that dimension broadcast, as its block classification did.
     """
     s_in = qk * sm_scale
     s = s_in
     if SCORE_MOD is not None:
         s = SCORE_MOD(s_in, b, h, q_idx, kv_idx, score_args)
     if APPLY_MASK:
-        s = tl.where(MASK_MOD(b, h, q_idx, kv_idx, mask_args), s, float("-inf"))
+        s = tl.where(MASK_MOD(mb, mh, q_idx, kv_idx, mask_args), s, float("-inf"))
     if CHECK_KV:
         s = tl.where(kv_in, s, float("-inf"))
     return s_in, s
@@ -64,6 +68,8 @@ def _fwd_inner(
     n_blocks,
     b,
     h,
+    mb,
+    mh,
     q_idx,
     KV_LEN,
     sm_scale,
@@ -107,7 +113,7 @@ def _fwd_inner(
             kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         _, s = scores_tile(
-            qk, b, h, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
+            qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
         s = s * 1.4426950408889634  # log2(e): exp2 is the cheap exponential
@@ -173,6 +179,8 @@ def attn_fwd_kernel(
     )
     K_ptr = K + b * stride_kb + hk * stride_kh
     V_ptr = V + b * stride_vb + hk * stride_vh
+    mb = tl.where(stride_nb != 0, b, 0)  # broadcast block-mask dims: the mask sees index 0
+    mh = tl.where(stride_nh != 0, h, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -182,12 +190,12 @@ def attn_fwd_kernel(
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale, mask_args, score_args,
+        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
         MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, q_idx, KV_LEN, sm_scale, mask_args, score_args,
+        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
         MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
     )
 
