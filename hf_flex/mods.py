@@ -35,6 +35,8 @@ __all__ = [
     "causal",
     "sliding_window",
     "chunked",
+    "chunked_padded",
+    "symmetric_window",
     "prefix_lm",
     "document",
     "padding",
@@ -100,6 +102,46 @@ def chunked(chunk_size: int) -> MaskMod:
     """q // chunk_size == kv // chunk_size."""
     c = _positive_int("chunked: chunk_size", chunk_size)
     return MaskMod(_chunked, lambda b, h, q, kv, c: (q // c) == (kv // c), (c,), f"chunked({c})")
+
+
+@triton.jit
+def _chunked_padded(b, h, q, kv, c, left_padding, shift):
+    p = tl.load(left_padding + b)
+    # shift (a multiple of c larger than any position) keeps both operands >= 0, where Triton's
+    # truncating division equals Python's floor division
+    return ((q - p + shift) // c) == ((kv - p + shift) // c)
+
+
+def chunked_padded(chunk_size: int, left_padding: torch.Tensor) -> MaskMod:
+    """(q - lp[b]) // c == (kv - lp[b]) // c: chunks counted from each row's first real token.
+
+    Llama 4's chunked attention under left padding. ``left_padding`` [B] integer tensor.
+    """
+    c = _positive_int("chunked_padded: chunk_size", chunk_size)
+    if not isinstance(left_padding, torch.Tensor) or left_padding.dim() != 1 or left_padding.dtype.is_floating_point:
+        raise ValueError("chunked_padded: left_padding must be an integer tensor of shape [B]")
+    lp = left_padding.contiguous()
+    shift = ((1 << 30) // c) * c
+
+    def twin(b, h, q, kv, c, lp, shift):
+        p = lp[b]
+        return torch.div(q - p, c, rounding_mode="floor") == torch.div(kv - p, c, rounding_mode="floor")
+
+    return MaskMod(_chunked_padded, twin, (c, lp, shift), f"chunked_padded({c})")
+
+
+@triton.jit
+def _symmetric_window(b, h, q, kv, w):
+    return (q - kv <= w) & (kv - q <= w)
+
+
+def symmetric_window(window: int) -> MaskMod:
+    """|q - kv| <= window (bidirectional sliding window)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"symmetric_window: window must be an int >= 0, got {window!r}")
+    return MaskMod(
+        _symmetric_window, lambda b, h, q, kv, w: (q - kv <= w) & (kv - q <= w), (window,), f"symmetric_window({window})"
+    )
 
 
 @triton.jit
