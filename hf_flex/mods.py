@@ -40,6 +40,7 @@ __all__ = [
     "prefix_lm",
     "document",
     "padding",
+    "dense",
     "and_masks",
     "or_masks",
     "offset",
@@ -223,6 +224,33 @@ def padding(kv_valid: torch.Tensor) -> MaskMod:
         return _gather_rows(valid, b, kv, 0) != 0
 
     return MaskMod(_padding, twin, (valid, _row_meta(valid)), "padding")
+
+
+@triton.jit
+def _dense(b, h, q, kv, mask, meta):
+    stride_b = tl.load(meta)
+    stride_q = tl.load(meta + 1)
+    Q = tl.load(meta + 2)
+    KV = tl.load(meta + 3)
+    return tl.load(mask + b * stride_b + q * stride_q + kv, mask=(q < Q) & (kv < KV), other=0) != 0
+
+
+def dense(mask: torch.Tensor) -> MaskMod:
+    """mask[b, q, kv] from a materialised [B, Q, KV] bool mask (positions are local: 0..Q-1, 0..KV-1).
+
+    The fallback for masks no mod describes (O(B*Q*KV) memory); prefer structured mods.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 3 or mask.dtype.is_floating_point:
+        raise ValueError("dense: mask must be a bool or integer tensor of shape [B, Q, KV]")
+    m = mask.to(torch.int8).contiguous()
+    meta = torch.tensor([m.stride(0), m.stride(1), m.shape[1], m.shape[2]], dtype=torch.int32).to(m.device)
+
+    def twin(b, h, q, kv, m, meta):
+        Q, KV = m.shape[1], m.shape[2]
+        val = m[b, q.clamp(max=Q - 1), kv.clamp(max=KV - 1)] != 0
+        return val & (q < Q) & (kv < KV)
+
+    return MaskMod(_dense, twin, (m, meta), "dense")
 
 
 def and_masks(*masks: MaskMod) -> MaskMod:
