@@ -16,7 +16,11 @@ from .attention import flex_attention
 from .block_mask import BlockMask, block_mask_from_classes, create_block_mask
 from .modtypes import MaskMod, ScoreMod
 
+from .transformers import register as _register_with_transformers
+
 __version__ = "0.1.0"
+
+_register_with_transformers()
 
 __all__ = [
     "flex_attention",

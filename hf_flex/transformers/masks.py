@@ -1,0 +1,150 @@
+"""The mask interface: what Transformers' mask creators get back for attn_implementation="flex".
+
+``flex_mask(**kwargs)`` is registered with ``AttentionMaskInterface``; Transformers calls it once per
+forward and per layer type, and hands the result unchanged to every layer of that type. It returns a
+:class:`FlexMask`: the BlockMask (built from the recognised structure, in O(blocks)), plus a cache of
+variants the attention function derives from the batch (documents from ``position_ids``), so those
+too are built once per batch rather than once per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import mods
+from ..block_mask import BlockMask, create_block_mask
+from ..modtypes import MaskMod
+from .recognize import recognize
+
+__all__ = ["FlexMask", "flex_mask", "dense_mask_mod", "documents_from_position_ids", "documents_from_cu_seqlens"]
+
+
+class FlexMask:
+    """A BlockMask for one layer type of one forward pass, and the facts the attention function needs.
+
+    Attributes:
+        mask_mod: the hf_flex MaskMod in the layer's local coordinates (queries 0..q_len-1, keys
+            0..kv_len-1), offsets already applied.
+        block_mask: built from ``mask_mod`` for (q_len, kv_len).
+        q_len, kv_len, batch_size: what Transformers asked for.
+        has_documents: the mask already keeps packed documents apart.
+        q_offset: absolute position of query 0 (0 in training; the cache length when decoding).
+    """
+
+    def __init__(self, mask_mod: MaskMod, batch_size: int, q_len: int, kv_len: int, device, *,
+                 has_documents: bool, q_offset: int, per_batch: bool):
+        self.mask_mod = mask_mod
+        self.batch_size = batch_size
+        self.q_len = q_len
+        self.kv_len = kv_len
+        self.device = torch.device(device)
+        self.has_documents = has_documents
+        self.q_offset = q_offset
+        self.per_batch = per_batch
+        self.block_mask: BlockMask = create_block_mask(
+            mask_mod, batch_size if per_batch else None, None, q_len, kv_len, device=self.device
+        )
+        self._derived: dict = {}
+
+    def with_documents(self, doc_ids: torch.Tensor, key) -> BlockMask:
+        """This mask AND "same document" for doc_ids [B, q_len], built once per ``key`` (one batch)."""
+        bm = self._derived.get(key)
+        if bm is None:
+            mm = mods.and_masks(self.mask_mod, mods.document(doc_ids))
+            bm = create_block_mask(mm, doc_ids.shape[0], None, self.q_len, self.kv_len, device=self.device)
+            self._derived.clear()  # one batch at a time
+            self._derived[key] = bm
+        return bm
+
+    def __repr__(self):
+        return f"FlexMask({self.mask_mod.name}, q_len={self.q_len}, kv_len={self.kv_len}, B={self.batch_size})"
+
+
+def _uses_batch(mm: MaskMod) -> bool:
+    # document / padding / chunked_padded read per-row tensors
+    return any(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in mm.args)
+
+
+@torch.no_grad()
+def _dense_from_transformers(kwargs: dict) -> torch.Tensor:
+    """[B, Q, KV] bool from Transformers' own sdpa mask builder (the generic path for unknown masks)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kw = dict(kwargs)
+    kw["allow_is_causal_skip"] = False
+    kw["allow_is_bidirectional_skip"] = False
+    mask = sdpa_mask(**kw)
+    if mask is None:  # cannot happen with the skips off; guard against a future default
+        raise RuntimeError("hf_flex: transformers' sdpa_mask returned no mask with allow_*_skip=False")
+    return mask[:, 0] if mask.dim() == 4 else mask
+
+
+def dense_mask_mod(mask: torch.Tensor) -> MaskMod:
+    """A MaskMod reading a dense bool mask [B, Q, KV] (local positions): the generic fallback."""
+    return mods.dense(mask)
+
+
+def flex_mask(
+    batch_size: int,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    device="cpu",
+    **kwargs,
+) -> FlexMask:
+    """AttentionMaskInterface entry for "flex" (same keyword arguments as Transformers' mask builders).
+
+    Allowed (b, i, j) = mask_function(b, 0, q_offset + i, kv_offset + j) AND pad[b, kv_offset + j],
+    with pad the 2D ``attention_mask`` (absolute key positions).
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    received = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, device=device, **kwargs,
+    )
+    if q_length is None and kwargs.get("cache_position") is not None:  # older signatures
+        received.pop("q_length"), received.pop("q_offset")
+        q_length = kwargs["cache_position"].shape[0]
+        q_offset = kwargs["cache_position"][0]
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = int(q_offset.item())  # StaticCache mutates its tensor in place later: copy now
+    mask_function = mask_function or causal_mask_function
+
+    mm = recognize(mask_function, device)
+    if mm is None:
+        dense = _dense_from_transformers(received)
+        return FlexMask(dense_mask_mod(dense), batch_size, q_length, kv_length, device,
+                        has_documents=True, q_offset=q_offset, per_batch=True)
+    has_docs = "document" in mm.name
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        pad = attention_mask.to(device=device, dtype=torch.bool)
+        need = kv_length + kv_offset
+        if pad.shape[-1] < need:  # StaticCache: slots past the prompt are not written yet
+            pad = torch.nn.functional.pad(pad, (0, need - pad.shape[-1]))
+        mm = mods.and_masks(mm, mods.padding(pad))
+    if q_offset or kv_offset:
+        mm = mods.offset(mm, q_offset, kv_offset)
+    return FlexMask(mm, batch_size, q_length, kv_length, device,
+                    has_documents=has_docs, q_offset=q_offset, per_batch=_uses_batch(mm))
+
+
+def documents_from_position_ids(position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[B, S] document ids: a new document wherever the position does not grow by exactly one.
+
+    The rule Transformers' find_packed_sequence_indices and the FlashAttention-2 path use.
+    """
+    pos = position_ids.expand(batch_size, -1)
+    step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+    return (step != 1).cumsum(-1).to(torch.int32)
+
+
+def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, total] document ids from cumulative sequence lengths (DataCollatorWithFlattening)."""
+    pos = torch.arange(total, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)).to(torch.int32)[None]

@@ -1,0 +1,135 @@
+"""Recognise Transformers' mask functions and rebuild them as hf_flex mods.
+
+Transformers hands the mask interface a tree of closures from ``transformers.masking_utils``
+(``and_masks(causal_mask_function, sliding_window_overlay(w), padding_mask_function(pad), ...)``).
+Each factory's inner function has one code object, so calling every factory once gives a table
+{code object: kind}; a closure's parameters are its cells (``co_freevars`` zipped with
+``__closure__``). This reads private structure: ``tests/test_transformers_recognize.py`` fails loudly
+when a Transformers release changes it. Anything not recognised returns ``None`` and the caller takes
+the generic (dense) path: slower, still right.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import mods
+from ..modtypes import MaskMod
+
+__all__ = ["recognize", "closure_cells", "KINDS"]
+
+
+def _code(fn: Callable):
+    return getattr(fn, "__code__", None)
+
+
+def _build_kinds() -> dict:
+    """{code object: kind name} for every masking_utils factory this module understands."""
+    from transformers import masking_utils as mu
+
+    dummy = torch.zeros(1, 1, dtype=torch.long)
+    kinds = {}
+
+    def add(kind, fn):
+        if fn is not None and _code(fn) is not None:
+            kinds[_code(fn)] = kind
+
+    add("causal", mu.causal_mask_function)
+    add("bidirectional", mu.bidirectional_mask_function)
+    add("and", mu.and_masks(mu.causal_mask_function))
+    add("or", mu.or_masks(mu.causal_mask_function))
+    add("sliding_window", mu.sliding_window_overlay(4))
+    add("chunked", mu.chunked_overlay(4, torch.zeros(1, dtype=torch.long)))
+    add("padding", mu.padding_mask_function(dummy.bool()))
+    add("packed", mu.packed_sequence_mask_function(dummy))
+    add("remap", mu.remap_positions_for_packed_sequence(mu.causal_mask_function, dummy))
+    add("offset", mu.add_offsets_to_mask_function(mu.causal_mask_function, 0, 0))
+    if hasattr(mu, "sliding_window_bidirectional_overlay"):
+        add("sliding_window_bidirectional", mu.sliding_window_bidirectional_overlay(4))
+    return kinds
+
+
+KINDS: dict = {}
+
+
+def _kinds() -> dict:
+    if not KINDS:
+        KINDS.update(_build_kinds())
+    return KINDS
+
+
+def closure_cells(fn: Callable) -> dict:
+    """{free variable name: value} of a closure."""
+    code = _code(fn)
+    cells = getattr(fn, "__closure__", None) or ()
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code is not None else {}
+
+
+# Mods whose value depends only on q - kv: evaluating them at per-document positions (what
+# remap_positions_for_packed_sequence does) equals evaluating them at absolute positions inside one
+# document, where positions grow by one per token.
+_TRANSLATION_INVARIANT = {"causal", "bidirectional", "sliding_window", "sliding_window_bidirectional", "and", "or"}
+
+
+def _as_int(v, name):
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            return None
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, int):
+        return None
+    return v
+
+
+def recognize(fn: Callable, device=None, _inside_remap: bool = False) -> Optional[MaskMod]:
+    """The hf_flex MaskMod equal to Transformers mask function ``fn`` (absolute positions), or None."""
+    kind = _kinds().get(_code(fn))
+    if kind is None:
+        return None
+    if _inside_remap and kind not in _TRANSLATION_INVARIANT:
+        return None
+    cells = closure_cells(fn)
+    if kind == "causal":
+        return mods.causal()
+    if kind == "bidirectional":
+        return mods.noop()
+    if kind in ("and", "or"):
+        children = [recognize(f, device, _inside_remap) for f in cells["mask_functions"]]
+        if any(c is None for c in children):
+            return None
+        if len(children) == 1:
+            return children[0]
+        return (mods.and_masks if kind == "and" else mods.or_masks)(*children)
+    if kind == "sliding_window":
+        w = _as_int(cells["sliding_window"], "sliding_window")
+        return mods.sliding_window(w) if w is not None and w > 0 else None
+    if kind == "sliding_window_bidirectional":
+        w = _as_int(cells["sliding_window"], "sliding_window")
+        return mods.symmetric_window(w) if w is not None and w >= 0 else None
+    if kind == "chunked":
+        c = _as_int(cells["chunk_size"], "chunk_size")
+        lp = cells["left_padding"]
+        if c is None or c <= 0:
+            return None
+        if isinstance(lp, torch.Tensor):
+            return mods.chunked_padded(c, lp)
+        lp = _as_int(lp, "left_padding")
+        return mods.chunked(c) if lp == 0 else None
+    if kind == "padding":
+        pad = cells["padding_mask"]
+        return mods.padding(pad) if isinstance(pad, torch.Tensor) and pad.dim() == 2 else None
+    if kind == "packed":
+        ids = cells["packed_sequence_mask"]
+        return mods.document(ids) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+    if kind == "remap":
+        # only ever wraps the mask that packed_sequence_mask_function then restricts to one document
+        return recognize(cells["mask_function"], device, _inside_remap=True)
+    if kind == "offset":
+        inner = recognize(cells["mask_function"], device, _inside_remap)
+        qo, ko = _as_int(cells["q_offset"], "q_offset"), _as_int(cells["kv_offset"], "kv_offset")
+        if inner is None or qo is None or ko is None:
+            return None
+        return mods.offset(inner, qo, ko) if (qo or ko) else inner
+    return None
