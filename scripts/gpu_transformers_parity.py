@@ -28,7 +28,7 @@ CFG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_at
 def packed_batch(S, g, vocab):
     lens = []
     while sum(lens) < S:
-        lens.append(int(torch.randint(64, 1025, (1,), generator=g)))
+        lens.append(int(torch.randint(min(64, S // 4), min(1025, S // 2), (1,), generator=g)))
     lens[-1] -= sum(lens) - S
     if lens[-1] < 2:
         lens[-2] += lens.pop()
@@ -71,10 +71,12 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script itself")
     a = ap.parse_args()
     torch.manual_seed(0)
-    dev = "cuda"
-    cfg = LlamaConfig(**CFG)
+    dev = "cpu" if a.tiny else "cuda"
+    cfg = LlamaConfig(**(dict(CFG, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=256) if a.tiny else CFG))
     m32 = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dev)
     n_params = sum(p.numel() for p in m32.parameters())
     mk = lambda impl: AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl, torch_dtype=torch.bfloat16).to(dev)  # noqa: E731
@@ -85,7 +87,7 @@ def main():
     g = torch.Generator().manual_seed(1)
     ids, pos, labels, lens = (t.to(dev) if isinstance(t, torch.Tensor) else t for t in packed_batch(a.S, g, cfg.vocab_size))
     n_tok = int((labels[0, 1:] != -100).sum())
-    res = {"params": n_params, "S": a.S, "documents": len(lens), "device": torch.cuda.get_device_name()}
+    res = {"params": n_params, "S": a.S, "documents": len(lens), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
 
     # 1. packed flex vs per-document eager, both against the fp32 per-document eager reference
     for m in (m32, m_eager, m_flex):
@@ -98,7 +100,8 @@ def main():
     f_logits = m_flex(ids, position_ids=pos, use_cache=True).logits  # a cache left on: must not matter
     f_loss = loss_sum(f_logits, labels) / n_tok
     f_loss.backward()
-    torch.cuda.synchronize()
+    if dev == "cuda":
+        torch.cuda.synchronize()
     res["flex_first_step_s"] = time.perf_counter() - t0
     g32, ge, gf = grads_of(m32), grads_of(m_eager), grads_of(m_flex)
     res["logits_rel_err_flex"] = rel(f_logits, ref_logits)
@@ -113,7 +116,6 @@ def main():
 
     # 2. training curves on packed data
     del m32
-    torch.cuda.empty_cache()
     curves = {}
     init = copy.deepcopy(m_eager.state_dict())  # both models still hold the same initial weights
     for name, m in (("flex", m_flex), ("eager", m_eager)):
