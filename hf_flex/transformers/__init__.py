@@ -28,7 +28,10 @@ def register() -> bool:
     from .attention import flex_attention_forward
     from .masks import flex_mask
 
+    import patches
+
     AttentionInterface.register(NAME, flex_attention_forward)
     AttentionMaskInterface.register(NAME, flex_mask)
+    patches.install()
     _registered = True
     return True

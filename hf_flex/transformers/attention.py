@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+import patches
+
 from .. import mods
 from ..attention import flex_attention
 from ..block_mask import BlockMask, create_block_mask
@@ -36,6 +38,8 @@ def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
     if q_len != kv_len:
         return None  # decoding after a cache: the keys' documents are not in this call's position_ids
     pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = kwargs.get("hf_flex_position_ids")  # forwarded by a family patch (patches/llama4.py)
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q_len:
         return documents_from_position_ids(pos, batch_size), ("pos",) + _batch_key(pos)
     cu = kwargs.get("cu_seq_lens_q")
@@ -44,7 +48,8 @@ def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
     return None
 
 
-def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, kwargs) -> BlockMask:
+def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, kwargs):
+    """(BlockMask, packed): packed = the rows hold several documents that the mask keeps apart."""
     docs = None
     if isinstance(attention_mask, FlexMask):
         if attention_mask.q_len != q_len or attention_mask.kv_len != kv_len:
@@ -55,11 +60,11 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
         if not attention_mask.has_documents and attention_mask.q_offset == 0:
             docs = _documents(kwargs, batch_size, q_len, kv_len)
         if docs is None:
-            return attention_mask.block_mask
+            return attention_mask.block_mask, attention_mask.has_documents
         return attention_mask.with_documents(docs[0], docs[1])
 
     if isinstance(attention_mask, BlockMask):
-        return attention_mask
+        return attention_mask, False
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.dim() != 4:
             raise ValueError(f"hf_flex: a tensor attention_mask must be 4-D [B, 1, Q, KV], got {tuple(attention_mask.shape)}")
@@ -75,7 +80,7 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
         if m.shape[1] != 1:
             raise ValueError("hf_flex: a 4-D attention_mask must have one head dimension (shape [B, 1, Q, KV])")
         m = m[:, 0, :q_len, :kv_len].expand(batch_size, q_len, kv_len)
-        return create_block_mask(dense_mask_mod(m), batch_size, None, q_len, kv_len, device=device)
+        return create_block_mask(dense_mask_mod(m), batch_size, None, q_len, kv_len, device=device), False
     if attention_mask is not None:
         raise TypeError(f"hf_flex: unsupported attention_mask of type {type(attention_mask).__name__}")
 
@@ -84,15 +89,16 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
     base = mods.offset(mods.causal(), kv_len - q_len, 0) if causal else mods.noop()
     docs = _documents(kwargs, batch_size, q_len, kv_len)
     key = ("none", causal, batch_size, q_len, kv_len, device) + (docs[1] if docs else ())
-    bm = _fallback_cache.get(key)
-    if bm is None:
+    hit = _fallback_cache.get(key)
+    if hit is None:
         if docs is not None:
             bm = create_block_mask(mods.and_masks(base, mods.document(docs[0])), batch_size, None, q_len, kv_len, device=device)
+            hit = (bm, bool(docs[0][:, -1].any()))
         else:
-            bm = create_block_mask(base, None, None, q_len, kv_len, device=device)
+            hit = (create_block_mask(base, None, None, q_len, kv_len, device=device), False)
         _fallback_cache.clear()
-        _fallback_cache[key] = bm
-    return bm
+        _fallback_cache[key] = hit
+    return hit
 
 
 def flex_attention_forward(
@@ -117,7 +123,10 @@ def flex_attention_forward(
         raise ValueError("hf_flex: output_attentions=True needs attn_implementation='eager'")
     B, Hq, Sq, _ = query.shape
     Hkv, Skv = key.shape[1], key.shape[2]
-    bm = _block_mask_for(module, attention_mask, B, Sq, Skv, query.device, kwargs)
+    bm, packed = _block_mask_for(module, attention_mask, B, Sq, Skv, query.device, kwargs)
+    patch = patches.for_module(module)
+    if patch is not None and hasattr(patch, "prepare_query"):
+        query = patch.prepare_query(module, query, packed, kwargs)
 
     score_mod = None
     if softcap:

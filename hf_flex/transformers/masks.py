@@ -48,15 +48,17 @@ class FlexMask:
         )
         self._derived: dict = {}
 
-    def with_documents(self, doc_ids: torch.Tensor, key) -> BlockMask:
-        """This mask AND "same document" for doc_ids [B, q_len], built once per ``key`` (one batch)."""
-        bm = self._derived.get(key)
-        if bm is None:
+    def with_documents(self, doc_ids: torch.Tensor, key):
+        """(BlockMask, packed) for this mask AND "same document" (doc_ids [B, q_len]), built once per
+        ``key`` (one batch) and shared by the layers; packed = some row holds several documents."""
+        hit = self._derived.get(key)
+        if hit is None:
             mm = mods.and_masks(self.mask_mod, mods.document(doc_ids))
             bm = create_block_mask(mm, doc_ids.shape[0], None, self.q_len, self.kv_len, device=self.device)
+            hit = (bm, bool(doc_ids[:, -1].any()))
             self._derived.clear()  # one batch at a time
-            self._derived[key] = bm
-        return bm
+            self._derived[key] = hit
+        return hit
 
     def __repr__(self):
         return f"FlexMask({self.mask_mod.name}, q_len={self.q_len}, kv_len={self.kv_len}, B={self.batch_size})"
