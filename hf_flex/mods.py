@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .modtypes import MaskMod, ScoreMod, chain_scores, combine_masks, offset_mask
+from .modtypes import MaskMod, ScoreMod, chain_scores, combine_masks, offset_mask, remap_mask
 
 __all__ = [
     "noop",
@@ -44,6 +44,7 @@ __all__ = [
     "and_masks",
     "or_masks",
     "offset",
+    "remap",
     "softcap",
     "alibi",
     "relative_bias",
@@ -266,6 +267,12 @@ def or_masks(*masks: MaskMod) -> MaskMod:
 def offset(mask: MaskMod, q_offset: int = 0, kv_offset: int = 0) -> MaskMod:
     """``mask`` evaluated at (q + q_offset, kv + kv_offset), e.g. a decode step after a KV cache."""
     return offset_mask(mask, q_offset, kv_offset)
+
+
+def remap(mask: MaskMod, positions: torch.Tensor) -> MaskMod:
+    """``mask`` evaluated at (positions[b, q], positions[b, kv]): e.g. chunks counted inside each packed
+    document (positions = position_ids restarting per document). positions [B, S] int."""
+    return remap_mask(mask, positions)
 
 
 # --- score mods ---------------------------------------------------------------------------------------

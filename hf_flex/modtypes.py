@@ -311,6 +311,46 @@ def offset_mask(mask: MaskMod, q_offset, kv_offset) -> MaskMod:
     return MaskMod(fn, torch_fn, (offs[0], offs[1]) + mask.args, f"offset({mask.name}, {offs[0]}, {offs[1]})")
 
 
+def remap_mask(mask: MaskMod, positions: torch.Tensor) -> MaskMod:
+    """``mask`` evaluated at (positions[b, q], positions[b, kv]) instead of (q, kv).
+
+    positions: [B, S] integer tensor (e.g. position_ids of a packed row, restarting per document).
+    Indices past S read position 0 (never reached when S covers both lengths).
+    """
+    if not isinstance(mask, MaskMod):
+        raise TypeError(f"remap: mask must be a MaskMod, got {type(mask).__name__}")
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.dtype.is_floating_point:
+        raise ValueError("remap: positions must be an integer tensor of shape [B, S]")
+    pos = positions.to(torch.int32).contiguous()
+    # stride and length as data (ints would specialise the kernel per length)
+    meta = torch.tensor([pos.stride(0), pos.shape[1]], dtype=torch.int32).to(pos.device)
+    n = len(mask.args)
+
+    def build():
+        p = "".join(f", a{j}" for j in range(n))
+        src = (
+            "@triton.jit\n"
+            f"def remap_mask(b, h, q, kv, pos, meta{p}):\n"
+            "    stride_b = tl.load(meta)\n"
+            "    S = tl.load(meta + 1)\n"
+            "    pq = tl.load(pos + b * stride_b + q, mask=q < S, other=0)\n"
+            "    pk = tl.load(pos + b * stride_b + kv, mask=kv < S, other=0)\n"
+            f"    return c(b, h, pq, pk{p})\n"
+        )
+        return generate_jit("remap_mask", src, {"c": mask.triton_fn})
+
+    fn = _cached(("remap", mask.triton_fn, n), build)
+    inner = mask.torch_fn
+
+    def torch_fn(b, h, q, kv, pos, meta, *args):
+        S = pos.shape[1]
+        pq = torch.where(q < S, pos[b, q.clamp(max=S - 1)], torch.zeros((), dtype=pos.dtype, device=pos.device))
+        pk = torch.where(kv < S, pos[b, kv.clamp(max=S - 1)], torch.zeros((), dtype=pos.dtype, device=pos.device))
+        return inner(b, h, pq.long(), pk.long(), *args)
+
+    return MaskMod(fn, torch_fn, (pos, meta) + mask.args, f"remap({mask.name})")
+
+
 def chain_scores(mods: Sequence[ScoreMod]) -> ScoreMod:
     """Apply score mods left to right: ``chain(f, g)(s) = g(f(s))``; at most one may carry sinks."""
     mods = tuple(mods)

@@ -34,17 +34,19 @@ def _batch_key(t: torch.Tensor):
 
 
 def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
-    """(doc_ids [B, S], cache key) for a packed batch without cache offset, else None."""
+    """(doc_ids [B, S], cache key, positions [B, S] or None) for a packed batch without cache offset."""
     if q_len != kv_len:
         return None  # decoding after a cache: the keys' documents are not in this call's position_ids
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = kwargs.get("hf_flex_position_ids")  # forwarded by a family patch (patches/llama4.py)
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q_len:
-        return documents_from_position_ids(pos, batch_size), ("pos",) + _batch_key(pos)
+        return documents_from_position_ids(pos, batch_size), ("pos",) + _batch_key(pos), pos.expand(batch_size, -1)
     cu = kwargs.get("cu_seq_lens_q")
     if isinstance(cu, torch.Tensor) and batch_size == 1 and int(cu[-1]) == q_len:
-        return documents_from_cu_seqlens(cu, q_len), ("cu",) + _batch_key(cu)
+        ids = documents_from_cu_seqlens(cu, q_len)
+        starts = cu[:-1].to(torch.int64)[ids[0].long()]
+        return ids, ("cu",) + _batch_key(cu), (torch.arange(q_len, device=cu.device) - starts)[None]
     return None
 
 
@@ -57,11 +59,13 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
                 f"hf_flex: the mask was built for (q, kv) = ({attention_mask.q_len}, {attention_mask.kv_len}) "
                 f"but the layer has ({q_len}, {kv_len})"
             )
-        if not attention_mask.has_documents and attention_mask.q_offset == 0:
+        # packed rows come without padding (DataCollatorWithFlattening); a padded batch's position_ids
+        # (generate: 1 on the pads) must not be read as document starts
+        if not attention_mask.has_documents and attention_mask.q_offset == 0 and attention_mask.padding is None:
             docs = _documents(kwargs, batch_size, q_len, kv_len)
         if docs is None:
             return attention_mask.block_mask, attention_mask.has_documents
-        return attention_mask.with_documents(docs[0], docs[1])
+        return attention_mask.with_documents(docs[0], docs[1], docs[2])
 
     if isinstance(attention_mask, BlockMask):
         return attention_mask, False

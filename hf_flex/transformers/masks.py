@@ -16,7 +16,7 @@ import torch
 from .. import mods
 from ..block_mask import BlockMask, create_block_mask
 from ..modtypes import MaskMod
-from .recognize import recognize
+from .recognize import recognize, translation_invariant
 
 __all__ = ["FlexMask", "flex_mask", "dense_mask_mod", "documents_from_position_ids", "documents_from_cu_seqlens"]
 
@@ -30,12 +30,19 @@ class FlexMask:
         block_mask: built from ``mask_mod`` for (q_len, kv_len).
         q_len, kv_len, batch_size: what Transformers asked for.
         has_documents: the mask already keeps packed documents apart.
+        padding: the padding part (from a 2D attention_mask with zeros), or None: a padded batch is
+            not a packed one, so the attention function derives no documents then.
         q_offset: absolute position of query 0 (0 in training; the cache length when decoding).
     """
 
     def __init__(self, mask_mod: MaskMod, batch_size: int, q_len: int, kv_len: int, device, *,
-                 has_documents: bool, q_offset: int, per_batch: bool):
+                 has_documents: bool, q_offset: int, per_batch: bool, positional: Optional[MaskMod] = None,
+                 padding: Optional[MaskMod] = None):
         self.mask_mod = mask_mod
+        # without offsets, mask_mod == positional AND padding when positional is given: positional is
+        # the part that depends on absolute positions (chunks...), which documents derived later must
+        # evaluate at in-document positions
+        self.positional, self.padding = positional, padding
         self.batch_size = batch_size
         self.q_len = q_len
         self.kv_len = kv_len
@@ -48,12 +55,16 @@ class FlexMask:
         )
         self._derived: dict = {}
 
-    def with_documents(self, doc_ids: torch.Tensor, key):
+    def with_documents(self, doc_ids: torch.Tensor, key, positions: Optional[torch.Tensor] = None):
         """(BlockMask, packed) for this mask AND "same document" (doc_ids [B, q_len]), built once per
         ``key`` (one batch) and shared by the layers; packed = some row holds several documents."""
         hit = self._derived.get(key)
         if hit is None:
-            mm = mods.and_masks(self.mask_mod, mods.document(doc_ids))
+            if self.positional is not None and positions is not None:
+                parts = [mods.remap(self.positional, positions)] + ([self.padding] if self.padding is not None else [])
+                mm = mods.and_masks(*parts, mods.document(doc_ids))
+            else:
+                mm = mods.and_masks(self.mask_mod, mods.document(doc_ids))
             bm = create_block_mask(mm, doc_ids.shape[0], None, self.q_len, self.kv_len, device=self.device)
             hit = (bm, bool(doc_ids[:, -1].any()))
             self._derived.clear()  # one batch at a time
@@ -124,16 +135,20 @@ def flex_mask(
         return FlexMask(dense_mask_mod(dense), batch_size, q_length, kv_length, device,
                         has_documents=True, q_offset=q_offset, per_batch=True)
     has_docs = "document" in mm.name
+    positional = None if translation_invariant(mask_function) else mm
+    pad_mod = None
     if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
         pad = attention_mask.to(device=device, dtype=torch.bool)
         need = kv_length + kv_offset
         if pad.shape[-1] < need:  # StaticCache: slots past the prompt are not written yet
             pad = torch.nn.functional.pad(pad, (0, need - pad.shape[-1]))
-        mm = mods.and_masks(mm, mods.padding(pad))
+        pad_mod = mods.padding(pad)
+        mm = mods.and_masks(mm, pad_mod)
     if q_offset or kv_offset:
         mm = mods.offset(mm, q_offset, kv_offset)
     return FlexMask(mm, batch_size, q_length, kv_length, device,
-                    has_documents=has_docs, q_offset=q_offset, per_batch=_uses_batch(mm))
+                    has_documents=has_docs, q_offset=q_offset, per_batch=_uses_batch(mm),
+                    positional=positional, padding=pad_mod)
 
 
 def documents_from_position_ids(position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from .. import mods
 from ..modtypes import MaskMod
 
-__all__ = ["recognize", "closure_cells", "KINDS"]
+__all__ = ["recognize", "translation_invariant", "closure_cells", "KINDS"]
 
 
 def _code(fn: Callable):
@@ -70,7 +70,7 @@ def closure_cells(fn: Callable) -> dict:
 # Mods whose value depends only on q - kv: evaluating them at per-document positions (what
 # remap_positions_for_packed_sequence does) equals evaluating them at absolute positions inside one
 # document, where positions grow by one per token.
-_TRANSLATION_INVARIANT = {"causal", "bidirectional", "sliding_window", "sliding_window_bidirectional", "and", "or"}
+_TRANSLATION_INVARIANT = {"causal", "bidirectional", "sliding_window", "sliding_window_bidirectional", "padding", "packed"}
 
 
 def _as_int(v, name):
@@ -83,12 +83,22 @@ def _as_int(v, name):
     return v
 
 
-def recognize(fn: Callable, device=None, _inside_remap: bool = False) -> Optional[MaskMod]:
+def translation_invariant(fn: Callable) -> bool:
+    """True when ``fn`` depends on q and kv only through q - kv (and on per-row tensors of keys only
+    through padding): then evaluating it inside one packed document at absolute positions equals
+    evaluating it at the document's own positions."""
+    kind = _kinds().get(_code(fn))
+    if kind in ("and", "or"):
+        return all(translation_invariant(f) for f in closure_cells(fn)["mask_functions"])
+    if kind in ("offset", "remap"):
+        return translation_invariant(closure_cells(fn)["mask_function"])
+    return kind in _TRANSLATION_INVARIANT
+
+
+def recognize(fn: Callable, device=None) -> Optional[MaskMod]:
     """The hf_flex MaskMod equal to Transformers mask function ``fn`` (absolute positions), or None."""
     kind = _kinds().get(_code(fn))
     if kind is None:
-        return None
-    if _inside_remap and kind not in _TRANSLATION_INVARIANT:
         return None
     cells = closure_cells(fn)
     if kind == "causal":
@@ -96,7 +106,7 @@ def recognize(fn: Callable, device=None, _inside_remap: bool = False) -> Optiona
     if kind == "bidirectional":
         return mods.noop()
     if kind in ("and", "or"):
-        children = [recognize(f, device, _inside_remap) for f in cells["mask_functions"]]
+        children = [recognize(f, device) for f in cells["mask_functions"]]
         if any(c is None for c in children):
             return None
         if len(children) == 1:
@@ -124,10 +134,15 @@ def recognize(fn: Callable, device=None, _inside_remap: bool = False) -> Optiona
         ids = cells["packed_sequence_mask"]
         return mods.document(ids) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
     if kind == "remap":
-        # only ever wraps the mask that packed_sequence_mask_function then restricts to one document
-        return recognize(cells["mask_function"], device, _inside_remap=True)
+        # wraps the mask that packed_sequence_mask_function then restricts to one document: inside a
+        # document, a translation-invariant mask needs no remapping (and keeps its fast block tables)
+        inner = recognize(cells["mask_function"], device)
+        if inner is None or translation_invariant(cells["mask_function"]):
+            return inner
+        pos = cells["position_ids"]
+        return mods.remap(inner, pos) if isinstance(pos, torch.Tensor) and pos.dim() == 2 else None
     if kind == "offset":
-        inner = recognize(cells["mask_function"], device, _inside_remap)
+        inner = recognize(cells["mask_function"], device)
         qo, ko = _as_int(cells["q_offset"], "q_offset"), _as_int(cells["kv_offset"], "kv_offset")
         if inner is None or qo is None or ko is None:
             return None
