@@ -15,6 +15,12 @@ that broadcast against each other; every function must be elementwise)::
 Because tensors arrive as arguments, changing their *values* never recompiles anything; only the
 identity of the Triton functions (and the dtypes of the tensors) is part of the compiled kernel.
 
+A mask may also carry ``block_fn``, a PyTorch function that classifies whole blocks from their first and
+last positions (block classes: 0 empty, 1 partial, 2 full). With it, :func:`hf_flex.create_block_mask`
+costs a few torch ops on [nQ, nKV] tensors instead of evaluating the mask on every (q, kv)::
+
+    block:  block_fn(q_lo, q_hi, kv_lo, kv_hi, *args) -> int8 classes [B or 1, 1, nQ, nKV] (broadcastable), or None
+
 Combinators (``and_masks``, ``or_masks``, ``offset``, ``chain``) write a small Triton function that calls
 their children and register its source with :mod:`linecache`, so Triton can read and compile it like
 any other. Generated functions are cached by structure: building the same combination again (for
@@ -33,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MaskMod", "ScoreMod", "generate_jit", "call_with_tuple"]
+__all__ = ["MaskMod", "ScoreMod", "generate_jit", "call_with_tuple", "block_classes"]
 
 _counter = itertools.count()
 _lock = threading.Lock()
@@ -98,6 +104,14 @@ def _check_args(args: Sequence, what: str) -> tuple:
     return args
 
 
+def block_classes(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """int8 block classes (0 empty, 1 partial, 2 full) from two broadcasting bool tensors.
+
+    ``nonempty``: the mask is True somewhere in the block; ``full``: True everywhere (implies nonempty).
+    """
+    return nonempty.to(torch.int8) + full
+
+
 @dataclass(frozen=True, eq=False)
 class MaskMod:
     """``mask_mod(b, h, q, kv) -> bool``: True where query ``q`` may attend to key ``kv``.
@@ -107,6 +121,17 @@ class MaskMod:
         torch_fn: PyTorch twin with the same signature on broadcasting int64 tensors.
         args: tensors / ints / floats read by both functions (never baked into the compiled kernel).
         name: shown in ``repr`` and in block-mask pictures.
+        block_fn: optional, the mask classified a block at a time, in PyTorch:
+            ``block_fn(q_lo, q_hi, kv_lo, kv_hi, *args) -> classes``. ``q_lo``, ``q_hi`` are int64
+            [nQ, 1]: the first and last absolute query position of each query block (already clipped to
+            the length); ``kv_lo``, ``kv_hi`` [1, nKV] the same for key blocks. ``classes`` is int8,
+            broadcastable to [Bm, 1, nQ, nKV] (Bm = 1 unless the mask depends on b, then one row per
+            batch entry): 0 empty (False on every (q, kv) of the block), 2 full (True on every one), 1
+            partial (anything else, or not sure). Empty and full must be exact: the kernels skip an
+            empty block and do not evaluate the mask in a full one, so a wrong one is a silent wrong
+            answer; partial is always safe. Return ``None`` to decline (the generic builder runs). It
+            must not modify its inputs nor synchronise with the device. Without it (``None``),
+            :func:`hf_flex.create_block_mask` evaluates the mask element by element.
 
     Example (a mask of your own in a few lines)::
 
@@ -115,18 +140,28 @@ class MaskMod:
             return (kv <= q) & ((q - kv) % 2 == 0)
 
         every_other = MaskMod(_every_other, lambda b, h, q, kv: (kv <= q) & ((q - kv) % 2 == 0))
+
+        # optional, for O(blocks) block masks: empty above the diagonal, "partial" (always safe) elsewhere
+        def _every_other_blocks(q_lo, q_hi, kv_lo, kv_hi):
+            nonempty = kv_lo <= q_hi
+            return block_classes(nonempty, torch.zeros_like(nonempty))
+
+        every_other = dataclasses.replace(every_other, block_fn=_every_other_blocks)
     """
 
     triton_fn: Any
     torch_fn: Callable
     args: tuple = ()
     name: str = "mask_mod"
+    block_fn: Optional[Callable] = None
 
     def __post_init__(self):
         if not isinstance(self.triton_fn, triton.runtime.jit.JITFunction) and not _is_interpreted(self.triton_fn):
             raise TypeError(f"MaskMod: triton_fn must be a @triton.jit function, got {type(self.triton_fn).__name__}")
         if not callable(self.torch_fn):
             raise TypeError("MaskMod: torch_fn must be callable (the PyTorch twin)")
+        if self.block_fn is not None and not callable(self.block_fn):
+            raise TypeError("MaskMod: block_fn must be callable or None")
         object.__setattr__(self, "args", _check_args(self.args, f"MaskMod {self.name!r}"))
 
     def __call__(self, b, h, q, kv):
@@ -275,7 +310,51 @@ def combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
         return out
 
     args = tuple(a for m in masks for a in m.args)
-    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})")
+    block_fn = _combine_block_fns(op, tuple(m.block_fn for m in masks), arities)
+    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})", block_fn)
+
+
+def _as_4d(classes: torch.Tensor) -> torch.Tensor:
+    return classes[(None,) * (4 - classes.dim())]
+
+
+def _align_rows(a: torch.Tensor, b: torch.Tensor):
+    """Two block-class tensors made to broadcast over their leading (batch) dim.
+
+    Masks that read per-row tensors give one row per row of their tensor; when two such counts differ,
+    rows past the smaller one cannot be read by a valid mask (the kernels would read past that
+    tensor), so both keep the first rows only and create_block_mask rejects a larger B.
+    """
+    a, b = _as_4d(a), _as_4d(b)
+    n = min(a.shape[0], b.shape[0])
+    if a.shape[0] != b.shape[0] and n > 1:
+        a, b = a[:n], b[:n]
+    return a, b
+
+
+def _combine_block_fns(op: str, fns: tuple, arities: tuple) -> Optional[Callable]:
+    """The block_fn of and_masks / or_masks, or None unless every child has one.
+
+    With classes encoded 0 empty < 1 partial < 2 full, "and" is the minimum over the children and "or"
+    the maximum. Exact where it says empty or full; conservative otherwise: an "and" of two partial
+    blocks may in fact be empty (their True parts need not meet), an "or" of two partial ones full.
+    Such a block is reported partial, which only costs the kernels a visit.
+    """
+    if any(f is None for f in fns):
+        return None
+    reduce = torch.minimum if op == "and" else torch.maximum
+
+    def block_fn(q_lo, q_hi, kv_lo, kv_hi, *args):
+        out, k = None, 0
+        for f, n in zip(fns, arities):
+            c = f(q_lo, q_hi, kv_lo, kv_hi, *args[k : k + n])
+            k += n
+            if c is None:
+                return None
+            out = c if out is None else reduce(*_align_rows(out, c))
+        return out
+
+    return block_fn
 
 
 def offset_mask(mask: MaskMod, q_offset, kv_offset) -> MaskMod:
@@ -308,7 +387,28 @@ def offset_mask(mask: MaskMod, q_offset, kv_offset) -> MaskMod:
     def torch_fn(b, h, q, kv, qo, ko, *args):
         return inner(b, h, q + qo, kv + ko, *args)
 
-    return MaskMod(fn, torch_fn, (offs[0], offs[1]) + mask.args, f"offset({mask.name}, {offs[0]}, {offs[1]})")
+    name = f"offset({mask.name}, {offs[0]}, {offs[1]})"
+    return MaskMod(fn, torch_fn, (offs[0], offs[1]) + mask.args, name, _offset_block_fn(mask.block_fn, *offs))
+
+
+def _offset_block_fn(inner: Optional[Callable], q_offset: int, kv_offset: int) -> Optional[Callable]:
+    """The block_fn of offset(): the child's, on shifted block edges.
+
+    None for a negative offset: the mods are defined on non-negative positions, and there the Triton
+    functions and their twins part ways (truncating vs floor division, loads before a row's start), so
+    such a mask is left to the generic builder, which evaluates the very function the kernels run.
+    """
+    if inner is None or q_offset < 0 or kv_offset < 0:
+        return None
+
+    def block_fn(q_lo, q_hi, kv_lo, kv_hi, qo, ko, *args):
+        if qo:
+            q_lo, q_hi = q_lo + qo, q_hi + qo
+        if ko:
+            kv_lo, kv_hi = kv_lo + ko, kv_hi + ko
+        return inner(q_lo, q_hi, kv_lo, kv_hi, *args)
+
+    return block_fn
 
 
 def remap_mask(mask: MaskMod, positions: torch.Tensor) -> MaskMod:
