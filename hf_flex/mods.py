@@ -20,15 +20,22 @@ chain(*s)           score mods applied left to right
 
 Positions are non-negative. ``alibi``, ``relative_bias`` and ``sinks`` get gradients when their tensor
 requires grad.
+
+Every mask here except ``dense`` and ``remap`` also carries a ``block_fn`` that classifies whole blocks
+from their first and last positions (see :class:`~hf_flex.modtypes.MaskMod`), exactly: for rules on
+``q - kv`` (causal, windows) the differences in a block form one integer interval; chunk indices and
+packed-document ids are non-decreasing in position, so a block's first and last give their range.
+``document`` keeps it only when every row of ids is non-decreasing (packed samples).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .modtypes import MaskMod, ScoreMod, chain_scores, combine_masks, offset_mask, remap_mask
+from .modtypes import MaskMod, ScoreMod, block_classes, chain_scores, combine_masks, offset_mask, remap_mask
 
 __all__ = [
     "noop",
@@ -69,9 +76,13 @@ def _noop(b, h, q, kv):
     return (q >= 0) | (kv >= 0)
 
 
+def _noop_blocks(q_lo, q_hi, kv_lo, kv_hi):
+    return torch.full((q_lo.shape[0], kv_lo.shape[1]), 2, dtype=torch.int8, device=q_lo.device)
+
+
 def noop() -> MaskMod:
     """Every position allowed (full attention)."""
-    return MaskMod(_noop, lambda b, h, q, kv: (q >= 0) | (kv >= 0), (), "noop")
+    return MaskMod(_noop, lambda b, h, q, kv: (q >= 0) | (kv >= 0), (), "noop", _noop_blocks)
 
 
 @triton.jit
@@ -79,9 +90,13 @@ def _causal(b, h, q, kv):
     return kv <= q
 
 
+def _causal_blocks(q_lo, q_hi, kv_lo, kv_hi):
+    return block_classes(kv_lo <= q_hi, kv_hi <= q_lo)
+
+
 def causal() -> MaskMod:
     """kv <= q."""
-    return MaskMod(_causal, lambda b, h, q, kv: kv <= q, (), "causal")
+    return MaskMod(_causal, lambda b, h, q, kv: kv <= q, (), "causal", _causal_blocks)
 
 
 @triton.jit
@@ -89,10 +104,18 @@ def _sliding_window(b, h, q, kv, w):
     return q - w < kv
 
 
+def _sliding_window_blocks(q_lo, q_hi, kv_lo, kv_hi, w):
+    # allowed somewhere iff the block's last key passes its first query, everywhere iff the first key
+    # passes the last query
+    return block_classes(kv_hi > q_lo - w, kv_lo > q_hi - w)
+
+
 def sliding_window(window: int) -> MaskMod:
     """q - window < kv (combine with causal() for Transformers' sliding-window rule)."""
     w = _positive_int("sliding_window: window", window)
-    return MaskMod(_sliding_window, lambda b, h, q, kv, w: q - w < kv, (w,), f"sliding_window({w})")
+    return MaskMod(
+        _sliding_window, lambda b, h, q, kv, w: q - w < kv, (w,), f"sliding_window({w})", _sliding_window_blocks
+    )
 
 
 @triton.jit
@@ -100,10 +123,23 @@ def _chunked(b, h, q, kv, c):
     return (q // c) == (kv // c)
 
 
+def _chunk_classes(q_lo, q_hi, kv_lo, kv_hi, c):
+    """Classes of "same chunk" from block edges. A block's positions are consecutive, so its chunk
+    indices are all of [lo // c, hi // c]: some pair matches iff the query and key ranges meet."""
+    qa, qb, ka, kb = q_lo // c, q_hi // c, kv_lo // c, kv_hi // c
+    return block_classes((qa <= kb) & (ka <= qb), (qa == qb) & (ka == kb) & (qa == ka))
+
+
+def _chunked_blocks(q_lo, q_hi, kv_lo, kv_hi, c):
+    return _chunk_classes(q_lo, q_hi, kv_lo, kv_hi, c)
+
+
 def chunked(chunk_size: int) -> MaskMod:
     """q // chunk_size == kv // chunk_size."""
     c = _positive_int("chunked: chunk_size", chunk_size)
-    return MaskMod(_chunked, lambda b, h, q, kv, c: (q // c) == (kv // c), (c,), f"chunked({c})")
+    return MaskMod(
+        _chunked, lambda b, h, q, kv, c: (q // c) == (kv // c), (c,), f"chunked({c})", _chunked_blocks
+    )
 
 
 @triton.jit
@@ -129,7 +165,14 @@ def chunked_padded(chunk_size: int, left_padding: torch.Tensor) -> MaskMod:
         p = lp[b]
         return torch.div(q - p, c, rounding_mode="floor") == torch.div(kv - p, c, rounding_mode="floor")
 
-    return MaskMod(_chunked_padded, twin, (c, lp, shift), f"chunked_padded({c})")
+    return MaskMod(_chunked_padded, twin, (c, lp, shift), f"chunked_padded({c})", _chunked_padded_blocks)
+
+
+def _chunked_padded_blocks(q_lo, q_hi, kv_lo, kv_hi, c, lp, shift):
+    # chunked() per row on positions counted from the row's first real token, with floor division (what
+    # the Triton side's shift amounts to): [B, 1, nQ, nKV]
+    p = lp.to(torch.int64).view(-1, 1, 1)
+    return _chunk_classes(q_lo - p, q_hi - p, kv_lo - p, kv_hi - p, c)[:, None]
 
 
 @triton.jit
@@ -142,8 +185,19 @@ def symmetric_window(window: int) -> MaskMod:
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"symmetric_window: window must be an int >= 0, got {window!r}")
     return MaskMod(
-        _symmetric_window, lambda b, h, q, kv, w: (q - kv <= w) & (kv - q <= w), (window,), f"symmetric_window({window})"
+        _symmetric_window,
+        lambda b, h, q, kv, w: (q - kv <= w) & (kv - q <= w),
+        (window,),
+        f"symmetric_window({window})",
+        _symmetric_window_blocks,
     )
+
+
+def _symmetric_window_blocks(q_lo, q_hi, kv_lo, kv_hi, w):
+    # q - kv takes every value of [q_lo - kv_hi, q_hi - kv_lo]: allowed somewhere iff that meets [-w, w],
+    # everywhere iff it lies inside
+    nonempty = (kv_lo <= q_hi + w) & (kv_hi >= q_lo - w)
+    return block_classes(nonempty, (kv_lo >= q_hi - w) & (kv_hi <= q_lo + w))
 
 
 @triton.jit
@@ -156,8 +210,18 @@ def prefix_lm(prefix_len: int) -> MaskMod:
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ValueError(f"prefix_lm: prefix_len must be an int >= 0, got {prefix_len!r}")
     return MaskMod(
-        _prefix_lm, lambda b, h, q, kv, p: (kv < p) | (kv <= q), (prefix_len,), f"prefix_lm({prefix_len})"
+        _prefix_lm,
+        lambda b, h, q, kv, p: (kv < p) | (kv <= q),
+        (prefix_len,),
+        f"prefix_lm({prefix_len})",
+        _prefix_lm_blocks,
     )
+
+
+def _prefix_lm_blocks(q_lo, q_hi, kv_lo, kv_hi, p):
+    # a key is allowed for every query of the block iff kv < p or kv <= q_lo, for some iff kv < p or
+    # kv <= q_hi; both are "kv <= a bound", so the block's last key decides full, its first nonempty
+    return block_classes((kv_lo < p) | (kv_lo <= q_hi), (kv_hi < p) | (kv_hi <= q_lo))
 
 
 def _row_meta(t: torch.Tensor) -> torch.Tensor:
@@ -186,11 +250,51 @@ def _gather_rows(t: torch.Tensor, b, pos, fill):
     return torch.where(pos < S, val, torch.full_like(val, fill))
 
 
+def _is_packed(ids: torch.Tensor) -> bool:
+    """Every row non-decreasing, ids >= 0 and below the two sentinels of _document_blocks.
+
+    One device-to-host sync (on the GPU), paid once per document() rather than per block mask.
+    """
+    if ids.shape[1] == 0:
+        return False
+    top = torch.iinfo(ids.dtype).max
+    ok = (ids[:, 1:] >= ids[:, :-1]).all() & (ids[:, 0] >= 0).all() & (ids[:, -1] < top - 1).all()
+    return bool(ok)
+
+
+def _document_blocks(q_lo, q_hi, kv_lo, kv_hi, ids, meta):
+    """Block classes [B, 1, nQ, nKV] of "same document" for non-decreasing rows of ids [B, S].
+
+    In such a row a block's ids run from its first to its last, and two blocks share an id iff those
+    ranges meet (between two positions of the row lie all the ids between theirs); every pair matches
+    iff both blocks hold one id, the same: first(q) == last(kv) and last(q) == first(kv).
+    Past the row's end the Triton mod reads -1 for a query and -2 for a key, matching nothing: here a
+    block starting there gets the first id ``top`` and one running there the last id ``top - 1``, two
+    values above every real id that keep both rules exact.
+    """
+    B, S = ids.shape
+    top = torch.iinfo(ids.dtype).max
+    first = F.pad(ids, (0, 1), value=top)
+    last = F.pad(ids, (0, 1), value=top - 1)
+
+    def edge(table, pos):
+        return table.index_select(1, pos.reshape(-1).clamp(max=S))
+
+    q_first, q_last = edge(first, q_lo).view(B, 1, -1, 1), edge(last, q_hi).view(B, 1, -1, 1)
+    kv_first, kv_last = edge(first, kv_lo).view(B, 1, 1, -1), edge(last, kv_hi).view(B, 1, 1, -1)
+    nonempty = (q_first <= kv_last) & (kv_first <= q_last)
+    return block_classes(nonempty, (q_first == kv_last) & (q_last == kv_first))
+
+
 def document(doc_ids: torch.Tensor) -> MaskMod:
     """ids[b, q] == ids[b, kv]: packed samples attend only within their own document.
 
     Args:
         doc_ids: [B, S] integer tensor, one document id per position (S >= the sequence length).
+
+    When every row is non-decreasing (packed samples; ids >= 0), the mask carries a ``block_fn`` and
+    block masks are built from document boundaries in O(blocks); otherwise the generic builder runs.
+    Checking that costs one device-to-host sync here.
     """
     if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2 or doc_ids.dtype.is_floating_point:
         raise ValueError("document: doc_ids must be an integer tensor of shape [B, S]")
@@ -201,7 +305,8 @@ def document(doc_ids: torch.Tensor) -> MaskMod:
     def twin(b, h, q, kv, ids, meta):
         return _gather_rows(ids, b, q, -1) == _gather_rows(ids, b, kv, -2)
 
-    return MaskMod(_document, twin, (ids, _row_meta(ids)), "document")
+    block_fn = _document_blocks if _is_packed(ids) else None
+    return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", block_fn)
 
 
 @triton.jit
@@ -224,7 +329,19 @@ def padding(kv_valid: torch.Tensor) -> MaskMod:
     def twin(b, h, q, kv, valid, meta):
         return _gather_rows(valid, b, kv, 0) != 0
 
-    return MaskMod(_padding, twin, (valid, _row_meta(valid)), "padding")
+    return MaskMod(_padding, twin, (valid, _row_meta(valid)), "padding", _padding_blocks)
+
+
+def _padding_blocks(q_lo, q_hi, kv_lo, kv_hi, valid, meta):
+    """Block classes [B, 1, 1, nKV] from the number of valid keys in each key block.
+
+    One cumulative sum over valid [B, KV] (keys past its end are not valid), read at the block edges.
+    """
+    B, S = valid.shape
+    counts = F.pad(torch.cumsum(valid != 0, dim=1, dtype=torch.int32), (1, 0))  # [B, S + 1]: valid in [0, i)
+    lo, hi = kv_lo.reshape(-1), kv_hi.reshape(-1)
+    n = counts.index_select(1, (hi + 1).clamp(max=S)) - counts.index_select(1, lo.clamp(max=S))
+    return block_classes(n > 0, n == hi - lo + 1).view(B, 1, 1, -1)
 
 
 @triton.jit
