@@ -18,12 +18,20 @@ full_q_num_blocks, ...      [Bm, Hm, nKV(, nQ)]
 ==========================  ====================  ==========================================
 
 The forward and dQ kernels walk rows of the kv tables; the dK/dV kernel walks rows of the q tables.
-Building costs O(number of blocks) memory; evaluating a generic mask_mod costs O(Q_LEN * KV_LEN) time
-on the GPU (one Triton kernel, no [Q, KV] tensor), chunked on the CPU.
+Building costs O(number of blocks) memory. Two builders:
+
+* structural: the mask_mod's ``block_fn`` classifies blocks from their edges (every built-in mask and
+  their combinations have one): a few torch ops on [nQ, nKV] tensors, no host sync;
+* generic: the mask_mod is evaluated on every (q, kv), O(Q_LEN * KV_LEN) time: one Triton kernel on the
+  GPU (no [Q, KV] tensor), slabs of the PyTorch twin on the CPU.
+
+``BlockMask.builder`` says which one built a mask ("structural", "triton", "torch"; "classes" for
+:func:`block_mask_from_classes`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Tuple, Union
 
 import torch
@@ -35,13 +43,16 @@ __all__ = ["BlockMask", "create_block_mask", "block_mask_from_classes"]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
+logger = logging.getLogger(__name__)
 
-def _tables(cls_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Counts [..., R] and ascending indices [..., R, C] of the True entries of a [..., R, C] bool tensor."""
-    num = cls_mask.sum(-1, dtype=torch.int32)
-    # a stable sort of "not selected" puts the selected columns first, in ascending order
-    idx = torch.argsort((~cls_mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
+
+def _tables(skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Counts [..., R] and ascending indices [..., R, C] of the zero entries of a [..., R, C] uint8 tensor."""
+    num = skip.shape[-1] - skip.sum(-1, dtype=torch.int32)
+    # a stable sort of "skip" puts the selected columns first, in ascending order, then the others
+    # (also in range: the kernels may prefetch past a row's count)
+    idx = torch.argsort(skip, dim=-1, stable=True).to(torch.int32)
+    return num, idx
 
 
 class BlockMask:
@@ -67,6 +78,7 @@ class BlockMask:
         seq_lengths: Tuple[int, int],
         block_size: Tuple[int, int],
         mask_mod: MaskMod,
+        builder: str = "classes",
     ):
         Bm, Hm, nq = kv_num_blocks.shape
         q_len, kv_len = (int(x) for x in seq_lengths)
@@ -108,6 +120,8 @@ class BlockMask:
         self.seq_lengths = (q_len, kv_len)
         self.BLOCK_SIZE = (qb, kb)
         self.mask_mod = mask_mod
+        # which builder made the tables: "structural", "triton", "torch" or "classes" (for debugging)
+        self.builder = builder
 
     # --- shape and device -------------------------------------------------------------------------
     @property
@@ -130,6 +144,7 @@ class BlockMask:
             seq_lengths=self.seq_lengths,
             block_size=self.BLOCK_SIZE,
             mask_mod=self.mask_mod,
+            builder=self.builder,
         )
 
     # --- debugging --------------------------------------------------------------------------------
@@ -212,25 +227,25 @@ def block_mask_from_classes(
     """A BlockMask from block classes [Bm, Hm, nQ, nKV] (0 empty, 1 partial, 2 full).
 
     ``mask_mod`` must be the mask the classes describe: the kernels evaluate it in partial blocks.
+    Costs a handful of device ops (two segmented sorts), O(blocks log blocks), and no host sync.
     """
     qb, kb = _check_block_size(block_size)
     if classes.dim() != 4:
         raise ValueError(f"classes must be [Bm, Hm, nQ, nKV], got shape {tuple(classes.shape)}")
-    partial = classes == PARTIAL
-    full = classes == FULL
-    kv_num, kv_idx = _tables(partial)
-    fkv_num, fkv_idx = _tables(full)
-    q_num, q_idx = _tables(partial.transpose(-1, -2))
-    fq_num, fq_idx = _tables(full.transpose(-1, -2))
+    # [2, Bm, Hm, nQ, nKV], 0 where the partial (index 0) / full (index 1) tables list the block: one
+    # sort per direction serves both kinds
+    skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
+    kv_num, kv_idx = _tables(skip)
+    q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
     return BlockMask(
-        kv_num,
-        kv_idx,
-        fkv_num,
-        fkv_idx,
-        q_num,
-        q_idx,
-        fq_num,
-        fq_idx,
+        kv_num[0],
+        kv_idx[0],
+        kv_num[1],
+        kv_idx[1],
+        q_num[0],
+        q_idx[0],
+        q_num[1],
+        q_idx[1],
         seq_lengths=(q_len, kv_len),
         block_size=(qb, kb),
         mask_mod=mask_mod,
@@ -270,6 +285,56 @@ def _classes_torch(mask_mod: MaskMod, Bm, Hm, q_len, kv_len, qb, kb, device) -> 
     return out
 
 
+_edges_cache: dict = {}
+
+
+def _block_edges(length: int, block: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last position of each block of ``length`` positions: int64 [cdiv(length, block)] each.
+
+    Cached per (length, block, device): building a mask every step then costs no op for them. The
+    tensors are shared: block_fns must not modify their inputs.
+    """
+    key = (length, block, str(device))
+    edges = _edges_cache.get(key)
+    if edges is None:
+        lo = torch.arange(0, length, block, dtype=torch.int64, device=device)
+        edges = (lo, (lo + (block - 1)).clamp_(max=length - 1))
+        if len(_edges_cache) > 64:
+            _edges_cache.clear()
+        _edges_cache[key] = edges
+    return edges
+
+
+def _classes_structural(mask_mod: MaskMod, B, H, q_len, kv_len, qb, kb, device) -> Optional[torch.Tensor]:
+    """Block classes [Bm, Hm, nQ, nKV] (an expanded view) from ``mask_mod.block_fn``; None without one.
+
+    A block_fn gives one row per batch entry when the mask depends on b, else one row that broadcasts;
+    with ``B`` None the kernels read row 0 (the mask sees b = 0), and likewise for heads.
+    """
+    if mask_mod.block_fn is None:
+        return None
+    q_lo, q_hi = _block_edges(q_len, qb, device)
+    kv_lo, kv_hi = _block_edges(kv_len, kb, device)
+    classes = mask_mod.block_fn(q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :], *mask_mod.args)
+    if classes is None:
+        return None
+    nq, nkv = q_lo.shape[0], kv_lo.shape[0]
+    what = f"create_block_mask: block_fn of mask_mod {mask_mod.name}"
+    if not isinstance(classes, torch.Tensor) or classes.dtype.is_floating_point or classes.dim() > 4:
+        raise TypeError(f"{what} must return an integer tensor broadcastable to [B, H, {nq}, {nkv}] or None")
+    classes = classes[(None,) * (4 - classes.dim())]
+    if classes.shape[2] not in (1, nq) or classes.shape[3] not in (1, nkv):
+        raise ValueError(f"{what} returned shape {tuple(classes.shape)}, expected [..., {nq}, {nkv}]")
+    Bm, Hm = B or 1, H or 1
+    for dim, (name, want) in enumerate((("B", Bm), ("H", Hm))):
+        have = classes.shape[dim]
+        if have != 1:
+            if have < want:
+                raise ValueError(f"{what} describes {have} rows along {name}, but {name}={want}")
+            classes = classes.narrow(dim, 0, want)
+    return classes.to(torch.int8).expand(Bm, Hm, nq, nkv)
+
+
 def create_block_mask(
     mask_mod: MaskMod,
     B: Optional[int],
@@ -279,7 +344,7 @@ def create_block_mask(
     device: Union[str, torch.device, None] = None,
     BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
 ) -> BlockMask:
-    """Build a BlockMask for any ``mask_mod`` (the generic builder).
+    """Build a BlockMask for any ``mask_mod``.
 
     Args:
         mask_mod: a :class:`MaskMod` (``hf_flex.mods`` or your own). ``None`` means no mask.
@@ -289,9 +354,11 @@ def create_block_mask(
         device: where the tables live (default: CUDA if available, else CPU).
         BLOCK_SIZE: block size, or a (Q_BLOCK, KV_BLOCK) pair; powers of two >= 16.
 
-    On CUDA (or under TRITON_INTERPRET=1) the mask's Triton function is evaluated tile by tile by a
-    Triton kernel; otherwise its PyTorch twin runs over slabs of query blocks. Neither materialises
-    the B*H*Q_LEN*KV_LEN mask.
+    When the mask has a ``block_fn`` (the built-in masks and their combinations; ``document`` when its
+    ids are packed), blocks are classified from their edges: O(blocks), a few torch ops, no host sync.
+    Otherwise (the generic builder), on CUDA (or under TRITON_INTERPRET=1) the mask's Triton function
+    is evaluated tile by tile by a Triton kernel, elsewhere its PyTorch twin over slabs of query blocks.
+    None materialises the B*H*Q_LEN*KV_LEN mask. ``BlockMask.builder`` tells which one ran.
     """
     if mask_mod is None:
         mask_mod = _mods.noop()
@@ -315,13 +382,21 @@ def create_block_mask(
                 f"create_block_mask: mask_mod {mask_mod.name} reads a tensor on {t.device}, but device={device}"
             )
     Bm, Hm = B or 1, H or 1
-    if _kernels_runnable(device):
+    classes = _classes_structural(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
+    if classes is not None:
+        builder = "structural"
+    elif _kernels_runnable(device):
         from .kernels.block_tables import classify_blocks
 
+        builder = "triton"
         classes = classify_blocks(mask_mod.kernel_fn, mask_mod.args, Bm, Hm, Q_LEN, KV_LEN, qb, kb, device)
     else:
+        builder = "torch"
         classes = _classes_torch(mask_mod, Bm, Hm, Q_LEN, KV_LEN, qb, kb, device)
-    return block_mask_from_classes(classes, Q_LEN, KV_LEN, (qb, kb), mask_mod)
+    logger.debug("create_block_mask: %s builder for %s", builder, mask_mod.name)
+    bm = block_mask_from_classes(classes, Q_LEN, KV_LEN, (qb, kb), mask_mod)
+    bm.builder = builder
+    return bm
 
 
 _full_cache: dict = {}
