@@ -250,6 +250,11 @@ def _gather_rows(t: torch.Tensor, b, pos, fill):
     return torch.where(pos < S, val, torch.full_like(val, fill))
 
 
+# the sentinels of _document_blocks: int32's largest values (also for int64 ids: F.pad passes its value
+# as a double, exact up to 2**53)
+_DOC_TOP = 2**31 - 1
+
+
 def _is_packed(ids: torch.Tensor) -> bool:
     """Every row non-decreasing, ids >= 0 and below the two sentinels of _document_blocks.
 
@@ -257,7 +262,7 @@ def _is_packed(ids: torch.Tensor) -> bool:
     """
     if ids.shape[1] == 0 or ids.device.type == "meta":  # a meta tensor has no values to check
         return False
-    top = torch.iinfo(ids.dtype).max
+    top = _DOC_TOP
     ok = (ids[:, 1:] >= ids[:, :-1]).all() & (ids[:, 0] >= 0).all() & (ids[:, -1] < top - 1).all()
     return bool(ok)
 
@@ -273,7 +278,7 @@ def _document_blocks(q_lo, q_hi, kv_lo, kv_hi, ids, meta):
     values above every real id that keep both rules exact.
     """
     B, S = ids.shape
-    top = torch.iinfo(ids.dtype).max
+    top = _DOC_TOP
     first = F.pad(ids, (0, 1), value=top)
     last = F.pad(ids, (0, 1), value=top - 1)
 
