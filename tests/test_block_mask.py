@@ -2,8 +2,9 @@
 
 The oracle: hf_flex.reference.dense_mask gives the element-level mask; each (query block, key block)
 is EMPTY (no allowed position), FULL (every position inside the lengths allowed) or PARTIAL. Both
-builders must reproduce it exactly: the Triton one (create_block_mask on device "cpu" runs Triton's
-classification kernel through the interpreter) and the PyTorch slab one (block_mask._classes_torch).
+generic builders must reproduce it exactly: the Triton one (create_block_mask on device "cpu", for a
+mask without block_fn, runs Triton's classification kernel through the interpreter) and the PyTorch
+slab one (block_mask._classes_torch). The structural builder (block_fn) is tested in test_block_fn.py.
 Then the tables: kv rows list exactly the partial / full blocks in ascending order, q tables are the
 transpose, and the debugging helpers (to_dense, sparsity, density, to_string, repr, materialize, to).
 """
@@ -83,6 +84,13 @@ def _mask(name, B, S, device="cpu"):
     }[name]())
 
 
+def generic(mm):
+    """The mask without its block_fn: create_block_mask then takes the generic (element-wise) builder."""
+    import dataclasses
+
+    return dataclasses.replace(mm, block_fn=None)
+
+
 def _on(device, mm):
     """The mask with its tensors on ``device`` (the builders want them where the tables go)."""
     import dataclasses
@@ -115,8 +123,9 @@ def test_builders_agree_with_dense(device, name, shape):
     mm = _mask(name, B, max(q_len, kv_len), device)
     Bm, Hm = B or 1, H or 1
     want = dense_classes(mm, Bm, Hm, q_len, kv_len, qb, kb)
-    assert triton_runs_on(device)  # create_block_mask takes the Triton builder (interpreted on CPU)
-    bm = hf_flex.create_block_mask(mm, B, H, q_len, kv_len, device=device, BLOCK_SIZE=bs)
+    assert triton_runs_on(device)  # without block_fn, create_block_mask takes the Triton builder (interpreted on CPU)
+    bm = hf_flex.create_block_mask(generic(mm), B, H, q_len, kv_len, device=device, BLOCK_SIZE=bs)
+    assert bm.builder == "triton"
     assert bm.shape == (Bm, Hm, q_len, kv_len)
     assert bm.BLOCK_SIZE == (qb, kb)
     assert bm.device.type == torch.device(device).type

@@ -1,7 +1,8 @@
 """Property-based tests: random nestings of and/or/offset over the built-in masks, random lengths.
 
-(a) both block-mask builders (Triton through the interpreter, and the PyTorch slabs) classify every
-    block exactly as the dense mask from reference.dense_mask says;
+(a) both generic block-mask builders (Triton through the interpreter, and the PyTorch slabs) classify
+    every block exactly as the dense mask from reference.dense_mask says (the structural builder:
+    test_block_fn.py);
 (b) the kernel forward (fp32) agrees with the fp64 reference (helpers.assert_close_to_fp64), with
     fewer examples because the interpreter is slow.
 
@@ -19,7 +20,7 @@ from hf_flex import mods, reference
 from hf_flex.block_mask import _classes_torch
 from hf_flex.dispatch import triton_runs_on
 from helpers import check_attention, rand_qkv, random_doc_ids
-from test_block_mask import dense_classes
+from test_block_mask import dense_classes, generic
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
@@ -93,7 +94,9 @@ def test_builders_match_dense(device, tree, B, H, q_len, kv_len, bs):
     qb, kb = (bs, bs) if isinstance(bs, int) else bs
     Hm = H or 1
     want = dense_classes(mm, B, Hm, q_len, kv_len, qb, kb)
-    got = hf_flex.create_block_mask(mm, B, H, q_len, kv_len, device=device, BLOCK_SIZE=bs).to_dense().cpu()
+    bm = hf_flex.create_block_mask(generic(mm), B, H, q_len, kv_len, device=device, BLOCK_SIZE=bs)
+    assert bm.builder == "triton"
+    got = bm.to_dense().cpu()
     assert torch.equal(got, want), f"{mm.name}: Triton builder\n{got}\nvs dense\n{want}"
     got = _classes_torch(mm, B, Hm, q_len, kv_len, qb, kb, torch.device(device)).cpu()
     assert torch.equal(got, want), f"{mm.name}: torch builder\n{got}\nvs dense\n{want}"
