@@ -71,6 +71,14 @@ class FlexMask:
             self._derived[key] = hit
         return hit
 
+    # Transformers passes a prepared mask back into its mask creators (generate with a StaticCache):
+    # they test `.ndim` / `.shape`, so a FlexMask presents itself as the 4-D mask it stands for
+    ndim = 4
+
+    @property
+    def shape(self):
+        return (self.batch_size, 1, self.q_len, self.kv_len)
+
     def __repr__(self):
         return f"FlexMask({self.mask_mod.name}, q_len={self.q_len}, kv_len={self.kv_len}, B={self.batch_size})"
 
@@ -128,6 +136,13 @@ def flex_mask(
     if isinstance(q_offset, torch.Tensor):
         q_offset = int(q_offset.item())  # StaticCache mutates its tensor in place later: copy now
     mask_function = mask_function or causal_mask_function
+    if isinstance(attention_mask, FlexMask):  # prepared earlier for this step (generate, StaticCache)
+        if (attention_mask.q_len, attention_mask.kv_len) != (q_length, kv_length):
+            raise ValueError(
+                f"hf_flex: a prepared mask for (q, kv) = ({attention_mask.q_len}, {attention_mask.kv_len}) "
+                f"was passed where ({q_length}, {kv_length}) is needed"
+            )
+        return attention_mask
 
     mm = recognize(mask_function, device)
     if mm is None:

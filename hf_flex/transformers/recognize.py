@@ -36,18 +36,23 @@ def _build_kinds() -> dict:
         if fn is not None and _code(fn) is not None:
             kinds[_code(fn)] = kind
 
-    add("causal", mu.causal_mask_function)
-    add("bidirectional", mu.bidirectional_mask_function)
-    add("and", mu.and_masks(mu.causal_mask_function))
-    add("or", mu.or_masks(mu.causal_mask_function))
-    add("sliding_window", mu.sliding_window_overlay(4))
-    add("chunked", mu.chunked_overlay(4, torch.zeros(1, dtype=torch.long)))
-    add("padding", mu.padding_mask_function(dummy.bool()))
-    add("packed", mu.packed_sequence_mask_function(dummy))
-    add("remap", mu.remap_positions_for_packed_sequence(mu.causal_mask_function, dummy))
-    add("offset", mu.add_offsets_to_mask_function(mu.causal_mask_function, 0, 0))
-    if hasattr(mu, "sliding_window_bidirectional_overlay"):
-        add("sliding_window_bidirectional", mu.sliding_window_bidirectional_overlay(4))
+    # factories are looked up by name: a release that lacks one (older Transformers) simply never
+    # hands it to us
+    def factory(name, *args):
+        f = getattr(mu, name, None)
+        return f(*args) if f is not None else None
+
+    add("causal", getattr(mu, "causal_mask_function", None))
+    add("bidirectional", getattr(mu, "bidirectional_mask_function", None))
+    add("and", factory("and_masks", mu.causal_mask_function))
+    add("or", factory("or_masks", mu.causal_mask_function))
+    add("sliding_window", factory("sliding_window_overlay", 4))
+    add("chunked", factory("chunked_overlay", 4, torch.zeros(1, dtype=torch.long)))
+    add("padding", factory("padding_mask_function", dummy.bool()))
+    add("packed", factory("packed_sequence_mask_function", dummy))
+    add("remap", factory("remap_positions_for_packed_sequence", mu.causal_mask_function, dummy))
+    add("offset", factory("add_offsets_to_mask_function", mu.causal_mask_function, 0, 0))
+    add("sliding_window_bidirectional", factory("sliding_window_bidirectional_overlay", 4))
     return kinds
 
 
