@@ -254,7 +254,12 @@ def test_generate_greedy(name, cache, device, impl_calls):
     if cache == "static":
         kw["cache_implementation"] = "static"
     with torch.no_grad():
-        ref = eager.generate(**kw)
+        try:
+            ref = eager.generate(**kw)
+        except TypeError as e:
+            if "block_sequence_ids" in str(e):  # Transformers 5.17's create_masks_for_generate, eager too
+                pytest.skip(f"{name}/{cache}: eager itself fails in this Transformers release: {e}")
+            raise
         got = flex.generate(**kw)
     assert impl_calls["n"] >= 8 * eager.config.num_hidden_layers
     assert ref.sequences.shape[1] == ids.shape[1] + 8, "eager did not generate 8 tokens"

@@ -100,6 +100,34 @@ def translation_invariant(fn: Callable) -> bool:
     return kind in _TRANSLATION_INVARIANT
 
 
+def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] position of each token inside its document (doc_ids [B, S], documents contiguous)."""
+    S = doc_ids.shape[-1]
+    idx = torch.arange(S, device=doc_ids.device).expand_as(doc_ids)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - start
+
+
+def _per_document(fns, children):
+    """In and(..., packed_sequence(ids)), evaluate position-dependent siblings (chunks) at in-document
+    positions, as running each document alone does. Transformers >= 5.2x wraps them in
+    remap_positions_for_packed_sequence itself; older releases hand them over as they are."""
+    kinds = [_kinds().get(_code(f)) for f in fns]
+    if "packed" not in kinds:
+        return children
+    ids = closure_cells(fns[kinds.index("packed")])["packed_sequence_mask"]
+    pos = None
+    out = []
+    for f, k, c in zip(fns, kinds, children):
+        if k not in ("packed", "remap") and not translation_invariant(f):
+            pos = positions_in_documents(ids) if pos is None else pos
+            c = mods.remap(c, pos)
+        out.append(c)
+    return out
+
+
 def recognize(fn: Callable, device=None) -> Optional[MaskMod]:
     """The hf_flex MaskMod equal to Transformers mask function ``fn`` (absolute positions), or None."""
     kind = _kinds().get(_code(fn))
@@ -111,9 +139,12 @@ def recognize(fn: Callable, device=None) -> Optional[MaskMod]:
     if kind == "bidirectional":
         return mods.noop()
     if kind in ("and", "or"):
-        children = [recognize(f, device) for f in cells["mask_functions"]]
+        fns = cells["mask_functions"]
+        children = [recognize(f, device) for f in fns]
         if any(c is None for c in children):
             return None
+        if kind == "and":
+            children = _per_document(fns, children)
         if len(children) == 1:
             return children[0]
         return (mods.and_masks if kind == "and" else mods.or_masks)(*children)
