@@ -46,12 +46,28 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 logger = logging.getLogger(__name__)
 
 
+def _aligned_pair(shape, device) -> torch.Tensor:
+    """An int32 [2, *shape] tensor whose two halves are contiguous and start 128-byte aligned.
+
+    The kernels take each table as a pointer, and Triton specialises on a pointer's 16-byte alignment:
+    a half starting mid-allocation would compile other kernel variants for some lengths.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    row = -(-n // 32) * 32
+    return torch.empty((2, row), dtype=torch.int32, device=device)[:, :n].view(2, *shape)
+
+
 def _tables(skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Counts [..., R] and ascending indices [..., R, C] of the zero entries of a [..., R, C] uint8 tensor."""
-    num = skip.shape[-1] - skip.sum(-1, dtype=torch.int32)
+    """Counts [2, ..., R] and ascending indices [2, ..., R, C] of the zero entries of a [2, ..., R, C]
+    uint8 tensor, each half in an aligned place of its own."""
+    num = _aligned_pair(skip.shape[1:-1], skip.device)
+    num.copy_(skip.shape[-1] - skip.sum(-1, dtype=torch.int32))
     # a stable sort of "skip" puts the selected columns first, in ascending order, then the others
     # (also in range: the kernels may prefetch past a row's count)
-    idx = torch.argsort(skip, dim=-1, stable=True).to(torch.int32)
+    idx = _aligned_pair(skip.shape[1:], skip.device)
+    idx.copy_(torch.argsort(skip, dim=-1, stable=True))
     return num, idx
 
 

@@ -185,6 +185,16 @@ def test_block_mask_from_classes_roundtrip():
     _check_tables(bm, classes)
 
 
+def test_tables_aligned():
+    """Every table starts 16-byte aligned whatever the block counts: Triton specialises kernels on a
+    pointer's alignment, so a misaligned table would compile new kernel variants for some lengths."""
+    for q_len, kv_len, bs in ((3333, 3333, 128), (100, 70, (32, 16)), (1, 1, 16)):
+        for mm in (mods.causal(), generic(mods.causal())):
+            bm = hf_flex.create_block_mask(mm, 3, None, q_len, kv_len, device="cpu", BLOCK_SIZE=bs)
+            for t in _tables_of(bm):
+                assert t.data_ptr() % 16 == 0 and t.is_contiguous()
+
+
 # --- debugging helpers --------------------------------------------------------------------------------
 
 
