@@ -197,6 +197,62 @@ def run_case(c: Case, do_sdpa=True):
     return row
 
 
+def _listed_blocks(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """[..., R, n_cols] bool: the blocks a (num [..., R], idx [..., R, C]) block table lists."""
+    keep = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    out = torch.zeros(*idx.shape[:-1], n_cols + 1, dtype=torch.bool, device=idx.device)
+    # entries past a row's count go to the spare last column
+    out.scatter_(-1, torch.where(keep, idx.long(), n_cols), True)
+    return out[..., :n_cols]
+
+
+def block_mask_timings(S: int = 16384, n_docs: int = 24) -> dict:
+    """Block-mask build times (ms, median of triton's do_bench) for causal + packed documents.
+
+    and_masks(causal(), document(ids)) over S tokens cut into ``n_docs`` random documents (B = 1,
+    128 x 128 blocks), built by hf_flex's structural builder (block_fn), by its generic Triton builder
+    (the same mask without block_fn), and by torch.nn.attention.flex_attention.create_block_mask on the
+    same mask. Checks first that all three list the same blocks: the visited (partial or full) set,
+    from torch's ``to_dense()``, and the full set, from its full_kv_num_blocks / full_kv_indices.
+    Needs CUDA.
+    """
+    import dataclasses
+
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+
+    ids = doc_ids(1, S, n_docs)
+    mm = mods.and_masks(mods.causal(), mods.document(ids))
+    generic = dataclasses.replace(mm, block_fn=None)
+    t_mask = lambda b, h, q, kv: (kv <= q) & (ids[b, q] == ids[b, kv])  # noqa: E731
+    ours = lambda: hf_flex.create_block_mask(mm, 1, None, S, S)  # noqa: E731
+    ours_generic = lambda: hf_flex.create_block_mask(generic, 1, None, S, S)  # noqa: E731
+    theirs = lambda: t_cbm(t_mask, 1, None, S, S, device="cuda")  # noqa: E731
+
+    bm, bg, tbm = ours(), ours_generic(), theirs()
+    if bm.builder != "structural" or bg.builder != "triton":
+        raise AssertionError(f"builders: {bm.builder}, {bg.builder} (expected structural, triton)")
+    cls = bm.to_dense()[0, 0]
+    if not torch.equal(cls, bg.to_dense()[0, 0]):
+        raise AssertionError("structural and generic hf_flex block masks differ")
+    nkv = cls.shape[-1]
+    t_visited = tbm.to_dense()[0, 0].bool()
+    t_full = _listed_blocks(tbm.full_kv_num_blocks, tbm.full_kv_indices, nkv)[0, 0]
+    if t_visited.shape != cls.shape or not torch.equal(cls > 0, t_visited) or not torch.equal(cls == 2, t_full):
+        raise AssertionError("hf_flex and torch block masks differ (visited or full blocks)")
+
+    return dict(
+        device=torch.cuda.get_device_name(),
+        S=S,
+        n_docs=n_docs,
+        blocks=cls.numel(),
+        visited_blocks=int((cls > 0).sum()),
+        full_blocks=int((cls == 2).sum()),
+        hf_flex_structural_ms=_ms(ours, rep=200),
+        hf_flex_generic_ms=_ms(ours_generic, rep=100),
+        torch_create_block_mask_ms=_ms(theirs, rep=100),
+    )
+
+
 def versions():
     import transformers
     import triton
