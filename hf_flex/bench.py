@@ -228,7 +228,22 @@ def block_mask_timings(S: int = 16384, n_docs: int = 24) -> dict:
     ours_generic = lambda: hf_flex.create_block_mask(generic, 1, None, S, S)  # noqa: E731
     theirs = lambda: t_cbm(t_mask, 1, None, S, S, device="cuda")  # noqa: E731
 
-    bm, bg, tbm = ours(), ours_generic(), theirs()
+    # what the Transformers adapter does per batch: document ids from position_ids, then the tables
+    from .transformers.masks import documents_from_position_ids
+
+    starts = torch.ones(S, dtype=torch.bool, device=ids.device)
+    starts[1:] = ids[0, 1:] != ids[0, :-1]
+    idx = torch.arange(S, device=ids.device)
+    pos = idx - torch.cummax(torch.where(starts, idx, 0), 0).values  # position_ids restarting per document
+    pos = pos[None]
+
+    def from_pos():
+        d = documents_from_position_ids(pos, 1)
+        return hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(d)), 1, None, S, S)
+
+    bm, bg, tbm, bp = ours(), ours_generic(), theirs(), from_pos()
+    if not torch.equal(bp.to_dense(), bm.to_dense()):
+        raise AssertionError("block mask from position_ids differs from the one from document ids")
     if bm.builder != "structural" or bg.builder != "triton":
         raise AssertionError(f"builders: {bm.builder}, {bg.builder} (expected structural, triton)")
     cls = bm.to_dense()[0, 0]
@@ -248,6 +263,7 @@ def block_mask_timings(S: int = 16384, n_docs: int = 24) -> dict:
         visited_blocks=int((cls > 0).sum()),
         full_blocks=int((cls == 2).sum()),
         hf_flex_structural_ms=_ms(ours, rep=200),
+        hf_flex_from_position_ids_ms=_ms(from_pos, rep=200),
         hf_flex_generic_ms=_ms(ours_generic, rep=100),
         torch_create_block_mask_ms=_ms(theirs, rep=100),
     )

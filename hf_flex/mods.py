@@ -329,7 +329,7 @@ def padding(kv_valid: torch.Tensor) -> MaskMod:
     """
     if not isinstance(kv_valid, torch.Tensor) or kv_valid.dim() != 2 or kv_valid.dtype.is_floating_point:
         raise ValueError("padding: kv_valid must be a bool or integer tensor of shape [B, KV]")
-    valid = kv_valid.to(torch.int8).contiguous()
+    valid = (kv_valid != 0).to(torch.int8).contiguous()
 
     def twin(b, h, q, kv, valid, meta):
         return _gather_rows(valid, b, kv, 0) != 0
@@ -365,7 +365,7 @@ def dense(mask: torch.Tensor) -> MaskMod:
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 3 or mask.dtype.is_floating_point:
         raise ValueError("dense: mask must be a bool or integer tensor of shape [B, Q, KV]")
-    m = mask.to(torch.int8).contiguous()
+    m = (mask != 0).to(torch.int8).contiguous()
     meta = torch.tensor([m.stride(0), m.stride(1), m.shape[1], m.shape[2]], dtype=torch.int32).to(m.device)
 
     def twin(b, h, q, kv, m, meta):

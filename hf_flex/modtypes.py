@@ -369,6 +369,9 @@ def offset_mask(mask: MaskMod, q_offset, kv_offset) -> MaskMod:
             o = int(o.item())
         if isinstance(o, bool) or not isinstance(o, int):
             raise TypeError(f"offset: {nm} must be an int, got {type(o).__name__}")
+        if o < 0:
+            # mods are defined on positions >= 0 (Triton truncates where PyTorch floors)
+            raise ValueError(f"offset: {nm} must be >= 0, got {o}")
         offs.append(o)
     n = len(mask.args)
 

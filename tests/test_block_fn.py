@@ -18,7 +18,7 @@ What must hold:
   over the oracle's classes of the leaves (offsets pushed down). The combinations Transformers builds
   (causal with documents, windows, chunks; causal with padding on square blocks) are exact, and held to it;
 * what cannot be classified from structure (document ids that are not packed, user masks without a
-  block_fn, negative offsets, a block_fn that declines) takes the generic builder; ``BlockMask.builder``
+  block_fn, a block_fn that declines) takes the generic builder; ``BlockMask.builder``
   tells which builder ran, and every test asserts it.
 """
 
@@ -384,12 +384,12 @@ def test_user_block_fn():
         assert bm.builder == "triton"
 
 
-def test_negative_offsets_are_generic():
-    # the mods are defined on non-negative positions; the generic builder runs the kernels' own function
+def test_negative_offsets_are_rejected():
+    # the mods are defined on non-negative positions (Triton truncates integer division where PyTorch
+    # floors, so a negative position would make the kernel and the reference disagree): refuse them
     for qo, ko in ((-5, 0), (0, -3)):
-        mm = mods.offset(mods.causal(), qo, ko)
-        assert mm.block_fn is None
-        assert hf_flex.create_block_mask(mm, None, None, 40, 40, device="cpu", BLOCK_SIZE=16).builder == "triton"
+        with pytest.raises(ValueError, match="offset: (q_offset|kv_offset) must be >= 0"):
+            mods.offset(mods.causal(), qo, ko)
 
 
 def test_bad_block_fn_results():
