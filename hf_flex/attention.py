@@ -17,6 +17,9 @@ from .validation import check_inputs
 __all__ = ["flex_attention"]
 
 
+# Under torch.compile (a compiled model, Transformers' generate with a static cache) dynamo must not trace
+# into the kernels' launch code: it runs as it is, a graph break around each call.
+@torch.compiler.disable
 def flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,

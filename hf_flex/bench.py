@@ -210,10 +210,12 @@ def block_mask_timings(S: int = 16384, n_docs: int = 24) -> dict:
     """Block-mask build times (ms, median of triton's do_bench) for causal + packed documents.
 
     and_masks(causal(), document(ids)) over S tokens cut into ``n_docs`` random documents (B = 1,
-    128 x 128 blocks), built by hf_flex's structural builder (block_fn), by its generic Triton builder
-    (the same mask without block_fn), and by torch.nn.attention.flex_attention.create_block_mask on the
-    same mask. Checks first that all three list the same blocks: the visited (partial or full) set,
-    from torch's ``to_dense()``, and the full set, from its full_kv_num_blocks / full_kv_indices.
+    128 x 128 blocks), built by hf_flex's packed builder from position_ids (what the Transformers
+    adapter does per batch: ids by a cumulative sum, then two Triton launches), the same from ready
+    document ids, by its structural builder (block_fn in torch ops), by its generic Triton builder
+    (the mask evaluated everywhere), and by torch.nn.attention.flex_attention.create_block_mask on the
+    same mask. Checks first that all list the same blocks: the visited (partial or full) set, from
+    torch's ``to_dense()``, and the full set, from its full_kv_num_blocks / full_kv_indices.
     Needs CUDA.
     """
     import dataclasses
@@ -221,52 +223,51 @@ def block_mask_timings(S: int = 16384, n_docs: int = 24) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
 
     ids = doc_ids(1, S, n_docs)
-    mm = mods.and_masks(mods.causal(), mods.document(ids))
-    generic = dataclasses.replace(mm, block_fn=None)
-    t_mask = lambda b, h, q, kv: (kv <= q) & (ids[b, q] == ids[b, kv])  # noqa: E731
-    ours = lambda: hf_flex.create_block_mask(mm, 1, None, S, S)  # noqa: E731
-    ours_generic = lambda: hf_flex.create_block_mask(generic, 1, None, S, S)  # noqa: E731
-    theirs = lambda: t_cbm(t_mask, 1, None, S, S, device="cuda")  # noqa: E731
-
-    # what the Transformers adapter does per batch: document ids from position_ids, then the tables
-    from .transformers.masks import documents_from_position_ids
-
+    mm = mods.and_masks(mods.causal(), mods.document(ids, packed=True))
+    structural = dataclasses.replace(mm, structure=None)  # not recognised as packed documents
+    generic = dataclasses.replace(mm, structure=None, block_fn=None)
     starts = torch.ones(S, dtype=torch.bool, device=ids.device)
     starts[1:] = ids[0, 1:] != ids[0, :-1]
     idx = torch.arange(S, device=ids.device)
-    pos = idx - torch.cummax(torch.where(starts, idx, 0), 0).values  # position_ids restarting per document
-    pos = pos[None]
+    pos = (idx - torch.cummax(torch.where(starts, idx, 0), 0).values)[None]  # restarting per document
 
-    def from_pos():
-        d = documents_from_position_ids(pos, 1)
-        return hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(d)), 1, None, S, S)
+    t_mask = lambda b, h, q, kv: (kv <= q) & (ids[b, q] == ids[b, kv])  # noqa: E731
+    builds = dict(
+        from_position_ids=lambda: hf_flex.packed_block_mask(position_ids=pos),
+        packed=lambda: hf_flex.create_block_mask(mm, 1, None, S, S),
+        structural=lambda: hf_flex.create_block_mask(structural, 1, None, S, S),
+        generic=lambda: hf_flex.create_block_mask(generic, 1, None, S, S),
+    )
+    theirs = lambda: t_cbm(t_mask, 1, None, S, S, device="cuda")  # noqa: E731
 
-    bm, bg, tbm, bp = ours(), ours_generic(), theirs(), from_pos()
-    if not torch.equal(bp.to_dense(), bm.to_dense()):
-        raise AssertionError("block mask from position_ids differs from the one from document ids")
-    if bm.builder != "structural" or bg.builder != "triton":
-        raise AssertionError(f"builders: {bm.builder}, {bg.builder} (expected structural, triton)")
-    cls = bm.to_dense()[0, 0]
-    if not torch.equal(cls, bg.to_dense()[0, 0]):
-        raise AssertionError("structural and generic hf_flex block masks differ")
-    nkv = cls.shape[-1]
+    tbm = theirs()
     t_visited = tbm.to_dense()[0, 0].bool()
-    t_full = _listed_blocks(tbm.full_kv_num_blocks, tbm.full_kv_indices, nkv)[0, 0]
-    if t_visited.shape != cls.shape or not torch.equal(cls > 0, t_visited) or not torch.equal(cls == 2, t_full):
-        raise AssertionError("hf_flex and torch block masks differ (visited or full blocks)")
+    expect_builder = dict(from_position_ids="packed", packed="packed", structural="structural", generic="triton")
+    cls = None
+    for name, fn in builds.items():
+        bm = fn()
+        if bm.builder != expect_builder[name]:
+            raise AssertionError(f"{name}: the {bm.builder} builder ran, expected {expect_builder[name]}")
+        c = bm.to_dense()[0, 0]
+        nkv = c.shape[-1]
+        t_full = _listed_blocks(tbm.full_kv_num_blocks, tbm.full_kv_indices, nkv)[0, 0]
+        if c.shape != t_visited.shape or not torch.equal(c > 0, t_visited) or not torch.equal(c == 2, t_full):
+            raise AssertionError(f"hf_flex ({name}) and torch block masks differ (visited or full blocks)")
+        cls = c
 
-    return dict(
+    res = dict(
         device=torch.cuda.get_device_name(),
         S=S,
         n_docs=n_docs,
         blocks=cls.numel(),
         visited_blocks=int((cls > 0).sum()),
         full_blocks=int((cls == 2).sum()),
-        hf_flex_structural_ms=_ms(ours, rep=200),
-        hf_flex_from_position_ids_ms=_ms(from_pos, rep=200),
-        hf_flex_generic_ms=_ms(ours_generic, rep=100),
-        torch_create_block_mask_ms=_ms(theirs, rep=100),
     )
+    for name, fn in builds.items():
+        res[f"hf_flex_{name}_ms"] = _ms(fn, rep=200)
+    res["torch_create_block_mask_ms"] = _ms(theirs, rep=100)
+    res["speedup_from_position_ids"] = res["torch_create_block_mask_ms"] / res["hf_flex_from_position_ids_ms"]
+    return res
 
 
 def versions():

@@ -18,15 +18,18 @@ full_q_num_blocks, ...      [Bm, Hm, nKV(, nQ)]
 ==========================  ====================  ==========================================
 
 The forward and dQ kernels walk rows of the kv tables; the dK/dV kernel walks rows of the q tables.
-Building costs O(number of blocks) memory. Two builders:
+Building costs O(number of blocks) memory. Three builders:
 
+* packed (CUDA): packed documents AND causal / sliding window (``hf_flex.documents``): one Triton
+  kernel reads the document ids at block edges;
 * structural: the mask_mod's ``block_fn`` classifies blocks from their edges (every built-in mask and
   their combinations have one): a few torch ops on [nQ, nKV] tensors, no host sync;
 * generic: the mask_mod is evaluated on every (q, kv), O(Q_LEN * KV_LEN) time: one Triton kernel on the
   GPU (no [Q, KV] tensor), slabs of the PyTorch twin on the CPU.
 
-``BlockMask.builder`` says which one built a mask ("structural", "triton", "torch"; "classes" for
-:func:`block_mask_from_classes`).
+``BlockMask.builder`` says which one built a mask ("packed", "structural", "triton", "torch";
+"classes" for :func:`block_mask_from_classes`). On CUDA one more Triton kernel turns block classes
+into the eight tables (elsewhere two sorts).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class BlockMask:
         self.seq_lengths = (q_len, kv_len)
         self.BLOCK_SIZE = (qb, kb)
         self.mask_mod = mask_mod
-        # which builder made the tables: "structural", "triton", "torch" or "classes" (for debugging)
+        # which builder made the tables: "packed", "structural", "triton", "torch" or "classes" (debugging)
         self.builder = builder
 
     # --- shape and device -------------------------------------------------------------------------
@@ -243,16 +246,27 @@ def block_mask_from_classes(
     """A BlockMask from block classes [Bm, Hm, nQ, nKV] (0 empty, 1 partial, 2 full).
 
     ``mask_mod`` must be the mask the classes describe: the kernels evaluate it in partial blocks.
-    Costs a handful of device ops (two segmented sorts), O(blocks log blocks), and no host sync.
+    One Triton launch on CUDA (elsewhere two segmented sorts), O(blocks), no host sync.
     """
     qb, kb = _check_block_size(block_size)
     if classes.dim() != 4:
         raise ValueError(f"classes must be [Bm, Hm, nQ, nKV], got shape {tuple(classes.shape)}")
-    # [2, Bm, Hm, nQ, nKV], 0 where the partial (index 0) / full (index 1) tables list the block: one
-    # sort per direction serves both kinds
-    skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
-    kv_num, kv_idx = _tables(skip)
-    q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
+    if classes.device.type == "cuda":
+        # one Triton launch fills all eight tables (the sorts below cost a dozen launches; under the
+        # CPU interpreter the kernel is far slower than they are: tests run it on small shapes only)
+        from .kernels.block_tables import tables_from_classes
+
+        Bm, Hm, nq, nkv = classes.shape
+        kv_num, q_num = _aligned_pair((Bm, Hm, nq), classes.device), _aligned_pair((Bm, Hm, nkv), classes.device)
+        kv_idx = _aligned_pair((Bm, Hm, nq, nkv), classes.device)
+        q_idx = _aligned_pair((Bm, Hm, nkv, nq), classes.device)
+        tables_from_classes(classes, kv_num, kv_idx, q_num, q_idx)
+    else:
+        # [2, Bm, Hm, nQ, nKV], 0 where the partial (index 0) / full (index 1) tables list the block:
+        # one sort per direction serves both kinds
+        skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
+        kv_num, kv_idx = _tables(skip)
+        q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
     return BlockMask(
         kv_num[0],
         kv_idx[0],
@@ -351,6 +365,7 @@ def _classes_structural(mask_mod: MaskMod, B, H, q_len, kv_len, qb, kb, device) 
     return classes.to(torch.int8).expand(Bm, Hm, nq, nkv)
 
 
+@torch.compiler.disable  # Python-side building (codegen, caches): never traced
 def create_block_mask(
     mask_mod: MaskMod,
     B: Optional[int],
@@ -370,7 +385,9 @@ def create_block_mask(
         device: where the tables live (default: CUDA if available, else CPU).
         BLOCK_SIZE: block size, or a (Q_BLOCK, KV_BLOCK) pair; powers of two >= 16.
 
-    When the mask has a ``block_fn`` (the built-in masks and their combinations; ``document`` when its
+    Packed documents (``document(ids)`` with non-decreasing ids) alone or AND causal / sliding window,
+    on CUDA: one Triton kernel from the ids at block edges (see :mod:`hf_flex.documents`). Else,
+    when the mask has a ``block_fn`` (the built-in masks and their combinations; ``document`` when its
     ids are packed), blocks are classified from their edges: O(blocks), a few torch ops, no host sync.
     Otherwise (the generic builder), on CUDA (or under TRITON_INTERPRET=1) the mask's Triton function
     is evaluated tile by tile by a Triton kernel, elsewhere its PyTorch twin over slabs of query blocks.
@@ -398,15 +415,19 @@ def create_block_mask(
                 f"create_block_mask: mask_mod {mask_mod.name} reads a tensor on {t.device}, but device={device}"
             )
     Bm, Hm = B or 1, H or 1
-    classes = _classes_structural(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
-    if classes is not None:
+    from .documents import packed_classes  # (documents imports this module)
+
+    builder = "packed"
+    classes = packed_classes(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
+    if classes is None:
         builder = "structural"
-    elif _kernels_runnable(device):
+        classes = _classes_structural(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
+    if classes is None and _kernels_runnable(device):
         from .kernels.block_tables import classify_blocks
 
         builder = "triton"
         classes = classify_blocks(mask_mod.kernel_fn, mask_mod.args, Bm, Hm, Q_LEN, KV_LEN, qb, kb, device)
-    else:
+    elif classes is None:
         builder = "torch"
         classes = _classes_torch(mask_mod, Bm, Hm, Q_LEN, KV_LEN, qb, kb, device)
     logger.debug("create_block_mask: %s builder for %s", builder, mask_mod.name)

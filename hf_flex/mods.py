@@ -30,6 +30,8 @@ packed-document ids are non-decreasing in position, so a block's first and last 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -82,7 +84,7 @@ def _noop_blocks(q_lo, q_hi, kv_lo, kv_hi):
 
 def noop() -> MaskMod:
     """Every position allowed (full attention)."""
-    return MaskMod(_noop, lambda b, h, q, kv: (q >= 0) | (kv >= 0), (), "noop", _noop_blocks)
+    return MaskMod(_noop, lambda b, h, q, kv: (q >= 0) | (kv >= 0), (), "noop", _noop_blocks, ("noop",))
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def _causal_blocks(q_lo, q_hi, kv_lo, kv_hi):
 
 def causal() -> MaskMod:
     """kv <= q."""
-    return MaskMod(_causal, lambda b, h, q, kv: kv <= q, (), "causal", _causal_blocks)
+    return MaskMod(_causal, lambda b, h, q, kv: kv <= q, (), "causal", _causal_blocks, ("causal",))
 
 
 @triton.jit
@@ -114,7 +116,8 @@ def sliding_window(window: int) -> MaskMod:
     """q - window < kv (combine with causal() for Transformers' sliding-window rule)."""
     w = _positive_int("sliding_window: window", window)
     return MaskMod(
-        _sliding_window, lambda b, h, q, kv, w: q - w < kv, (w,), f"sliding_window({w})", _sliding_window_blocks
+        _sliding_window, lambda b, h, q, kv, w: q - w < kv, (w,), f"sliding_window({w})", _sliding_window_blocks,
+        ("window", w),
     )
 
 
@@ -230,7 +233,17 @@ def _row_meta(t: torch.Tensor) -> torch.Tensor:
     Passed as a tensor, not as ints, because Triton specialises int arguments (divisibility by 16):
     as ints they would compile a new variant when the length changes.
     """
-    return torch.tensor([t.stride(0), t.shape[1]], dtype=torch.int32).to(t.device, non_blocking=True)
+    key = (t.stride(0), t.shape[1], t.device)
+    meta = _row_meta_cache.get(key)
+    if meta is None:  # cached: training batches repeat their shapes, and a copy to the GPU costs a launch
+        if len(_row_meta_cache) > 256:
+            _row_meta_cache.clear()
+        meta = torch.tensor([t.stride(0), t.shape[1]], dtype=torch.int32).to(t.device, non_blocking=True)
+        _row_meta_cache[key] = meta
+    return meta
+
+
+_row_meta_cache: dict = {}
 
 
 @triton.jit
@@ -291,15 +304,18 @@ def _document_blocks(q_lo, q_hi, kv_lo, kv_hi, ids, meta):
     return block_classes(nonempty, (q_first == kv_last) & (q_last == kv_first))
 
 
-def document(doc_ids: torch.Tensor) -> MaskMod:
+def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None) -> MaskMod:
     """ids[b, q] == ids[b, kv]: packed samples attend only within their own document.
 
     Args:
         doc_ids: [B, S] integer tensor, one document id per position (S >= the sequence length).
+        packed: whether every row is non-decreasing with ids >= 0 (packed samples). ``None`` checks,
+            at the cost of one device-to-host sync; ``True`` is the caller's promise (ids from
+            position_ids or cu_seqlens are, by construction; a false promise gives wrong blocks);
+            ``False`` takes the generic builder.
 
-    When every row is non-decreasing (packed samples; ids >= 0), the mask carries a ``block_fn`` and
-    block masks are built from document boundaries in O(blocks); otherwise the generic builder runs.
-    Checking that costs one device-to-host sync here.
+    Packed ids give the mask a ``block_fn``: block masks are built from document boundaries in
+    O(blocks); otherwise the generic builder runs.
     """
     if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2 or doc_ids.dtype.is_floating_point:
         raise ValueError("document: doc_ids must be an integer tensor of shape [B, S]")
@@ -310,8 +326,11 @@ def document(doc_ids: torch.Tensor) -> MaskMod:
     def twin(b, h, q, kv, ids, meta):
         return _gather_rows(ids, b, q, -1) == _gather_rows(ids, b, kv, -2)
 
-    block_fn = _document_blocks if _is_packed(ids) else None
-    return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", block_fn)
+    if packed is None:
+        packed = _is_packed(ids)
+    block_fn = _document_blocks if packed else None
+    return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", block_fn,
+                   ("packed_documents", ids) if packed else None)
 
 
 @triton.jit

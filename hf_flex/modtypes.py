@@ -154,6 +154,9 @@ class MaskMod:
     args: tuple = ()
     name: str = "mask_mod"
     block_fn: Optional[Callable] = None
+    # what the library's own mods are, for builders that specialise (hf_flex.documents): ("causal",),
+    # ("window", w), ("noop",), ("packed_documents", ids) or ("and", *children); None for anything else
+    structure: Optional[tuple] = None
 
     def __post_init__(self):
         if not isinstance(self.triton_fn, triton.runtime.jit.JITFunction) and not _is_interpreted(self.triton_fn):
@@ -311,7 +314,10 @@ def combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
 
     args = tuple(a for m in masks for a in m.args)
     block_fn = _combine_block_fns(op, tuple(m.block_fn for m in masks), arities)
-    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})", block_fn)
+    structure = None
+    if op == "and" and all(m.structure is not None for m in masks):
+        structure = ("and",) + tuple(m.structure for m in masks)
+    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})", block_fn, structure)
 
 
 def _as_4d(classes: torch.Tensor) -> torch.Tensor:

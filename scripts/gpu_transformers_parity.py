@@ -25,6 +25,21 @@ CFG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_at
            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192, rms_norm_eps=1e-5)
 
 
+_SUCC = {}
+
+
+def successors(vocab):
+    """A fixed random "language" over 512 of the tokens, each with 4 possible successors: learnable in
+    a few dozen steps (loss from ln(vocab) towards ln(4))."""
+    if vocab not in _SUCC:
+        g = torch.Generator().manual_seed(1234)
+        used = torch.randperm(vocab, generator=g)[:512]
+        table = torch.full((vocab, 4), -1, dtype=torch.long)
+        table[used] = used[torch.randint(0, 512, (512, 4), generator=g)]
+        _SUCC[vocab] = (table, used)
+    return _SUCC[vocab]
+
+
 def packed_batch(S, g, vocab):
     lens = []
     while sum(lens) < S:
@@ -32,11 +47,15 @@ def packed_batch(S, g, vocab):
     lens[-1] -= sum(lens) - S
     if lens[-1] < 2:
         lens[-2] += lens.pop()
-    # learnable data: each document repeats a short random motif, so the loss can fall
+    # learnable data: a random walk over the fixed successor table
+    succ, used = successors(vocab)
     docs = []
     for n in lens:
-        motif = torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
-        docs.append(motif.repeat(n // len(motif) + 1)[:n])
+        tok = [int(used[torch.randint(0, len(used), (1,), generator=g)])]
+        pick = torch.randint(0, 4, (n,), generator=g)
+        for i in range(1, n):
+            tok.append(int(succ[tok[-1], pick[i]]))
+        docs.append(torch.tensor(tok))
     ids = torch.cat(docs)[None]
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     labels = ids.clone()
@@ -71,6 +90,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script itself")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -79,7 +99,7 @@ def main():
                               num_key_value_heads=2, vocab_size=256) if a.tiny else CFG))
     m32 = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dev)
     n_params = sum(p.numel() for p in m32.parameters())
-    mk = lambda impl: AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl, torch_dtype=torch.bfloat16).to(dev)  # noqa: E731
+    mk = lambda impl: AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl, dtype=torch.bfloat16).to(dev)  # noqa: E731
     m_eager, m_flex = mk("eager"), mk("flex")
     m_eager.load_state_dict(m32.state_dict())
     m_flex.load_state_dict(m32.state_dict())
@@ -114,33 +134,48 @@ def main():
     ok_grads = res["grad_rel_err_flex"] <= 2 * res["grad_rel_err_eager_bf16"] + 1e-3
     res["parity_ok"] = bool(ok_logits and ok_grads)
 
-    # 2. training curves on packed data
-    del m32
+    # 2. training curves on packed data: float32 weights, bf16 autocast (how models are trained),
+    # AdamW with warmup, the same batches and initial weights for both
+    init = copy.deepcopy(m32.state_dict())
+    del m32, m_eager, m_flex
     curves = {}
-    init = copy.deepcopy(m_eager.state_dict())  # both models still hold the same initial weights
-    for name, m in (("flex", m_flex), ("eager", m_eager)):
+    for name in ("flex", "eager"):
+        m = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=name).to(dev)
         m.load_state_dict(init)
         m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0)
+        opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10))
         gg = torch.Generator().manual_seed(2)
         losses = []
         for _ in range(a.steps):
             b_ids, b_pos, b_lab, _ = packed_batch(a.S, gg, cfg.vocab_size)
-            out = m(b_ids.to(dev), position_ids=b_pos.to(dev), labels=b_lab.to(dev), use_cache=False)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                out = m(b_ids.to(dev), position_ids=b_pos.to(dev), labels=b_lab.to(dev), use_cache=False)
             out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(out.loss.item())
         curves[name] = losses
+        del m, opt
     diffs = [abs(x - y) for x, y in zip(curves["flex"], curves["eager"])]
     res["curve_flex"], res["curve_eager"] = curves["flex"], curves["eager"]
     res["curve_max_abs_diff"] = max(diffs)
     res["curve_first_last"] = {k: (v[0], v[-1]) for k, v in curves.items()}
+    tail = max(1, a.steps // 5)
+    mean_tail = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
+    res["curve_tail_rel_diff"] = abs(mean_tail["flex"] - mean_tail["eager"]) / mean_tail["eager"]
+    res["curves_agree"] = bool(res["curve_tail_rel_diff"] < 0.02 and curves["flex"][-1] < curves["flex"][0] - 1.0)
+
+    if a.json:  # what is measured so far survives a failure below
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
 
     # 3. block tables from documents at 16k tokens
     from hf_flex.bench import block_mask_timings
 
-    res["block_mask_16k"] = block_mask_timings(S=16384, n_docs=24)
+    res["block_mask_16k"] = block_mask_timings(S=16384, n_docs=24) if dev == "cuda" else "needs CUDA"
 
     if a.json:
         with open(a.json, "w") as fh:
@@ -150,8 +185,11 @@ def main():
     print(f"grads  rel err vs fp32 eager: flex {res['grad_rel_err_flex']:.2e}  eager {res['grad_rel_err_eager_bf16']:.2e}  -> parity {'OK' if res['parity_ok'] else 'FAIL'}")
     print(f"{a.steps} steps: flex {curves['flex'][0]:.4f} -> {curves['flex'][-1]:.4f}, eager {curves['eager'][0]:.4f} -> {curves['eager'][-1]:.4f}, max |diff| {res['curve_max_abs_diff']:.4f}")
     print(f"block tables 16k: {res['block_mask_16k']}")
+    print(f"curves: last-{tail}-step means differ by {100 * res['curve_tail_rel_diff']:.2f}% -> {'OK' if res['curves_agree'] else 'FAIL'}")
     if not res["parity_ok"]:
         raise SystemExit("parity FAILED: flex's bf16 error is beyond eager's bf16 noise")
+    if not res["curves_agree"]:
+        raise SystemExit("loss curves FAILED: flex and eager disagree, or the loss did not fall")
 
 
 if __name__ == "__main__":

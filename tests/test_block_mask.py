@@ -85,10 +85,11 @@ def _mask(name, B, S, device="cpu"):
 
 
 def generic(mm):
-    """The mask without its block_fn: create_block_mask then takes the generic (element-wise) builder."""
+    """The mask without its block_fn and structure: create_block_mask then takes the generic
+    (element-wise) builder."""
     import dataclasses
 
-    return dataclasses.replace(mm, block_fn=None)
+    return dataclasses.replace(mm, block_fn=None, structure=None)
 
 
 def _on(device, mm):

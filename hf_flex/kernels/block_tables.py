@@ -73,3 +73,101 @@ def classify_blocks(mask_fn, mask_args, Bm, Hm, q_len, kv_len, q_block, kv_block
         TILE_N=tile_n,
     )
     return out
+
+
+@triton.jit(do_not_specialize=["s_b", "s_h", "s_q", "s_kv", "NQ", "NKV", "kvn_half", "kvi_half", "qn_half", "qi_half"])
+def _tables_kernel(
+    CLS,  # int8 classes [Bm, Hm, nQ, nKV], any strides (an expanded view is fine)
+    s_b,
+    s_h,
+    s_q,
+    s_kv,
+    Hm,
+    NQ,
+    NKV,
+    KV_NUM,  # int32 [2, Bm, Hm, nQ]: partial counts, then (kvn_half elements further) full counts
+    KV_IDX,  # int32 [2, Bm, Hm, nQ, nKV]
+    Q_NUM,  # int32 [2, Bm, Hm, nKV]
+    Q_IDX,  # int32 [2, Bm, Hm, nKV, nQ]
+    kvn_half,
+    kvi_half,
+    qn_half,
+    qi_half,
+    CHUNK: tl.constexpr,
+):
+    # Program r < nQ lists the key blocks of query block r (a row of classes), program nQ + c the
+    # query blocks of key block c (a column). Each list: the selected blocks in ascending order, then
+    # the others, also ascending (what a stable argsort gives; the kernels may prefetch past a count).
+    r = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hm
+    h = bh % Hm
+    base = CLS + b * s_b + h * s_h
+    if r < NQ:
+        line = base + r * s_q
+        step = s_kv
+        L = NKV
+        num = KV_NUM + bh * NQ + r
+        idx = KV_IDX + (bh * NQ + r) * NKV
+        num_half = kvn_half
+        idx_half = kvi_half
+    else:
+        c = r - NQ
+        line = base + c * s_kv
+        step = s_q
+        L = NQ
+        num = Q_NUM + bh * NKV + c
+        idx = Q_IDX + (bh * NKV + c) * NQ
+        num_half = qn_half
+        idx_half = qi_half
+    # pass 1: how many partial and full blocks
+    n_p = tl.full((), 0, tl.int32)
+    n_f = tl.full((), 0, tl.int32)
+    for s in range(0, L, CHUNK):
+        o = s + tl.arange(0, CHUNK)
+        m = o < L
+        cls = tl.load(line + o * step, mask=m, other=0)
+        n_p += tl.sum((cls == 1).to(tl.int32), 0)
+        n_f += tl.sum((cls == 2).to(tl.int32), 0)
+    tl.store(num, n_p)
+    tl.store(num + num_half, n_f)
+    # pass 2: each block's place in the partial list and in the full list
+    sel_p = tl.full((), 0, tl.int32)  # selected so far
+    oth_p = tl.full((), 0, tl.int32)  # not selected so far
+    sel_f = tl.full((), 0, tl.int32)
+    oth_f = tl.full((), 0, tl.int32)
+    for s in range(0, L, CHUNK):
+        o = s + tl.arange(0, CHUNK)
+        m = o < L
+        cls = tl.load(line + o * step, mask=m, other=0)
+        ip = ((cls == 1) & m).to(tl.int32)
+        op = ((cls != 1) & m).to(tl.int32)
+        pos_p = tl.where(ip != 0, sel_p + tl.cumsum(ip, 0) - ip, n_p + oth_p + tl.cumsum(op, 0) - op)
+        tl.store(idx + pos_p, o, mask=m)
+        sel_p += tl.sum(ip, 0)
+        oth_p += tl.sum(op, 0)
+        jf = ((cls == 2) & m).to(tl.int32)
+        of = ((cls != 2) & m).to(tl.int32)
+        pos_f = tl.where(jf != 0, sel_f + tl.cumsum(jf, 0) - jf, n_f + oth_f + tl.cumsum(of, 0) - of)
+        tl.store(idx + idx_half + pos_f, o, mask=m)
+        sel_f += tl.sum(jf, 0)
+        oth_f += tl.sum(of, 0)
+
+
+def tables_from_classes(classes: torch.Tensor, kv_num, kv_idx, q_num, q_idx) -> None:
+    """Fill the eight block tables from classes [Bm, Hm, nQ, nKV] (0 empty, 1 partial, 2 full), in one launch.
+
+    ``kv_num`` [2, Bm, Hm, nQ], ``kv_idx`` [2, Bm, Hm, nQ, nKV], ``q_num`` [2, Bm, Hm, nKV], ``q_idx``
+    [2, Bm, Hm, nKV, nQ] are int32, each half contiguous (half 0: partial blocks, half 1: full
+    blocks); the two halves of a pair may lie apart (``stride(0)``). Index rows list the selected blocks
+    in ascending order, then the others in ascending order: what a stable argsort of "not selected"
+    gives, so every index in a row is in range.
+    """
+    Bm, Hm, nq, nkv = classes.shape
+    _tables_kernel[(nq + nkv, Bm * Hm)](
+        classes, classes.stride(0), classes.stride(1), classes.stride(2), classes.stride(3),
+        Hm, nq, nkv,
+        kv_num, kv_idx, q_num, q_idx,
+        kv_num.stride(0), kv_idx.stride(0), q_num.stride(0), q_idx.stride(0),
+        CHUNK=1024,  # one compiled variant for every length: rows longer than this loop
+    )

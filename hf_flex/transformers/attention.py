@@ -22,7 +22,7 @@ import patches
 from .. import mods
 from ..attention import flex_attention
 from ..block_mask import BlockMask, create_block_mask
-from .masks import FlexMask, dense_mask_mod, documents_from_cu_seqlens, documents_from_position_ids
+from .masks import FlexMask, SeveralDocuments, dense_mask_mod, documents_from_cu_seqlens, documents_from_position_ids
 
 __all__ = ["flex_attention_forward"]
 
@@ -43,7 +43,9 @@ def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q_len:
         return documents_from_position_ids(pos, batch_size), ("pos",) + _batch_key(pos), pos.expand(batch_size, -1)
     cu = kwargs.get("cu_seq_lens_q")
-    if isinstance(cu, torch.Tensor) and batch_size == 1 and int(cu[-1]) == q_len:
+    # cu_seqlens[-1] is not checked against q_len (a host sync per layer): positions past it would
+    # form one more document, which is what "documents" means there
+    if isinstance(cu, torch.Tensor) and batch_size == 1 and cu.dim() == 1:
         ids = documents_from_cu_seqlens(cu, q_len)
         starts = cu[:-1].to(torch.int64)[ids[0].long()]
         return ids, ("cu",) + _batch_key(cu), (torch.arange(q_len, device=cu.device) - starts)[None]
@@ -96,8 +98,8 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
     hit = _fallback_cache.get(key)
     if hit is None:
         if docs is not None:
-            bm = create_block_mask(mods.and_masks(base, mods.document(docs[0])), batch_size, None, q_len, kv_len, device=device)
-            hit = (bm, bool(docs[0][:, -1].any()))
+            mm = mods.and_masks(base, mods.document(docs[0], packed=True))
+            hit = (create_block_mask(mm, batch_size, None, q_len, kv_len, device=device), SeveralDocuments(docs[0]))
         else:
             hit = (create_block_mask(base, None, None, q_len, kv_len, device=device), False)
         _fallback_cache.clear()
@@ -105,6 +107,7 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
     return hit
 
 
+@torch.compiler.disable  # see hf_flex.attention.flex_attention
 def flex_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

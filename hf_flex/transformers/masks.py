@@ -15,10 +15,26 @@ import torch
 
 from .. import mods
 from ..block_mask import BlockMask, create_block_mask
+from ..documents import document_ids_from_cu_seqlens, document_ids_from_position_ids
 from ..modtypes import MaskMod
 from .recognize import recognize, translation_invariant
 
 __all__ = ["FlexMask", "flex_mask", "dense_mask_mod", "documents_from_position_ids", "documents_from_cu_seqlens"]
+
+
+class SeveralDocuments:
+    """Truthy when some row of doc_ids [B, S] (non-decreasing from 0) holds several documents.
+
+    Evaluated on first use only (a device-to-host sync), and once: only family patches ask.
+    """
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self._ids, self._value = doc_ids, None
+
+    def __bool__(self):
+        if self._value is None:
+            self._value = bool(self._ids[:, -1].any())
+        return self._value
 
 
 class FlexMask:
@@ -27,7 +43,7 @@ class FlexMask:
     Attributes:
         mask_mod: the hf_flex MaskMod in the layer's local coordinates (queries 0..q_len-1, keys
             0..kv_len-1), offsets already applied.
-        block_mask: built from ``mask_mod`` for (q_len, kv_len).
+        block_mask: built from ``mask_mod`` for (q_len, kv_len), on first use.
         q_len, kv_len, batch_size: what Transformers asked for.
         has_documents: the mask already keeps packed documents apart.
         padding: the padding part (from a 2D attention_mask with zeros), or None: a padded batch is
@@ -50,23 +66,33 @@ class FlexMask:
         self.has_documents = has_documents
         self.q_offset = q_offset
         self.per_batch = per_batch
-        self.block_mask: BlockMask = create_block_mask(
-            mask_mod, batch_size if per_batch else None, None, q_len, kv_len, device=self.device
-        )
+        self._block_mask: Optional[BlockMask] = None
         self._derived: dict = {}
 
+    @property
+    def block_mask(self) -> BlockMask:
+        """Built from ``mask_mod`` on first use: a packed batch whose documents the attention function
+        derives (with_documents) never needs this one."""
+        if self._block_mask is None:
+            self._block_mask = create_block_mask(
+                self.mask_mod, self.batch_size if self.per_batch else None, None, self.q_len, self.kv_len,
+                device=self.device,
+            )
+        return self._block_mask
+
     def with_documents(self, doc_ids: torch.Tensor, key, positions: Optional[torch.Tensor] = None):
-        """(BlockMask, packed) for this mask AND "same document" (doc_ids [B, q_len]), built once per
-        ``key`` (one batch) and shared by the layers; packed = some row holds several documents."""
+        """(BlockMask, packed) for this mask AND "same document" (doc_ids [B, q_len], non-decreasing
+        rows from position_ids or cu_seqlens), built once per ``key`` (one batch) and shared by the
+        layers; packed (a :class:`SeveralDocuments`) = some row holds several documents."""
         hit = self._derived.get(key)
         if hit is None:
             if self.positional is not None and positions is not None:
                 parts = [mods.remap(self.positional, positions)] + ([self.padding] if self.padding is not None else [])
-                mm = mods.and_masks(*parts, mods.document(doc_ids))
+                mm = mods.and_masks(*parts, mods.document(doc_ids, packed=True))
             else:
-                mm = mods.and_masks(self.mask_mod, mods.document(doc_ids))
+                mm = mods.and_masks(self.mask_mod, mods.document(doc_ids, packed=True))
             bm = create_block_mask(mm, doc_ids.shape[0], None, self.q_len, self.kv_len, device=self.device)
-            hit = (bm, bool(doc_ids[:, -1].any()))
+            hit = (bm, SeveralDocuments(doc_ids))
             self._derived.clear()  # one batch at a time
             self._derived[key] = hit
         return hit
@@ -107,6 +133,7 @@ def dense_mask_mod(mask: torch.Tensor) -> MaskMod:
     return mods.dense(mask)
 
 
+@torch.compiler.disable  # Python-side mask building and caching: never traced
 def flex_mask(
     batch_size: int,
     q_length: Optional[int] = None,
@@ -166,17 +193,6 @@ def flex_mask(
                     positional=positional, padding=pad_mod)
 
 
-def documents_from_position_ids(position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[B, S] document ids: a new document wherever the position does not grow by exactly one.
-
-    The rule Transformers' find_packed_sequence_indices and the FlashAttention-2 path use.
-    """
-    pos = position_ids.expand(batch_size, -1)
-    step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
-    return (step != 1).cumsum(-1).to(torch.int32)
-
-
-def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[1, total] document ids from cumulative sequence lengths (DataCollatorWithFlattening)."""
-    pos = torch.arange(total, device=cu_seqlens.device)
-    return (torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)).to(torch.int32)[None]
+# the adapter's names for them
+documents_from_position_ids = document_ids_from_position_ids
+documents_from_cu_seqlens = document_ids_from_cu_seqlens

@@ -168,7 +168,9 @@ def recognize(fn: Callable, device=None) -> Optional[MaskMod]:
         return mods.padding(pad) if isinstance(pad, torch.Tensor) and pad.dim() == 2 else None
     if kind == "packed":
         ids = cells["packed_sequence_mask"]
-        return mods.document(ids) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        # Transformers' find_packed_sequence_indices makes these ids by a cumulative sum: non-decreasing
+        # from 0 (no need to check them, which would cost a host sync per mask)
+        return mods.document(ids, packed=True) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
     if kind == "remap":
         # wraps the mask that packed_sequence_mask_function then restricts to one document: inside a
         # document, a translation-invariant mask needs no remapping (and keeps its fast block tables)

@@ -1,0 +1,161 @@
+"""Block masks for packed documents, from position_ids or cu_seqlens: the training fast path.
+
+Packed training batches change every step, so their block mask is rebuilt every step. Here it costs a
+few launches on the GPU (document ids by a cumulative sum, one Triton kernel for the block classes,
+one for the tables), reads O(blocks) values, never an S x S tensor, and never synchronises with the
+host::
+
+    bm = hf_flex.packed_block_mask(position_ids=pos)               # causal, documents restart at pos == 0
+    bm = hf_flex.packed_block_mask(cu_seqlens=cu, window=4096)     # + sliding window (q - 4096 < kv)
+    out = hf_flex.flex_attention(q, k, v, block_mask=bm)
+
+Documents are what Transformers' packing detection and its FlashAttention path use: a new document
+starts wherever the position does not grow by exactly one (position_ids), or at each cu_seqlens entry.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import mods
+from .block_mask import BlockMask, create_block_mask
+
+__all__ = [
+    "packed_block_mask", "packed_parts", "packed_classes", "document_ids_from_position_ids", "document_ids_from_cu_seqlens",
+]
+
+
+def document_ids_from_position_ids(position_ids: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    """int32 [B, S] document ids, non-decreasing from 0 in each row, from position_ids [B or 1, S] (or [S]).
+
+    A new document wherever the position does not grow by exactly one: Transformers'
+    ``find_packed_sequence_indices`` rule and its FlashAttention path's.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point or position_ids.dim() not in (1, 2):
+        raise ValueError("position_ids must be an integer tensor of shape [B, S] or [S]")
+    pos = position_ids if position_ids.dim() == 2 else position_ids[None]
+    if batch_size is not None:
+        pos = pos.expand(batch_size, -1)
+    if pos.device.type == "cuda" and pos.shape[1] > 0:
+        from .kernels.document_classes import document_ids_kernel
+
+        if pos.stride(1) != 1:
+            pos = pos.contiguous()
+        return document_ids_kernel(pos)  # one launch instead of four
+    step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+    return (step != 1).cumsum(-1, dtype=torch.int32)
+
+
+def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 [1, total] document ids from cumulative sequence lengths [n_docs + 1] (0 first).
+
+    Positions at or past ``cu_seqlens[-1]`` form one last document of their own.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype.is_floating_point or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [n_docs + 1]")
+    if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+        raise ValueError(f"seq_len / total must be a positive int, got {total!r}")
+    pos = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True).to(torch.int32)[None]
+
+
+def packed_parts(mask_mod) -> Optional[Tuple[torch.Tensor, bool, Optional[int]]]:
+    """(ids, causal, window) when ``mask_mod`` is an "and" of packed document(ids) with causal(),
+    sliding_window(w) and noop() (each any number of times, nested or not), else None.
+
+    Read from ``MaskMod.structure``, which only the library's own mods set: a mask of your own never
+    matches, whatever its name.
+    """
+    docs, state = [], {"causal": False, "window": None}
+
+    def walk(st) -> bool:
+        if st is None:
+            return False
+        kind = st[0]
+        if kind == "and":
+            return all(walk(c) for c in st[1:])
+        if kind == "causal":
+            state["causal"] = True
+        elif kind == "window":
+            state["window"] = st[1] if state["window"] is None else min(state["window"], st[1])
+        elif kind == "packed_documents":
+            docs.append(st[1])
+        elif kind != "noop":
+            return False
+        return True
+
+    if not walk(getattr(mask_mod, "structure", None)) or len(docs) != 1:
+        return None
+    if state["window"] is not None and not state["causal"]:
+        return None  # a window alone is not Transformers' (causal) sliding window: leave it to block_fn
+    return docs[0], state["causal"], state["window"]
+
+
+def packed_classes(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[torch.Tensor]:
+    """Block classes [Bm, Hm, nQ, nKV] (an expanded view) by the Triton kernel, or None where it does
+    not apply (not a packed-documents mask, not CUDA, lengths past the ids' rows, B above their rows)."""
+    if device.type != "cuda":
+        return None
+    parts = packed_parts(mask_mod)
+    if parts is None:
+        return None
+    ids, causal, window = parts
+    rows, S = ids.shape
+    if q_len > S or kv_len > S or (B is not None and B > rows):
+        return None
+    from .kernels.document_classes import document_classes
+
+    ids = ids[: B or 1]
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    classes = document_classes(ids, q_len, kv_len, qb, kb, causal, window)
+    nq, nkv = classes.shape[2:]
+    return classes.expand(B or 1, H or 1, nq, nkv)
+
+
+def packed_block_mask(
+    *,
+    position_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    window: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    BLOCK_SIZE: Union[int, tuple] = 128,
+) -> BlockMask:
+    """BlockMask of "same document" AND (``causal``: kv <= q) AND (``window``: q - window < kv).
+
+    Args:
+        position_ids: [B, S] (or [1, S] / [S] with ``batch_size``) positions restarting per document.
+        cu_seqlens: or [n_docs + 1] cumulative lengths of one packed row (B = 1), with ``seq_len``
+            its length (not read back from cu_seqlens[-1], which would synchronise); exactly one of
+            the two.
+        batch_size: with position_ids of one row, the batch size to broadcast it to.
+        causal: kv <= q inside each document (False: each document attends to itself both ways).
+        window: sliding window (needs ``causal``), or None.
+        BLOCK_SIZE: as in :func:`create_block_mask`.
+
+    The same as ``create_block_mask(and_masks(causal(), sliding_window(w), document(ids, packed=True)),
+    B, None, S, S)``, which on CUDA takes the same path: a cumulative sum for the ids, then one Triton
+    launch for the block classes and one for the tables, no host sync (``builder == "packed"``);
+    elsewhere the structural builder.
+    """
+    if (position_ids is None) == (cu_seqlens is None):
+        raise ValueError("packed_block_mask: pass exactly one of position_ids and cu_seqlens")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"packed_block_mask: window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("packed_block_mask: window needs causal=True (Transformers' sliding window is causal)")
+    if position_ids is not None:
+        ids = document_ids_from_position_ids(position_ids, batch_size)
+    else:
+        if seq_len is None:
+            raise ValueError("packed_block_mask: with cu_seqlens, pass seq_len (the packed row's length)")
+        ids = document_ids_from_cu_seqlens(cu_seqlens, seq_len)
+    B, S = ids.shape
+    parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window is not None else [])
+    mm = mods.and_masks(*parts, mods.document(ids, packed=True)) if parts else mods.document(ids, packed=True)
+    return create_block_mask(mm, B, None, S, S, device=ids.device, BLOCK_SIZE=BLOCK_SIZE)

@@ -1,0 +1,237 @@
+"""Packed documents: document ids from position_ids / cu_seqlens, the Triton block-class kernel, the
+Triton table kernel, and the "packed" builder that create_block_mask takes for them on CUDA.
+
+Every kernel result is compared with an independent answer: block classes with the brute-force count
+of allowed pairs per block (exact: full and empty must match everywhere), tables with the sort-based
+tables. On CPU the kernels run through Triton's interpreter (small shapes: it is slow); on the device
+machine the same tests run on CUDA, where create_block_mask must report the "packed" builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import hf_flex
+from hf_flex import mods
+from hf_flex.block_mask import FULL, PARTIAL, _aligned_pair, _tables
+from hf_flex.documents import (
+    document_ids_from_cu_seqlens,
+    document_ids_from_position_ids,
+    packed_block_mask,
+    packed_parts,
+)
+from hf_flex.kernels.block_tables import tables_from_classes
+from hf_flex.kernels.document_classes import document_classes
+
+from helpers import check_attention, rand_qkv
+
+
+def random_positions(B, S, seed, max_len=80):
+    """[B, S] position_ids of random packed documents (lengths 1..max_len, the last one cut to fit)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        lens = []
+        while sum(lens) < S:
+            lens.append(int(torch.randint(1, max_len + 1, (1,), generator=g)))
+        lens[-1] -= sum(lens) - S
+        rows.append(torch.cat([torch.arange(n) for n in lens if n > 0]))
+    return torch.stack(rows)
+
+
+def brute_classes(mm, B, S, qb, kb):
+    """[B, 1, nQ, nKV] classes from the dense mask: 2 all allowed, 0 none, 1 otherwise."""
+    b = torch.arange(B).view(B, 1, 1, 1)
+    q = torch.arange(S).view(1, 1, S, 1)
+    kv = torch.arange(S).view(1, 1, 1, S)
+    dense = mm(b, torch.zeros(1, 1, 1, 1, dtype=torch.long), q, kv).expand(B, 1, S, S)
+    nq, nkv = -(-S // qb), -(-S // kb)
+    pad = (0, nkv * kb - S, 0, nq * qb - S)
+    allowed = torch.nn.functional.pad(dense, pad).reshape(B, 1, nq, qb, nkv, kb).sum((3, 5))
+    valid = torch.nn.functional.pad(torch.ones(1, 1, S, S, dtype=torch.bool), pad).reshape(1, 1, nq, qb, nkv, kb).sum((3, 5))
+    return torch.where(allowed == 0, 0, torch.where(allowed == valid, 2, 1)).to(torch.int8)
+
+
+# --- document ids ---------------------------------------------------------------------------------------
+
+
+def test_ids_from_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 5, 6, 0]])
+    assert document_ids_from_position_ids(pos).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3, 4]]
+    assert document_ids_from_position_ids(pos[0], batch_size=2).shape == (2, 9)
+    assert document_ids_from_position_ids(pos).dtype == torch.int32
+    # a row that starts mid-document (position 7) is one document until the next restart
+    assert document_ids_from_position_ids(torch.tensor([[7, 8, 0, 1]])).tolist() == [[0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("S", [1, 7, 1030])
+def test_ids_kernel(device, S):
+    """The one-launch kernel (CUDA's path) against the torch formula, on positions with restarts, jumps
+    up and down, and a broadcast batch (stride 0)."""
+    from hf_flex.kernels.document_classes import document_ids_kernel
+
+    g = torch.Generator().manual_seed(S)
+    pos = random_positions(2, S, seed=S, max_len=40)
+    jumps = torch.rand(2, S, generator=g) < 0.05
+    pos = pos + jumps.long() * torch.randint(-3, 9, (2, S), generator=g)
+    step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+    want = (step != 1).cumsum(-1, dtype=torch.int32)
+    assert torch.equal(document_ids_kernel(pos.to(device)).cpu(), want)
+    assert torch.equal(document_ids_kernel(pos[:1].to(device).expand(3, -1)).cpu(), want[:1].expand(3, -1))
+
+
+def test_ids_from_cu_seqlens():
+    cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32)
+    assert document_ids_from_cu_seqlens(cu, 9).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+    # past cu_seqlens[-1]: one more document
+    assert document_ids_from_cu_seqlens(cu, 11).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one"),
+        (dict(position_ids=torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4])), "exactly one"),
+        (dict(position_ids=torch.zeros(1, 4)), "position_ids"),
+        (dict(position_ids=torch.zeros(1, 1, 4, dtype=torch.long)), "position_ids"),
+        (dict(cu_seqlens=torch.tensor([0, 4])), "seq_len"),
+        (dict(cu_seqlens=torch.tensor([[0, 4]]), seq_len=4), "cu_seqlens"),
+        (dict(cu_seqlens=torch.tensor([0, 4]), seq_len=0), "seq_len"),
+        (dict(position_ids=torch.zeros(1, 4, dtype=torch.long), window=0), "window"),
+        (dict(position_ids=torch.zeros(1, 4, dtype=torch.long), window=3, causal=False), "causal"),
+    ],
+)
+def test_packed_block_mask_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        packed_block_mask(**kwargs)
+
+
+# --- which masks the packed builder takes ---------------------------------------------------------------
+
+
+def test_packed_parts():
+    ids = torch.zeros(1, 8, dtype=torch.int32)
+    doc = mods.document(ids, packed=True)
+    assert packed_parts(doc)[1:] == (False, None)
+    assert packed_parts(mods.and_masks(mods.causal(), doc))[1:] == (True, None)
+    nested = mods.and_masks(mods.and_masks(mods.causal(), mods.sliding_window(4)), mods.sliding_window(6), doc)
+    got = packed_parts(nested)
+    assert got[0] is ids and got[1:] == (True, 4)
+    # not packed (checked: decreasing), not an "and", a second document, a window without causal,
+    # an offset, a mask of one's own named like a built-in one: all left to the other builders
+    assert packed_parts(mods.and_masks(mods.causal(), mods.document(torch.tensor([[1, 0]])))) is None
+    assert packed_parts(mods.or_masks(mods.causal(), doc)) is None
+    assert packed_parts(mods.and_masks(doc, mods.document(ids, packed=True))) is None
+    assert packed_parts(mods.and_masks(mods.sliding_window(3), doc)) is None
+    assert packed_parts(mods.offset(mods.and_masks(mods.causal(), doc), 2, 2)) is None
+    impostor = dataclasses.replace(mods.causal(), structure=None, name="causal")
+    assert packed_parts(mods.and_masks(impostor, doc)) is None
+    # the checked form is packed too when the ids are
+    assert packed_parts(mods.and_masks(mods.causal(), mods.document(torch.tensor([[0, 0, 1]])))) is not None
+
+
+# --- the kernels ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64)])
+def test_document_classes_exact(device, seed, blocks):
+    qb, kb = blocks
+    g = torch.Generator().manual_seed(100 + seed)
+    B, S = 1 + seed % 2, int(torch.randint(1, 200, (1,), generator=g))
+    ids = document_ids_from_position_ids(random_positions(B, S, seed))
+    w = int(torch.randint(1, 90, (1,), generator=g))
+    for causal, window in ((True, None), (True, w), (False, None)):
+        parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window else [])
+        mm = mods.and_masks(*parts, mods.document(ids)) if parts else mods.document(ids)
+        got = document_classes(ids.to(device), S, S, qb, kb, causal, window).cpu()
+        assert torch.equal(got, brute_classes(mm, B, S, qb, kb)), (B, S, blocks, causal, window)
+
+
+def _sorted_tables(classes):
+    skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
+    kv_num, kv_idx = _tables(skip)
+    q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
+    return kv_num, kv_idx, q_num, q_idx
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 3, 5), (2, 3, 9, 7), (1, 1, 5, 1100)])
+def test_tables_kernel_equals_sorts(device, shape):
+    Bm, Hm, nq, nkv = shape
+    if nkv > 1024 and device == "cpu":
+        pytest.skip("rows past one chunk of the kernel: too slow for Triton's interpreter, runs on CUDA")
+    g = torch.Generator().manual_seed(nq * 31 + nkv)
+    classes = torch.randint(0, 3, shape, generator=g, dtype=torch.int8)
+    for cls in (classes, classes[:, :1].expand(shape)):  # contiguous, and an expanded view
+        want = _sorted_tables(cls.contiguous())
+        got = (
+            _aligned_pair((Bm, Hm, nq), device),
+            _aligned_pair((Bm, Hm, nq, nkv), device),
+            _aligned_pair((Bm, Hm, nkv), device),
+            _aligned_pair((Bm, Hm, nkv, nq), device),
+        )
+        tables_from_classes(cls.to(device), *got)
+        for name, a, b in zip(("kv_num", "kv_idx", "q_num", "q_idx"), got, want):
+            assert torch.equal(a.cpu(), b), name
+
+
+# --- the builder, end to end ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_packed_block_mask_equals_structural(device, window):
+    pos = random_positions(2, 300, seed=7)
+    bm = packed_block_mask(position_ids=pos.to(device), window=window, BLOCK_SIZE=(32, 16))
+    assert bm.builder == ("packed" if device == "cuda" else "structural")
+    ids = document_ids_from_position_ids(pos)
+    parts = [mods.causal()] + ([mods.sliding_window(window)] if window else [])
+    ref = hf_flex.create_block_mask(mods.and_masks(*parts, mods.document(ids)), 2, None, 300, 300,
+                                    device="cpu", BLOCK_SIZE=(32, 16))
+    assert ref.builder == "structural"
+    for n in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(bm, n).cpu(), getattr(ref, n)), n
+
+
+def test_packed_block_mask_from_cu_seqlens(device):
+    cu = torch.tensor([0, 50, 51, 130, 200], dtype=torch.int32, device=device)
+    bm = packed_block_mask(cu_seqlens=cu, seq_len=200, BLOCK_SIZE=16)
+    pos = torch.cat([torch.arange(n) for n in (50, 1, 79, 70)])[None].to(device)
+    ref = packed_block_mask(position_ids=pos, BLOCK_SIZE=16)
+    assert torch.equal(bm.to_dense(), ref.to_dense())
+
+
+def test_attention_over_packed_block_mask(device):
+    """The kernels read the packed builder's tables right: forward and backward against fp64."""
+    S = 150
+    pos = random_positions(1, S, seed=3, max_len=60).to(device)
+    bm = packed_block_mask(position_ids=pos, window=50, BLOCK_SIZE=32)
+    q, k, v = rand_qkv(1, 2, 1, S, S, 16, device=device, seed=5)
+    check_attention(q, k, v, None, bm, enable_gqa=True)
+
+
+def test_no_host_sync_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pos = random_positions(1, 4096, seed=1).cuda()
+    packed_block_mask(position_ids=pos)  # compile first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bm = packed_block_mask(position_ids=pos, window=512)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bm.builder == "packed"
+
+
+def test_packed_builder_with_default_device():
+    """create_block_mask(device=None) on ids at cuda:0 (torch.device("cuda") != ids.device) still
+    takes the packed builder."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ids = document_ids_from_position_ids(random_positions(1, 500, seed=2).cuda())
+    mm = mods.and_masks(mods.causal(), mods.document(ids, packed=True))
+    assert hf_flex.create_block_mask(mm, 1, None, 500, 500).builder == "packed"
+    assert hf_flex.create_block_mask(mm, None, None, 500, 500, device="cuda:0").builder == "packed"
