@@ -29,13 +29,14 @@ _SUCC = {}
 
 
 def successors(vocab):
-    """A fixed random "language" over 512 of the tokens, each with 4 possible successors: learnable in
+    """A fixed random "language" over 512 of the tokens (all of a smaller vocabulary), each with 4 possible successors: learnable in
     a few dozen steps (loss from ln(vocab) towards ln(4))."""
     if vocab not in _SUCC:
         g = torch.Generator().manual_seed(1234)
-        used = torch.randperm(vocab, generator=g)[:512]
+        n = min(512, vocab)
+        used = torch.randperm(vocab, generator=g)[:n]
         table = torch.full((vocab, 4), -1, dtype=torch.long)
-        table[used] = used[torch.randint(0, 512, (512, 4), generator=g)]
+        table[used] = used[torch.randint(0, n, (n, 4), generator=g)]
         _SUCC[vocab] = (table, used)
     return _SUCC[vocab]
 
