@@ -39,6 +39,7 @@ from hf_flex.packing import (
 datasets = pytest.importorskip("datasets")
 
 IGNORE = -100
+LIST = getattr(datasets, "List", None) or datasets.Sequence  # List since datasets 4, Sequence before
 HYP = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 HYP_DS = settings(HYP, max_examples=30)  # each example builds and maps a Dataset (~20 ms)
 
@@ -104,7 +105,7 @@ def expected_docs(samples, seq_len, overlong):
 
 
 def make_dataset(samples, dtype="int32"):
-    feats = datasets.Features(input_ids=datasets.List(datasets.Value(dtype)))
+    feats = datasets.Features(input_ids=LIST(datasets.Value(dtype)))
     return datasets.Dataset.from_dict({"input_ids": samples}, features=feats)
 
 
@@ -264,7 +265,7 @@ def test_pack_dataset_row_example():
         "position_ids": [[0, 1, 2, 3, 0, 1, 2, 0]],
         "seq_lens": [[4, 3, 1]],
     }
-    assert packed.features["input_ids"] == datasets.List(datasets.Value("int32"))
+    assert packed.features["input_ids"] == LIST(datasets.Value("int32"))
 
 
 def test_pack_dataset_dtypes_columns_and_views():
@@ -273,10 +274,10 @@ def test_pack_dataset_dtypes_columns_and_views():
     ds = make_dataset(samples, "int64").add_column("text", [str(i) for i in range(300)])
     packed = pack_dataset(ds, 32)
     check_rows(packed, samples, 32, "split")
-    assert packed.features["labels"] == datasets.List(datasets.Value("int32"))  # ids fit in int32
+    assert packed.features["labels"] == LIST(datasets.Value("int32"))  # ids fit in int32
     # ids beyond int32 stay int64
     big = pack_dataset(make_dataset([[2**40, 1], [3]], "int64"), 4)
-    assert big.features["input_ids"] == datasets.List(datasets.Value("int64")) and big[0]["input_ids"][:2] == [2**40, 1]
+    assert big.features["input_ids"] == LIST(datasets.Value("int64")) and big[0]["input_ids"][:2] == [2**40, 1]
     # a selection (indices mapping) packs the selected samples
     pick = rng.permutation(300)[:100].tolist()
     check_rows(pack_dataset(ds.select(pick), 32), [samples[i] for i in pick], 32, "split")
