@@ -62,6 +62,21 @@ def _aligned_pair(shape, device) -> torch.Tensor:
     return torch.empty((2, row), dtype=torch.int32, device=device)[:, :n].view(2, *shape)
 
 
+def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
+    """Uninitialised int32 (kv_num [2, Bm, Hm, nQ], kv_idx [2, Bm, Hm, nQ, nKV], q_num [2, Bm, Hm, nKV],
+    q_idx [2, Bm, Hm, nKV, nQ]): the eight tables as pairs (half 0 partial, half 1 full), carved out of
+    one allocation, every half starting 128-byte aligned (see :func:`_aligned_pair`)."""
+    shapes = ((Bm, Hm, nq), (Bm, Hm, nq, nkv), (Bm, Hm, nkv), (Bm, Hm, nkv, nq))
+    sizes = [Bm * Hm * nq, Bm * Hm * nq * nkv, Bm * Hm * nkv, Bm * Hm * nkv * nq]
+    rows = [-(-n // 32) * 32 for n in sizes]
+    buf = torch.empty(2 * sum(rows), dtype=torch.int32, device=device)
+    out, off = [], 0
+    for shape, n, row in zip(shapes, sizes, rows):
+        out.append(buf[off : off + 2 * row].view(2, row)[:, :n].view(2, *shape))
+        off += 2 * row
+    return tuple(out)
+
+
 def _tables(skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Counts [2, ..., R] and ascending indices [2, ..., R, C] of the zero entries of a [2, ..., R, C]
     uint8 tensor, each half in an aligned place of its own."""
@@ -141,6 +156,21 @@ class BlockMask:
         self.mask_mod = mask_mod
         # which builder made the tables: "packed", "structural", "triton", "torch" or "classes" (debugging)
         self.builder = builder
+
+    @classmethod
+    def from_pairs(cls, kv_num, kv_idx, q_num, q_idx, seq_lengths, block_size, mask_mod, builder) -> "BlockMask":
+        """From the table pairs of :func:`table_buffers`, filled by a builder of this package: no checks
+        (the constructor's cost tens of microseconds, a per-batch cost on the packed path)."""
+        self = cls.__new__(cls)
+        self.kv_num_blocks, self.full_kv_num_blocks = kv_num[0], kv_num[1]
+        self.kv_indices, self.full_kv_indices = kv_idx[0], kv_idx[1]
+        self.q_num_blocks, self.full_q_num_blocks = q_num[0], q_num[1]
+        self.q_indices, self.full_q_indices = q_idx[0], q_idx[1]
+        self.seq_lengths = seq_lengths
+        self.BLOCK_SIZE = block_size
+        self.mask_mod = mask_mod
+        self.builder = builder
+        return self
 
     # --- shape and device -------------------------------------------------------------------------
     @property
@@ -256,10 +286,7 @@ def block_mask_from_classes(
         # CPU interpreter the kernel is far slower than they are: tests run it on small shapes only)
         from .kernels.block_tables import tables_from_classes
 
-        Bm, Hm, nq, nkv = classes.shape
-        kv_num, q_num = _aligned_pair((Bm, Hm, nq), classes.device), _aligned_pair((Bm, Hm, nkv), classes.device)
-        kv_idx = _aligned_pair((Bm, Hm, nq, nkv), classes.device)
-        q_idx = _aligned_pair((Bm, Hm, nkv, nq), classes.device)
+        kv_num, kv_idx, q_num, q_idx = table_buffers(*classes.shape, classes.device)
         tables_from_classes(classes, kv_num, kv_idx, q_num, q_idx)
     else:
         # [2, Bm, Hm, nQ, nKV], 0 where the partial (index 0) / full (index 1) tables list the block:
@@ -267,19 +294,7 @@ def block_mask_from_classes(
         skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
         kv_num, kv_idx = _tables(skip)
         q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
-    return BlockMask(
-        kv_num[0],
-        kv_idx[0],
-        kv_num[1],
-        kv_idx[1],
-        q_num[0],
-        q_idx[0],
-        q_num[1],
-        q_idx[1],
-        seq_lengths=(q_len, kv_len),
-        block_size=(qb, kb),
-        mask_mod=mask_mod,
-    )
+    return BlockMask.from_pairs(kv_num, kv_idx, q_num, q_idx, (q_len, kv_len), (qb, kb), mask_mod, "classes")
 
 
 def _kernels_runnable(device: torch.device) -> bool:
@@ -415,13 +430,13 @@ def create_block_mask(
                 f"create_block_mask: mask_mod {mask_mod.name} reads a tensor on {t.device}, but device={device}"
             )
     Bm, Hm = B or 1, H or 1
-    from .documents import packed_classes  # (documents imports this module)
+    from .documents import packed_tables  # (documents imports this module)
 
-    builder = "packed"
-    classes = packed_classes(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
-    if classes is None:
-        builder = "structural"
-        classes = _classes_structural(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
+    bm = packed_tables(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
+    if bm is not None:
+        return bm
+    builder = "structural"
+    classes = _classes_structural(mask_mod, B, H, Q_LEN, KV_LEN, qb, kb, device)
     if classes is None and _kernels_runnable(device):
         from .kernels.block_tables import classify_blocks
 

@@ -20,10 +20,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import mods
-from .block_mask import BlockMask, create_block_mask
+from .block_mask import BlockMask, create_block_mask, table_buffers
 
 __all__ = [
-    "packed_block_mask", "packed_parts", "packed_classes", "document_ids_from_position_ids", "document_ids_from_cu_seqlens",
+    "packed_block_mask", "packed_parts", "packed_tables", "document_ids_from_position_ids", "document_ids_from_cu_seqlens",
 ]
 
 
@@ -39,7 +39,7 @@ def document_ids_from_position_ids(position_ids: torch.Tensor, batch_size: Optio
     if batch_size is not None:
         pos = pos.expand(batch_size, -1)
     if pos.device.type == "cuda" and pos.shape[1] > 0:
-        from .kernels.document_classes import document_ids_kernel
+        from .kernels.document_tables import document_ids_kernel
 
         if pos.stride(1) != 1:
             pos = pos.contiguous()
@@ -93,9 +93,10 @@ def packed_parts(mask_mod) -> Optional[Tuple[torch.Tensor, bool, Optional[int]]]
     return docs[0], state["causal"], state["window"]
 
 
-def packed_classes(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[torch.Tensor]:
-    """Block classes [Bm, Hm, nQ, nKV] (an expanded view) by the Triton kernel, or None where it does
-    not apply (not a packed-documents mask, not CUDA, lengths past the ids' rows, B above their rows)."""
+def packed_tables(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[BlockMask]:
+    """The BlockMask of a packed-documents mask (see :func:`packed_parts`) built by one Triton launch
+    from the ids at block edges, or None where that does not apply (another mask, not CUDA, lengths
+    past the ids' rows, B above their rows): the other builders run then."""
     if device.type != "cuda":
         return None
     parts = packed_parts(mask_mod)
@@ -105,14 +106,21 @@ def packed_classes(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[to
     rows, S = ids.shape
     if q_len > S or kv_len > S or (B is not None and B > rows):
         return None
-    from .kernels.document_classes import document_classes
+    from .kernels.document_tables import document_tables
 
     ids = ids[: B or 1]
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
-    classes = document_classes(ids, q_len, kv_len, qb, kb, causal, window)
-    nq, nkv = classes.shape[2:]
-    return classes.expand(B or 1, H or 1, nq, nkv)
+    Bm, Hm = B or 1, H or 1
+    nq, nkv = -(-q_len // qb), -(-kv_len // kb)
+    kv_num, kv_idx, q_num, q_idx = table_buffers(Bm, 1, nq, nkv, device)
+    document_tables(ids, q_len, kv_len, qb, kb, causal, window, kv_num, kv_idx, q_num, q_idx)
+    if Hm > 1:  # the same tables for every head
+        per_head = table_buffers(Bm, Hm, nq, nkv, device)
+        for dst, src in zip(per_head, (kv_num, kv_idx, q_num, q_idx)):
+            dst.copy_(src.expand_as(dst))
+        kv_num, kv_idx, q_num, q_idx = per_head
+    return BlockMask.from_pairs(kv_num, kv_idx, q_num, q_idx, (q_len, kv_len), (qb, kb), mask_mod, "packed")
 
 
 def packed_block_mask(
@@ -138,9 +146,9 @@ def packed_block_mask(
         BLOCK_SIZE: as in :func:`create_block_mask`.
 
     The same as ``create_block_mask(and_masks(causal(), sliding_window(w), document(ids, packed=True)),
-    B, None, S, S)``, which on CUDA takes the same path: a cumulative sum for the ids, then one Triton
-    launch for the block classes and one for the tables, no host sync (``builder == "packed"``);
-    elsewhere the structural builder.
+    B, None, S, S)``, which on CUDA takes the same path: one Triton launch for the document ids (a
+    running sum; cu_seqlens: a searchsorted), one for the eight tables, no host sync
+    (``builder == "packed"``); elsewhere the structural builder.
     """
     if (position_ids is None) == (cu_seqlens is None):
         raise ValueError("packed_block_mask: pass exactly one of position_ids and cu_seqlens")

@@ -16,7 +16,7 @@ import torch
 
 import hf_flex
 from hf_flex import mods
-from hf_flex.block_mask import FULL, PARTIAL, _aligned_pair, _tables
+from hf_flex.block_mask import FULL, PARTIAL, BlockMask, _aligned_pair, _tables, table_buffers
 from hf_flex.documents import (
     document_ids_from_cu_seqlens,
     document_ids_from_position_ids,
@@ -24,7 +24,7 @@ from hf_flex.documents import (
     packed_parts,
 )
 from hf_flex.kernels.block_tables import tables_from_classes
-from hf_flex.kernels.document_classes import document_classes
+from hf_flex.kernels.document_tables import document_tables
 
 from helpers import check_attention, rand_qkv
 
@@ -71,7 +71,7 @@ def test_ids_from_position_ids():
 def test_ids_kernel(device, S):
     """The one-launch kernel (CUDA's path) against the torch formula, on positions with restarts, jumps
     up and down, and a broadcast batch (stride 0)."""
-    from hf_flex.kernels.document_classes import document_ids_kernel
+    from hf_flex.kernels.document_tables import document_ids_kernel
 
     g = torch.Generator().manual_seed(S)
     pos = random_positions(2, S, seed=S, max_len=40)
@@ -133,12 +133,24 @@ def test_packed_parts():
     assert packed_parts(mods.and_masks(mods.causal(), mods.document(torch.tensor([[0, 0, 1]])))) is not None
 
 
+def _dense_from_q_tables(bm):
+    """Block classes rebuilt from the transposed (q) tables."""
+    Bm, Hm, nkv = bm.q_num_blocks.shape
+    nq = bm.q_indices.shape[-1]
+    out = torch.zeros((Bm, Hm, nkv, nq), dtype=torch.int8)
+    col = torch.arange(nq)
+    for num, idx, code in ((bm.q_num_blocks, bm.q_indices, 1), (bm.full_q_num_blocks, bm.full_q_indices, 2)):
+        listed = col < num[..., None]
+        out.scatter_(-1, torch.where(listed, idx, 0).long(), torch.where(listed, code, 0).to(torch.int8), reduce="add")
+    return out.transpose(-1, -2)
+
+
 # --- the kernels ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64)])
-def test_document_classes_exact(device, seed, blocks):
+def test_document_tables_exact(device, seed, blocks):
     qb, kb = blocks
     g = torch.Generator().manual_seed(100 + seed)
     B, S = 1 + seed % 2, int(torch.randint(1, 200, (1,), generator=g))
@@ -147,8 +159,12 @@ def test_document_classes_exact(device, seed, blocks):
     for causal, window in ((True, None), (True, w), (False, None)):
         parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window else [])
         mm = mods.and_masks(*parts, mods.document(ids)) if parts else mods.document(ids)
-        got = document_classes(ids.to(device), S, S, qb, kb, causal, window).cpu()
-        assert torch.equal(got, brute_classes(mm, B, S, qb, kb)), (B, S, blocks, causal, window)
+        tables = table_buffers(B, 1, -(-S // qb), -(-S // kb), device)
+        document_tables(ids.to(device), S, S, qb, kb, causal, window, *tables)
+        bm = BlockMask.from_pairs(*tables, (S, S), (qb, kb), mm, "packed").to("cpu")
+        # rows and columns are listed by different programs: both must give the same classes
+        assert torch.equal(bm.to_dense(), brute_classes(mm, B, S, qb, kb)), (B, S, blocks, causal, window)
+        assert torch.equal(_dense_from_q_tables(bm), bm.to_dense())
 
 
 def _sorted_tables(classes):
@@ -235,3 +251,17 @@ def test_packed_builder_with_default_device():
     mm = mods.and_masks(mods.causal(), mods.document(ids, packed=True))
     assert hf_flex.create_block_mask(mm, 1, None, 500, 500).builder == "packed"
     assert hf_flex.create_block_mask(mm, None, None, 500, 500, device="cuda:0").builder == "packed"
+
+
+@pytest.mark.parametrize("H", [None, 3])
+def test_packed_builder_heads_and_rows(device, H):
+    """H > 1 (the same tables for every head) and B below the ids' rows, against the structural builder."""
+    ids = document_ids_from_position_ids(random_positions(3, 200, seed=9))
+    mm = mods.and_masks(mods.causal(), mods.sliding_window(70), mods.document(ids.to(device), packed=True))
+    got = hf_flex.create_block_mask(mm, 2, H, 200, 200, device=device, BLOCK_SIZE=32)
+    assert got.builder == ("packed" if device == "cuda" else "structural")
+    ref = hf_flex.create_block_mask(dataclasses.replace(mm, structure=None), 2, H, 200, 200, device=device, BLOCK_SIZE=32)
+    assert ref.builder == "structural"
+    for n in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(got, n), getattr(ref, n)), n

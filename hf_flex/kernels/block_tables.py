@@ -75,6 +75,18 @@ def classify_blocks(mask_fn, mask_args, Bm, Hm, q_len, kv_len, q_block, kv_block
     return out
 
 
+@triton.jit
+def list_blocks(cls, o, m, code, n_sel, sel, oth, idx):
+    """Scatter block numbers ``o`` (one chunk of a row or column; ``m`` = in range) into the index list
+    ``idx``: blocks of class ``code`` first, at ``sel`` + their rank, the others after all ``n_sel``
+    selected ones, at ``n_sel + oth`` + their rank. Returns the updated (sel, oth) counts."""
+    is_sel = ((cls == code) & m).to(tl.int32)
+    is_oth = ((cls != code) & m).to(tl.int32)
+    pos = tl.where(is_sel != 0, sel + tl.cumsum(is_sel, 0) - is_sel, n_sel + oth + tl.cumsum(is_oth, 0) - is_oth)
+    tl.store(idx + pos, o, mask=m)
+    return sel + tl.sum(is_sel, 0), oth + tl.sum(is_oth, 0)
+
+
 @triton.jit(do_not_specialize=["s_b", "s_h", "s_q", "s_kv", "NQ", "NKV", "kvn_half", "kvi_half", "qn_half", "qi_half"])
 def _tables_kernel(
     CLS,  # int8 classes [Bm, Hm, nQ, nKV], any strides (an expanded view is fine)
@@ -125,33 +137,22 @@ def _tables_kernel(
     n_f = tl.full((), 0, tl.int32)
     for s in range(0, L, CHUNK):
         o = s + tl.arange(0, CHUNK)
-        m = o < L
-        cls = tl.load(line + o * step, mask=m, other=0)
+        cls = tl.load(line + o * step, mask=o < L, other=0)
         n_p += tl.sum((cls == 1).to(tl.int32), 0)
         n_f += tl.sum((cls == 2).to(tl.int32), 0)
     tl.store(num, n_p)
     tl.store(num + num_half, n_f)
     # pass 2: each block's place in the partial list and in the full list
-    sel_p = tl.full((), 0, tl.int32)  # selected so far
-    oth_p = tl.full((), 0, tl.int32)  # not selected so far
+    sel_p = tl.full((), 0, tl.int32)
+    oth_p = tl.full((), 0, tl.int32)
     sel_f = tl.full((), 0, tl.int32)
     oth_f = tl.full((), 0, tl.int32)
     for s in range(0, L, CHUNK):
         o = s + tl.arange(0, CHUNK)
         m = o < L
         cls = tl.load(line + o * step, mask=m, other=0)
-        ip = ((cls == 1) & m).to(tl.int32)
-        op = ((cls != 1) & m).to(tl.int32)
-        pos_p = tl.where(ip != 0, sel_p + tl.cumsum(ip, 0) - ip, n_p + oth_p + tl.cumsum(op, 0) - op)
-        tl.store(idx + pos_p, o, mask=m)
-        sel_p += tl.sum(ip, 0)
-        oth_p += tl.sum(op, 0)
-        jf = ((cls == 2) & m).to(tl.int32)
-        of = ((cls != 2) & m).to(tl.int32)
-        pos_f = tl.where(jf != 0, sel_f + tl.cumsum(jf, 0) - jf, n_f + oth_f + tl.cumsum(of, 0) - of)
-        tl.store(idx + idx_half + pos_f, o, mask=m)
-        sel_f += tl.sum(jf, 0)
-        oth_f += tl.sum(of, 0)
+        sel_p, oth_p = list_blocks(cls, o, m, 1, n_p, sel_p, oth_p, idx)
+        sel_f, oth_f = list_blocks(cls, o, m, 2, n_f, sel_f, oth_f, idx + idx_half)
 
 
 def tables_from_classes(classes: torch.Tensor, kv_num, kv_idx, q_num, q_idx) -> None:

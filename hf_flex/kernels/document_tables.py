@@ -1,0 +1,161 @@
+"""Triton kernels for packed documents: document ids from position_ids, and the eight block tables of
+causal / sliding-window / bidirectional masks over them.
+
+One launch each, reading only the document ids at block edges: O(blocks), whatever the sequence
+length. The rows of ids must be non-decreasing (ids from position_ids or cu_seqlens are, by
+construction); in such a row a block's ids run from the id at its first position to the id at its
+last, and two blocks share a document iff those ranges meet.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_tables import list_blocks
+
+
+@triton.jit
+def _document_class(dq_lo, dq_hi, q_lo, q_hi, dk_lo, dk_hi, kv_lo, kv_hi, WINDOW,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Class (0 empty, 1 partial, 2 full) of the block of queries q_lo..q_hi (documents dq_lo..dq_hi)
+    and keys kv_lo..kv_hi (documents dk_lo..dk_hi); broadcasts (a row: scalar q, vector kv)."""
+    # some pair shares a document / every pair does (one document spans both blocks)
+    visited = (dk_hi >= dq_lo) & (dk_lo <= dq_hi)
+    full = (dq_lo == dq_hi) & (dk_lo == dq_lo) & (dk_hi == dq_lo)
+    if CAUSAL:  # kv <= q
+        visited = visited & (kv_lo <= q_hi)
+        full = full & (kv_hi <= q_lo)
+    if HAS_WINDOW:  # q - WINDOW < kv
+        visited = visited & (kv_hi > q_lo - WINDOW)
+        full = full & (kv_lo > q_hi - WINDOW)
+    return tl.where(full, 2, tl.where(visited, 1, 0))
+
+
+@triton.jit(do_not_specialize=["stride_b", "NQ", "NKV", "Q_LEN", "KV_LEN", "WINDOW",
+                               "kvn_half", "kvi_half", "qn_half", "qi_half"])
+def _document_tables_kernel(
+    IDS,  # int32 [B, S], S >= max(Q_LEN, KV_LEN), rows non-decreasing
+    stride_b,
+    NQ,
+    NKV,
+    Q_LEN,
+    KV_LEN,
+    WINDOW,
+    KV_NUM,  # int32 [2, B, 1, nQ]: partial counts, then (kvn_half elements further) full counts
+    KV_IDX,  # int32 [2, B, 1, nQ, nKV]
+    Q_NUM,  # int32 [2, B, 1, nKV]
+    Q_IDX,  # int32 [2, B, 1, nKV, nQ]
+    kvn_half,
+    kvi_half,
+    qn_half,
+    qi_half,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # Program r < nQ: the key-block lists of query block r, classifying its row of blocks on the fly;
+    # program nQ + c: the query-block lists of key block c (its column). Lists as in block_tables.
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    row = IDS + b * stride_b
+    is_row = r < NQ
+    # this program's own block: a query block (row) or a key block (column)
+    c = tl.where(is_row, r, r - NQ)
+    own_block = tl.where(is_row, Q_BLOCK, KV_BLOCK)
+    own_len = tl.where(is_row, Q_LEN, KV_LEN)
+    lo = c * own_block
+    hi = tl.minimum(lo + own_block - 1, own_len - 1)
+    d_lo = tl.load(row + lo)
+    d_hi = tl.load(row + hi)
+    if is_row:
+        L = NKV
+        num = KV_NUM + b * NQ + r
+        idx = KV_IDX + (b * NQ + r) * NKV
+        num_half = kvn_half
+        idx_half = kvi_half
+    else:
+        L = NQ
+        num = Q_NUM + b * NKV + c
+        idx = Q_IDX + (b * NKV + c) * NQ
+        num_half = qn_half
+        idx_half = qi_half
+    n_p = tl.full((), 0, tl.int32)
+    n_f = tl.full((), 0, tl.int32)
+    for p in range(2):  # pass 0 counts the partial and full blocks, pass 1 lists them
+        sel_p = tl.full((), 0, tl.int32)
+        oth_p = tl.full((), 0, tl.int32)
+        sel_f = tl.full((), 0, tl.int32)
+        oth_f = tl.full((), 0, tl.int32)
+        for s in range(0, L, CHUNK):
+            o = s + tl.arange(0, CHUNK)
+            m = o < L
+            if is_row:
+                k_lo = o * KV_BLOCK
+                k_hi = tl.minimum(k_lo + KV_BLOCK - 1, KV_LEN - 1)
+                dk_lo = tl.load(row + k_lo, mask=m, other=0)
+                dk_hi = tl.load(row + k_hi, mask=m, other=0)
+                cls = _document_class(d_lo, d_hi, lo, hi, dk_lo, dk_hi, k_lo, k_hi, WINDOW, CAUSAL, HAS_WINDOW)
+            else:
+                q_lo = o * Q_BLOCK
+                q_hi = tl.minimum(q_lo + Q_BLOCK - 1, Q_LEN - 1)
+                dq_lo = tl.load(row + q_lo, mask=m, other=0)
+                dq_hi = tl.load(row + q_hi, mask=m, other=0)
+                cls = _document_class(dq_lo, dq_hi, q_lo, q_hi, d_lo, d_hi, lo, hi, WINDOW, CAUSAL, HAS_WINDOW)
+            if p == 0:
+                n_p += tl.sum(((cls == 1) & m).to(tl.int32), 0)
+                n_f += tl.sum(((cls == 2) & m).to(tl.int32), 0)
+            else:
+                sel_p, oth_p = list_blocks(cls, o, m, 1, n_p, sel_p, oth_p, idx)
+                sel_f, oth_f = list_blocks(cls, o, m, 2, n_f, sel_f, oth_f, idx + idx_half)
+    tl.store(num, n_p)
+    tl.store(num + num_half, n_f)
+
+
+def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv_block: int, causal: bool,
+                    window, kv_num, kv_idx, q_num, q_idx) -> None:
+    """Fill the eight block tables (as :func:`~hf_flex.kernels.block_tables.tables_from_classes` lays
+    them out, Hm = 1) of "same document" AND (``causal``: kv <= q) AND (``window``: q - window < kv),
+    for int32 ids [B, S] with non-decreasing rows, in one launch.
+
+    Classes are exact where blocks have one size: empty and full always (the kernels skip an empty
+    block and do not evaluate the mask in a full one); with a query block smaller than the key block,
+    a block that straddles a diagonal or a window edge may be listed partial and hold no allowed pair
+    (safe: the kernels evaluate the mask there).
+    """
+    B = ids.shape[0]
+    nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
+    _document_tables_kernel[(nq + nkv, B)](
+        ids, ids.stride(0), nq, nkv, q_len, kv_len, int(window or 0),
+        kv_num, kv_idx, q_num, q_idx,
+        kv_num.stride(0), kv_idx.stride(0), q_num.stride(0), q_idx.stride(0),
+        CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        Q_BLOCK=q_block, KV_BLOCK=kv_block, CHUNK=1024,
+    )
+
+
+@triton.jit(do_not_specialize=["stride_pb", "stride_ob", "S"])
+def _ids_from_positions_kernel(POS, stride_pb, OUT, stride_ob, S, CHUNK: tl.constexpr):
+    # ids[p] = number of q in (0, p] where pos[q] != pos[q - 1] + 1: a running sum over the row, a
+    # chunk at a time, carried between chunks
+    b = tl.program_id(0)
+    row = POS + b * stride_pb
+    out = OUT + b * stride_ob
+    carry = tl.full((), 0, tl.int32)
+    for s in range(0, S, CHUNK):
+        o = s + tl.arange(0, CHUNK)
+        m = o < S
+        cur = tl.load(row + o, mask=m, other=0)
+        prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
+        start = ((o > 0) & (cur != prev + 1) & m).to(tl.int32)
+        tl.store(out + o, carry + tl.cumsum(start, 0), mask=m)
+        carry += tl.sum(start, 0)
+
+
+def document_ids_kernel(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [B, S] document ids from integer position_ids [B, S] (any batch stride), one launch."""
+    B, S = position_ids.shape
+    out = torch.empty((B, S), dtype=torch.int32, device=position_ids.device)
+    _ids_from_positions_kernel[(B,)](position_ids, position_ids.stride(0), out, out.stride(0), S, CHUNK=1024)
+    return out
