@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-column", default="text")
     d.add_argument("--max-docs", type=_positive_int("--max-docs"), default=None, help="use the first N documents")
     d.add_argument("--eval-fraction", type=float, default=0.02, help="documents held out for the eval loss")
+    d.add_argument("--padded", action="store_true",
+                   help="the baseline that packing replaces: each batch's documents unpacked, one right-padded "
+                        "row per document with attention_mask (same documents and loss as packed; more tokens)")
     d.add_argument("--num-proc", type=_positive_int("--num-proc"), default=None, help="processes for datasets.map")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None, help="tokens per packed row "
@@ -329,17 +332,30 @@ def peak_memory_gib(device) -> float:
 
 
 def _unpacked_chunks(docs, budget_tokens):
-    """Groups of documents (longest first) for right-padded batches of at most ``budget_tokens`` padded
-    tokens (the packed batch's rows * seq_len: eager's dense scores then stay within the packed batch's)."""
+    """Groups of documents (longest first) for right-padded eager batches: at most ``budget_tokens``
+    padded tokens (the packed batch's rows * seq_len) and rows * longest^2 <= budget_tokens * 1024, so
+    eager's dense [rows, H, L, L] scores stay bounded (a single longer document goes alone)."""
     order = sorted(range(len(docs)), key=lambda i: -docs[i].numel())
     chunk = []
     for i in order:
-        if chunk and (len(chunk) + 1) * docs[chunk[0]].numel() > budget_tokens:
+        n, longest = len(chunk) + 1, docs[chunk[0]].numel() if chunk else 0
+        if chunk and (n * longest > budget_tokens or n * longest**2 > budget_tokens * 1024):
             yield chunk
             chunk = []
         chunk.append(i)
     if chunk:
         yield chunk
+
+
+def pad_documents(docs, pad_id, device):
+    """One right-padded row per document: input_ids, attention_mask, labels (-100 on the padding)."""
+    L = max(d.numel() for d in docs)
+    ids = torch.full((len(docs), L), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(docs), L), dtype=torch.long, device=device)
+    for r, d in enumerate(docs):
+        ids[r, : d.numel()] = d
+        mask[r, : d.numel()] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def _grads(model):
@@ -361,14 +377,7 @@ def _run(model, attn, batch, docs, n_targets, autocast_dtype, pad_id):
             total += out.loss.detach().double()
         else:
             for chunk in _unpacked_chunks(docs, batch["input_ids"].numel()):
-                L = max(docs[i].numel() for i in chunk)
-                ids = torch.full((len(chunk), L), pad_id, dtype=torch.long, device=dev)
-                mask = torch.zeros((len(chunk), L), dtype=torch.long, device=dev)
-                for r, i in enumerate(chunk):
-                    ids[r, : docs[i].numel()] = docs[i]
-                    mask[r, : docs[i].numel()] = 1
-                labels = ids.masked_fill(mask == 0, -100)
-                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
+                out = model(**pad_documents([docs[i] for i in chunk], pad_id, dev), use_cache=False,
                             num_items_in_batch=n_targets)
                 out.loss.backward()
                 total += out.loss.detach().double()
@@ -594,6 +603,11 @@ def main(argv=None):
                 raise SystemExit(f"--resume: {_flag(k)} was {v!r} when {ckpt} was written, now {run_keys.get(k)!r}; "
                                  "exact resume needs the same data order")
         acc.load_state(ckpt)
+        # the optimizer holds the lr the checkpoint's schedule set; recompute it from this run's schedule
+        # (the same value unless --max-steps / --warmup changed)
+        sched._last_lr = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(opt.param_groups, sched._last_lr):
+            group["lr"] = lr
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         acc.step = start_step * args.grad_accum
         say(f"resumed from {ckpt} at step {start_step}")
@@ -612,12 +626,18 @@ def main(argv=None):
             yield from dl
             epoch, skip = epoch + 1, 0
 
+    def padded(batch, cu):
+        docs = unpack_rows({"input_ids": batch["input_ids"], "cu_seq_lens": cu})
+        return pad_documents(docs, pad_id, dev)
+
     def evaluate():
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=dev)
         with torch.no_grad():
             for b in eval_dl:
-                b.pop("cu_seq_lens")
+                cu = b.pop("cu_seq_lens")
+                if args.padded:
+                    b = padded(b, cu)
                 out = model(**b, use_cache=False, num_items_in_batch=1)  # the loss is then a sum
                 sums += torch.stack([out.loss.detach().double(), (b["labels"][:, 1:] != -100).sum().double()])
         model.train()
@@ -636,8 +656,11 @@ def main(argv=None):
     for step in range(start_step + 1, args.max_steps + 1):
         t0 = time.perf_counter()
         mbs = [next(stream) for _ in range(args.grad_accum)]
-        lens = torch.cat([sft_data.doc_lengths(mb.pop("cu_seq_lens")).flatten() for mb in mbs]).double()
+        cus = [mb.pop("cu_seq_lens") for mb in mbs]
+        lens = torch.cat([sft_data.doc_lengths(cu).flatten() for cu in cus]).double()
         targets = sum((mb["labels"][:, 1:] != -100).sum() for mb in mbs)
+        if args.padded:
+            mbs = [padded(mb, cu) for mb, cu in zip(mbs, cus)]
         n_targets = acc.reduce(targets.clone(), "sum")  # over processes: the loss is a token-weighted mean
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for mb in mbs:

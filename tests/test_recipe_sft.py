@@ -44,9 +44,10 @@ def _env():
     return env
 
 
-def _run(args, launcher=None, check=True):
+def _run(args, launcher=None, check=True, extra_env=None):
     cmd = (launcher or [sys.executable]) + [SFT] + args
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    env = dict(_env(), **(extra_env or {}))
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
     return p
@@ -125,17 +126,29 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert ta[1]["loss"] != pytest.approx(ta[4]["loss"], rel=1e-3)
 
 
-def test_dataset_from_local_jsonl(tmp_path):
-    """--dataset on a local jsonl file with --text-column: its documents are what gets packed."""
+def test_dataset_from_local_jsonl_packed_and_padded(tmp_path):
+    """--dataset on a local jsonl file with --text-column: its documents are what gets packed, and
+    --padded (each batch's documents unpacked into right-padded rows with attention_mask) trains on the
+    same documents with the same loss normalisation, so both runs log the same losses."""
     data = tmp_path / "docs.jsonl"
     docs = default_corpus.documents(40, seed=7)
     with open(data, "w") as f:
         for i, d in enumerate(docs):
             f.write(json.dumps({"id": i, "body": d}) + "\n")
-    out = tmp_path / "run"
-    _run(TINY + ["--attn", "sdpa", "--dataset", str(data), "--text-column", "body", "--max-docs", "1000",
-                 "--output-dir", str(out), "--max-steps", "2"])
-    start = [r for r in _log(out / "log.jsonl") if r["event"] == "start"][0]
+    common = TINY + ["--attn", "sdpa", "--dataset", str(data), "--text-column", "body", "--max-docs", "1000",
+                     "--max-steps", "3"]
+    out, pad = tmp_path / "packed", tmp_path / "padded"
+    _run(common + ["--output-dir", str(out)])
+    shutil.copytree(out / "tokenizer", pad / "tokenizer")
+    _run(common + ["--output-dir", str(pad), "--padded"])
+    a, b = _log(out / "log.jsonl"), _log(pad / "log.jsonl")
+    ta, tb = _train(a), _train(b)
+    for s in (1, 2, 3):
+        assert tb[s]["tokens"] == ta[s]["tokens"]
+        assert tb[s]["loss"] == pytest.approx(ta[s]["loss"], rel=1e-5)
+        assert tb[s]["grad_norm"] == pytest.approx(ta[s]["grad_norm"], rel=1e-4)
+
+    start = [r for r in a if r["event"] == "start"][0]
     assert start["args"]["dataset"] == str(data)
     # every token of the 40 documents lands in a row: the rows' documents add up to the tokenized corpus
     from transformers import AutoTokenizer
@@ -159,6 +172,27 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
     assert "1 process(es) on cpu" in p.stdout
     assert sorted(_train(_log(out / "log.jsonl"))) == [1, 2]
     assert (out / "final" / "config.json").exists()
+
+
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    """DDP on 2 CPU processes (torchrun, gloo) x 2 rows == 1 process x 4 rows: the same rows per step
+    (accelerate deals batches round-robin), and the loss is the token-weighted mean over all processes'
+    tokens, so losses and gradient norms agree. Each rank runs --check-parity on its own batch."""
+    common = TINY + ["--attn", "sdpa", "--max-steps", "3"]
+    one = tmp_path / "one"
+    _run(common + ["--output-dir", str(one), "--batch-size", "4"])
+    two = tmp_path / "two"
+    env_launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = _run(common + ["--output-dir", str(two), "--batch-size", "2", "--check-parity", "1"], launcher=env_launcher,
+             extra_env={"ACCELERATE_USE_CPU": "true"})
+    assert "2 process(es) on cpu" in p.stdout
+    assert "[parity rank 0 batch 0]" in p.stdout and "[parity rank 1 batch 0]" in p.stdout
+    a, b = _train(_log(one / "log.jsonl")), _train(_log(two / "log.jsonl"))
+    assert sorted(b) == [1, 2, 3]
+    for s in b:
+        assert b[s]["tokens"] == a[s]["tokens"]
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5)
+        assert b[s]["grad_norm"] == pytest.approx(a[s]["grad_norm"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ in-process
@@ -266,6 +300,19 @@ def test_bad_data_and_resume_errors_name_the_flag(tmp_path):
     args = sft.parse_args(["--model-config", "not_a_field=3"], gpu=False)
     with pytest.raises(SystemExit, match="--model-config: LlamaConfig has no field 'not_a_field'"):
         sft.build_model(args, sft_data.train_tokenizer(["a b c"] * 4, 300, str(tmp_path / "tok")))
+
+
+@pytest.mark.parametrize("name", ["one_gpu", "ddp_2gpu", "fsdp2_2gpu"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(os.path.join(RECIPES, "configs", f"{name}.yaml"))
+    assert cfg.mixed_precision == "bf16" and cfg.num_machines == 1
+    assert cfg.num_processes == (1 if name == "one_gpu" else 2)
+    if name == "fsdp2_2gpu":
+        assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2
+        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
 def test_default_corpus_is_fixed():
