@@ -55,6 +55,7 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import datasets  # noqa: E402
 import hf_flex  # noqa: E402,F401  (registers attn_implementation="flex")
 from hf_flex.packing import unpack_rows  # noqa: E402
 
@@ -82,7 +83,7 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H1
 # bf16: the error against an fp32 eager reference may be at most FACTOR x bf16 eager's own error + FLOOR.
 FP32_TOL = {"loss": 1e-5, "grad_norm": 1e-4, "grad": 1e-4, "param_grad": 1e-3}
 BF16_FACTOR = {"loss": 2.0, "grad_norm": 2.0, "grad": 2.0, "param_grad": 4.0}
-BF16_FLOOR = {"loss": 2e-3, "grad_norm": 2e-3, "grad": 2e-3, "param_grad": 2e-2}
+BF16_FLOOR = {"loss": 1e-3, "grad_norm": 2e-3, "grad": 2e-3, "param_grad": 2e-2}
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -214,6 +215,8 @@ def parse_args(argv=None, gpu=None):
     if a.dtype == "bf16" and not gpu and a.attn == "flex" and os.environ.get("TRITON_INTERPRET") == "1":
         p.error("--dtype bf16 with --attn flex needs a GPU: Triton's interpreter (CPU) computes bf16 dot "
                 "products wrongly; use --dtype fp32 on CPU")
+    if a.attn == "flex_attention" and not gpu:
+        p.error("--attn flex_attention needs a GPU: torch's FlexAttention has no backward on CPU (use --attn flex)")
     if a.model not in MODEL_CONFIGS and not os.path.isdir(a.model) and a.model.count("/") != 1:
         p.error(f"--model: {a.model!r} is neither a directory, a hub name (org/model), nor a config "
                 f"({', '.join(MODEL_CONFIGS)})")
@@ -277,9 +280,9 @@ def get_tokenizer(args, docs):
     from transformers import AutoTokenizer
 
     src = args.tokenizer
-    if src is None and os.path.isdir(args.model) and glob.glob(os.path.join(args.model, "tokenizer*")):
-        src = args.model
     if src is None and args.model not in MODEL_CONFIGS:
+        if os.path.isdir(args.model) and not glob.glob(os.path.join(args.model, "tokenizer*")):
+            raise SystemExit(f"--tokenizer: {args.model!r} holds no tokenizer files; name one with --tokenizer")
         src = args.model
     if src is not None:
         try:
@@ -527,6 +530,8 @@ def main(argv=None):
     if main_proc:
         os.makedirs(args.output_dir, exist_ok=True)
     say = acc.print
+    if not acc.is_local_main_process:
+        datasets.disable_progress_bars()
     log = JsonLog(args.log_file, main_proc)
     set_seed(args.seed)  # the same initial weights in every process
 
@@ -555,7 +560,8 @@ def main(argv=None):
     peak = peak_flops(args, dev)
     run_keys = {k: getattr(args, k, None) for k in RESUME_KEYS if k != "num_processes"} | {"num_processes": P}
     say(f"model {args.model}: {flops.n_params / 1e6:.2f}M parameters ({flops.n_non_embedding / 1e6:.2f}M "
-        f"without the input embedding), attn {args.attn}, {args.dtype}, {P} process(es) on {dev.type}")
+        f"without the input embedding), attn {args.attn}, {args.dtype}, {P} process(es) on {dev.type} "
+        f"({acc.distributed_type.value})")
     say(f"data: {len(train_rows)} train rows / {len(eval_rows)} eval rows of {args.seq_len} tokens "
         f"(vocab {len(tokenizer)}), {args.batch_size} x {args.grad_accum} rows per process per step "
         f"[setup {time.perf_counter() - t_setup:.1f} s]")
@@ -670,6 +676,8 @@ def main(argv=None):
                 loss_sum += out.loss.detach().double() * n_targets
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                        grad_norm = grad_norm.full_tensor()
                     lr = sched.get_last_lr()[0]
                     opt.step()
                     sched.step()
