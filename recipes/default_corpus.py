@@ -7,10 +7,10 @@ so the default recipe needs no download and its numbers are comparable across ru
 Why generated, not shipped text: a few hundred KB of public-domain prose would be a large file in the
 repository, and the Python standard library's own texts differ between Python versions. The documents
 here are self-written templates with random choices: stories, letters, recipes, travel logs, counting
-and arithmetic drills, facts, questions and answers. They have the properties a packing recipe needs: lengths from a dozen to over a
-thousand tokens (a few are longer than a 256-token row, so splitting is exercised), structure a small
-model learns within a few dozen steps (the loss falls visibly), and randomness it cannot memorise
-(the loss stays above zero on held-out documents).
+and arithmetic drills, facts, questions and answers. They have the properties a packing recipe needs:
+lengths from a few tokens to several hundred (a few are longer than a 128- or 256-token row, so
+splitting is exercised), structure a small model learns within a few dozen steps (the loss falls
+visibly), and randomness it cannot memorise (the loss stays above zero on held-out documents).
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def _story(r: random.Random) -> str:
         lambda: f"One {r.choice(WEATHER)} day, {name} found a {colour} {obj} near the {r.choice(PLACES)}.",
         lambda: f"\"Look at this {obj}!\" said {name}. \"I think it belongs to someone.\"",
         lambda: f"{friend} the {fanimal} said, \"Let us take it to the {r.choice(PLACES)}.\"",
-        lambda: f"So {name} and {friend} walked for {r.randrange(2, 12)} hours until they reached the {r.choice(PLACES)}.",
-        lambda: f"On the way, they met a {r.choice(ADJECTIVES)} {r.choice(ANIMALS)} who wanted to {r.choice(ACTIVITIES)}.",
+        lambda: f"So {name} and {friend} walked for {r.randrange(2, 12)} hours until they reached the "
+                f"{r.choice(PLACES)}.",
+        lambda: f"On the way, they met a {r.choice(ADJECTIVES)} {r.choice(ANIMALS)} who wanted to "
+                f"{r.choice(ACTIVITIES)}.",
         lambda: f"The sky became {r.choice(WEATHER)}, and {name} felt {r.choice(ADJECTIVES)}.",
         lambda: f"{friend} laughed and said that a {colour} {obj} is the best thing to find on a {r.choice(DAYS)}.",
         lambda: f"They stopped to {r.choice(ACTIVITIES)} and to share some {r.choice(FOODS)}.",
@@ -125,7 +127,8 @@ def _recipe(r: random.Random) -> str:
     food = r.sample(FOODS, r.randrange(3, 8))
     lines = [f"Recipe: {_cap(r.choice(ADJECTIVES))} {r.choice(FOODS)} {dish}", f"Serves {r.randrange(2, 9)}.",
              "", "Ingredients:"]
-    lines += [f"- {r.randrange(1, 6) * 50} g of {f}" if r.randrange(2) else f"- {r.randrange(1, 5)} cups of {f}" for f in food]
+    lines += [f"- {r.randrange(1, 6) * 50} g of {f}" if r.randrange(2) else f"- {r.randrange(1, 5)} cups of {f}"
+              for f in food]
     lines += ["", "Steps:"]
     for i in range(r.randrange(3, 9)):
         step = r.choice(COOKING).format(a=r.choice(food), b=r.choice(food), n=r.randrange(2, 30), m=r.randrange(10, 60))

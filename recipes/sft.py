@@ -518,7 +518,7 @@ class JsonLog:
 
 def main(argv=None):
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     args = parse_args(argv)
@@ -580,7 +580,8 @@ def main(argv=None):
         for r in parity:
             print(format_parity(r, args.dtype == "bf16"), flush=True)
         all_ok = acc.reduce(torch.tensor([0.0 if ok else 1.0], device=dev), "sum").item() == 0
-        log(event="parity", rank=acc.process_index, results=parity, ok=all_ok)
+        parity = gather_object(parity)  # every rank's results, for the log and summary.json
+        log(event="parity", results=parity, ok=all_ok)
         if not all_ok:
             raise SystemExit(f"--check-parity FAILED: --attn {args.attn} on packed rows differs from eager on the "
                              f"unpacked documents beyond {args.dtype} noise (see the lines above)")

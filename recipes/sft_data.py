@@ -139,7 +139,8 @@ def collator(seq_len: int, pad_token_id: int) -> PackedCollator:
     return PackedCollator(seq_len, pad_token_id, return_cu_seqlens=True)
 
 
-def epoch_loader(rows: datasets.Dataset, epoch: int, seed: int, batch_size: int, collate) -> torch.utils.data.DataLoader:
+def epoch_loader(rows: datasets.Dataset, epoch: int, seed: int, batch_size: int,
+                 collate) -> torch.utils.data.DataLoader:
     """The training rows of one epoch, shuffled by ``seed + epoch`` (the same order in every process
     and in a resumed run; accelerate then gives each process its share)."""
     shuffled = rows.shuffle(seed=seed + epoch, keep_in_memory=True)
