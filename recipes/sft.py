@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-fraction", type=float, default=0.02, help="documents held out for the eval loss")
     d.add_argument("--padded", action="store_true",
                    help="the baseline that packing replaces: each batch's documents unpacked, one right-padded "
-                        "row per document with attention_mask (same documents and loss as packed; more tokens)")
+                        "row per document with attention_mask, in chunks of at most batch x seq-len tokens "
+                        "(same documents and loss as packed)")
     d.add_argument("--num-proc", type=_positive_int("--num-proc"), default=None, help="processes for datasets.map")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None, help="tokens per packed row "
@@ -633,20 +634,35 @@ def main(argv=None):
             yield from dl
             epoch, skip = epoch + 1, 0
 
-    def padded(batch, cu):
-        docs = unpack_rows({"input_ids": batch["input_ids"], "cu_seq_lens": cu})
-        return pad_documents(docs, pad_id, dev)
+    def model_inputs(batches):
+        """Per micro-batch, the list of model calls: the packed batch itself, or (--padded) its documents
+        unpacked into right-padded chunks of at most the packed batch's tokens, longest first. Every
+        process makes the same number of calls (FSDP's forward is collective): the short lists get
+        calls on one pad token that predict nothing."""
+        out = []
+        for b in batches:
+            cu = b.pop("cu_seq_lens")
+            if not args.padded:
+                out.append([b])
+                continue
+            docs = unpack_rows({"input_ids": b["input_ids"], "cu_seq_lens": cu})
+            out.append([pad_documents([docs[i] for i in ch], pad_id, dev)
+                        for ch in _unpacked_chunks(docs, b["input_ids"].numel())])
+        if args.padded:
+            n = int(acc.reduce(torch.tensor(max(map(len, out)), device=dev), "max"))
+            idle = {"input_ids": torch.full((1, 1), pad_id, device=dev), "labels": torch.full((1, 1), -100, device=dev),
+                    "attention_mask": torch.ones((1, 1), dtype=torch.long, device=dev)}
+            out = [calls + [idle] * (n - len(calls)) for calls in out]
+        return out
 
     def evaluate():
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=dev)
         with torch.no_grad():
             for b in eval_dl:
-                cu = b.pop("cu_seq_lens")
-                if args.padded:
-                    b = padded(b, cu)
-                out = model(**b, use_cache=False, num_items_in_batch=1)  # the loss is then a sum
-                sums += torch.stack([out.loss.detach().double(), (b["labels"][:, 1:] != -100).sum().double()])
+                for call in model_inputs([b])[0]:
+                    out = model(**call, use_cache=False, num_items_in_batch=1)  # the loss is then a sum
+                    sums += torch.stack([out.loss.double(), (call["labels"][:, 1:] != -100).sum().double()])
         model.train()
         sums = acc.reduce(sums, "sum")
         return (sums[0] / sums[1]).item()
@@ -663,18 +679,19 @@ def main(argv=None):
     for step in range(start_step + 1, args.max_steps + 1):
         t0 = time.perf_counter()
         mbs = [next(stream) for _ in range(args.grad_accum)]
-        cus = [mb.pop("cu_seq_lens") for mb in mbs]
-        lens = torch.cat([sft_data.doc_lengths(cu).flatten() for cu in cus]).double()
+        lens = torch.cat([sft_data.doc_lengths(mb["cu_seq_lens"]).flatten() for mb in mbs]).double()
         targets = sum((mb["labels"][:, 1:] != -100).sum() for mb in mbs)
-        if args.padded:
-            mbs = [padded(mb, cu) for mb, cu in zip(mbs, cus)]
         n_targets = acc.reduce(targets.clone(), "sum")  # over processes: the loss is a token-weighted mean
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        for mb in mbs:
+        for calls in model_inputs(mbs):
             with acc.accumulate(model):
-                out = model(**mb, use_cache=False, num_items_in_batch=n_targets)
-                acc.backward(out.loss * scale)
-                loss_sum += out.loss.detach().double() * n_targets
+                for j, call in enumerate(calls):
+                    # several calls (--padded) in the syncing micro-batch: only the last one syncs
+                    last = j == len(calls) - 1
+                    with acc.no_sync(model) if acc.sync_gradients and not last else contextlib.nullcontext():
+                        out = model(**call, use_cache=False, num_items_in_batch=n_targets)
+                        acc.backward(out.loss * scale)
+                    loss_sum += out.loss.detach().double() * n_targets
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2

@@ -177,14 +177,16 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     """DDP on 2 CPU processes (torchrun, gloo) x 2 rows == 1 process x 4 rows: the same rows per step
     (accelerate deals batches round-robin), and the loss is the token-weighted mean over all processes'
-    tokens, so losses and gradient norms agree. Each rank runs --check-parity on its own batch."""
+    tokens, so losses and gradient norms agree. The 2-process run also takes --padded with chunks of
+    at most 64 padded tokens (several model calls per micro-batch, equal in number across processes,
+    only the last one syncing gradients) and grad-accum 2 against 1; each rank runs --check-parity."""
     common = TINY + ["--attn", "sdpa", "--max-steps", "3"]
     one = tmp_path / "one"
     _run(common + ["--output-dir", str(one), "--batch-size", "4"])
     two = tmp_path / "two"
     env_launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    p = _run(common + ["--output-dir", str(two), "--batch-size", "2", "--check-parity", "1"], launcher=env_launcher,
-             extra_env={"ACCELERATE_USE_CPU": "true"})
+    p = _run(common + ["--output-dir", str(two), "--batch-size", "1", "--grad-accum", "2", "--padded",
+                       "--check-parity", "1"], launcher=env_launcher, extra_env={"ACCELERATE_USE_CPU": "true"})
     assert "2 process(es) on cpu" in p.stdout
     assert "[parity rank 0 batch 0]" in p.stdout and "[parity rank 1 batch 0]" in p.stdout
     parity = [r for r in _log(two / "log.jsonl") if r["event"] == "parity"][0]
