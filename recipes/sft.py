@@ -19,6 +19,8 @@ Packed rows under sdpa / eager: Transformers' mask creators find the documents f
 when attention_mask is None and no cache is used (use_cache=False here), row by row, so batches of
 several packed rows are right (transformers 5.17 and 5.24: ``find_packed_sequence_indices``). They then
 build a dense [B, 1, S, S] mask; "flex" builds block tables instead. --check-parity verifies it.
+--padded is the baseline packing replaces: the same documents per step, unpacked into right-padded
+rows with attention_mask (the same loss in exact arithmetic, more tokens to compute).
 
 Throughput: tokens/s counts the documents' tokens (not the filler that pads a row). MFU = model
 FLOPs / (elapsed time * peak FLOP/s * processes), with model FLOPs per step
