@@ -1,5 +1,6 @@
 # Two entry points (each sets itself up on a fresh machine):
-#   make demo   - the main job on the embedded default (for now: the kernel against the reference)
+#   make demo   - the main job on the embedded default: recipes/sft.py trains a small Llama-shaped model
+#                 on packed samples with attn_implementation="flex", after checking it against eager
 #   make test   - the CPU test suite (Triton kernels through Triton's interpreter)
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # CPU machines: torch 2.13.0's CPU build (pip takes it from the local disk where it lies there)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-gpu demo bench clean
+.PHONY: setup test test-gpu demo demo-kernel bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +26,10 @@ test-gpu:
 	$(PYTHON) -m pytest -q -m gpu tests
 
 demo: setup
+	$(PY) recipes/sft.py --check-parity --output-dir runs/demo
+
+demo-kernel: setup
 	$(PY) recipes/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis runs

@@ -58,7 +58,8 @@ def flex_attention(
         (natural log; with sinks it includes the sink). A row with every key masked gives out 0 and
         lse -inf (no NaN anywhere, gradients included).
 
-    Dtypes: bf16, fp16, fp32. Head dims: multiples of 8 up to 256 (non-powers of two are padded
+    Dtypes: bf16, fp16, fp32. Under ``torch.autocast`` float32 inputs run in the autocast dtype, as
+    SDPA's do (mixed-precision training: the residual stream, hence q/k/v after RoPE, is float32). Head dims: multiples of 8 up to 256 (non-powers of two are padded
     inside the kernel). Any Sq, Skv. On CUDA tensors the Triton kernels run; on CPU tensors the
     chunked PyTorch reference runs, unless TRITON_INTERPRET=1 was set before triton was imported, in
     which case the Triton kernels run in Triton's interpreter.
@@ -71,6 +72,8 @@ def flex_attention(
     mod (those that require grad). dQ, dK and dV are deterministic (no atomics); learnable score-mod
     tensors are accumulated with float32 atomics.
     """
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor):
+        query, key, value = _autocast(query, key, value)
     kernels = isinstance(query, torch.Tensor) and triton_runs_on(query.device)
     check_inputs(query, key, value, score_mod, block_mask, scale, enable_gqa, kernels)
     D = query.shape[-1]
@@ -91,3 +94,12 @@ def flex_attention(
     spec = KernelSpec(block_mask, score_mod, sm_scale)
     out, lse = FlexAttentionFunction.apply(q, k, v, sink, spec, *learnables)
     return (out, lse) if return_lse else out
+
+
+def _autocast(query, key, value):
+    """q, k, v cast to the autocast dtype where autocast is on for their device and they are float32."""
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev):
+        return query, key, value
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.dtype == torch.float32 else t for t in (query, key, value))

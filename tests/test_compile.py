@@ -40,3 +40,22 @@ def test_compiled_transformers_model(device):
         torch._dynamo.reset()
         got = torch.compile(model, backend="eager")(ids, position_ids=pos).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_runs_in_the_autocast_dtype(device):
+    """Mixed precision: float32 q/k/v (the residual stream under autocast) run in the autocast dtype,
+    as SDPA's do, with gradients back to the float32 leaves."""
+    import torch
+
+    dt = torch.bfloat16 if device == "cuda" else torch.float16  # (the CPU interpreter's bf16 dot is wrong)
+    q, k, v = rand_qkv(1, 2, 1, 50, 50, 16, device=device, seed=4)
+    bm = hf_flex.create_block_mask(mods.causal(), None, None, 50, 50, device=device, BLOCK_SIZE=16)
+    with torch.autocast(device, dtype=dt):
+        out = hf_flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    assert out.dtype == dt
+    want = hf_flex.flex_attention(q.to(dt), k.to(dt), v.to(dt), block_mask=bm, enable_gqa=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    # outside autocast nothing changes
+    assert hf_flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True).dtype == torch.float32
