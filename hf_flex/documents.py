@@ -69,24 +69,27 @@ def packed_parts(mask_mod) -> Optional[Tuple[torch.Tensor, bool, Optional[int]]]
     matches, whatever its name.
     """
     docs, state = [], {"causal": False, "window": None}
+    args = mask_mod.args
 
-    def walk(st) -> bool:
+    def walk(st, offset) -> bool:
         if st is None:
             return False
         kind = st[0]
         if kind == "and":
-            return all(walk(c) for c in st[1:])
+            return all(walk(child, offset + o) for o, child in st[1:])
         if kind == "causal":
             state["causal"] = True
         elif kind == "window":
             state["window"] = st[1] if state["window"] is None else min(state["window"], st[1])
         elif kind == "packed_documents":
-            docs.append(st[1])
+            docs.append(args[offset])  # the document mask's ids: its first argument
         elif kind != "noop":
             return False
         return True
 
-    if not walk(getattr(mask_mod, "structure", None)) or len(docs) != 1:
+    if not walk(getattr(mask_mod, "structure", None), 0) or len(docs) != 1:
+        return None
+    if not isinstance(docs[0], torch.Tensor) or docs[0].dim() != 2:
         return None
     if state["window"] is not None and not state["causal"]:
         return None  # a window alone is not Transformers' (causal) sliding window: leave it to block_fn
@@ -104,7 +107,7 @@ def packed_tables(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[Blo
         return None
     ids, causal, window = parts
     rows, S = ids.shape
-    if q_len > S or kv_len > S or (B is not None and B > rows):
+    if ids.device.type != "cuda" or q_len > S or kv_len > S or (B is not None and B > rows):
         return None
     from .kernels.document_tables import document_tables
 

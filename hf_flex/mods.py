@@ -330,7 +330,7 @@ def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None) -> MaskMod
         packed = _is_packed(ids)
     block_fn = _document_blocks if packed else None
     return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", block_fn,
-                   ("packed_documents", ids) if packed else None)
+                   ("packed_documents",) if packed else None)
 
 
 @triton.jit

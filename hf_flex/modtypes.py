@@ -155,7 +155,9 @@ class MaskMod:
     name: str = "mask_mod"
     block_fn: Optional[Callable] = None
     # what the library's own mods are, for builders that specialise (hf_flex.documents): ("causal",),
-    # ("window", w), ("noop",), ("packed_documents", ids) or ("and", *children); None for anything else
+    # ("window", w), ("noop",), ("packed_documents",) (its ids: args[0]) or ("and", (offset, child)...)
+    # with each child's first argument at args[offset]; None for anything else. Tensors are never held
+    # here, only positions in args: a copy with its args moved (dataclasses.replace) stays right.
     structure: Optional[tuple] = None
 
     def __post_init__(self):
@@ -316,7 +318,8 @@ def combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
     block_fn = _combine_block_fns(op, tuple(m.block_fn for m in masks), arities)
     structure = None
     if op == "and" and all(m.structure is not None for m in masks):
-        structure = ("and",) + tuple(m.structure for m in masks)
+        offsets = [sum(arities[:i]) for i in range(len(masks))]
+        structure = ("and",) + tuple((o, m.structure) for o, m in zip(offsets, masks))
     return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})", block_fn, structure)
 
 

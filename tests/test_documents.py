@@ -265,3 +265,18 @@ def test_packed_builder_heads_and_rows(device, H):
     for n in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
               "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(got, n), getattr(ref, n)), n
+
+
+def test_structure_follows_moved_args(device):
+    """A copy of the mask with its args moved (dataclasses.replace, as tests and users do) gives the
+    packed builder the moved ids, never the originals (the structure holds positions, not tensors)."""
+    ids = document_ids_from_position_ids(random_positions(1, 120, seed=4))
+    mm = mods.and_masks(mods.sliding_window(50), mods.and_masks(mods.causal(), mods.document(ids, packed=True)))
+    moved = dataclasses.replace(mm, args=tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in mm.args))
+    got = packed_parts(moved)
+    assert got[0].device.type == torch.device(device).type and torch.equal(got[0].cpu(), ids)
+    assert got[1:] == (True, 50)
+    bm = hf_flex.create_block_mask(moved, 1, None, 120, 120, device=device, BLOCK_SIZE=16)
+    ref = hf_flex.create_block_mask(dataclasses.replace(mm, structure=None), 1, None, 120, 120, device="cpu",
+                                    BLOCK_SIZE=16)
+    assert torch.equal(bm.to_dense().cpu(), ref.to_dense())
