@@ -87,6 +87,23 @@ def list_blocks(cls, o, m, code, n_sel, sel, oth, idx):
     return sel + tl.sum(is_sel, 0), oth + tl.sum(is_oth, 0)
 
 
+@triton.jit
+def list_destinations(is_row, bh, i, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half):
+    """Where the lists of row i (query block i: kv tables) or column i (key block i: q tables) of
+    batch-head bh go: (count pointer, index-row pointer, half strides of both)."""
+    if is_row:
+        num = KV_NUM + bh * NQ + i
+        idx = KV_IDX + (bh * NQ + i) * NKV
+        num_half = kvn_half
+        idx_half = kvi_half
+    else:
+        num = Q_NUM + bh * NKV + i
+        idx = Q_IDX + (bh * NKV + i) * NQ
+        num_half = qn_half
+        idx_half = qi_half
+    return num, idx, num_half, idx_half
+
+
 @triton.jit(do_not_specialize=["s_b", "s_h", "s_q", "s_kv", "NQ", "NKV", "kvn_half", "kvi_half", "qn_half", "qi_half"])
 def _tables_kernel(
     CLS,  # int8 classes [Bm, Hm, nQ, nKV], any strides (an expanded view is fine)
@@ -115,23 +132,19 @@ def _tables_kernel(
     b = bh // Hm
     h = bh % Hm
     base = CLS + b * s_b + h * s_h
-    if r < NQ:
-        line = base + r * s_q
+    is_row = r < NQ
+    c = tl.where(is_row, r, r - NQ)
+    if is_row:
+        line = base + c * s_q
         step = s_kv
         L = NKV
-        num = KV_NUM + bh * NQ + r
-        idx = KV_IDX + (bh * NQ + r) * NKV
-        num_half = kvn_half
-        idx_half = kvi_half
     else:
-        c = r - NQ
         line = base + c * s_kv
         step = s_q
         L = NQ
-        num = Q_NUM + bh * NKV + c
-        idx = Q_IDX + (bh * NKV + c) * NQ
-        num_half = qn_half
-        idx_half = qi_half
+    num, idx, num_half, idx_half = list_destinations(
+        is_row, bh, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
+    )
     # pass 1: how many partial and full blocks
     n_p = tl.full((), 0, tl.int32)
     n_f = tl.full((), 0, tl.int32)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_tables import list_blocks
+from .block_tables import list_blocks, list_destinations
 
 
 @triton.jit
@@ -69,18 +69,10 @@ def _document_tables_kernel(
     hi = tl.minimum(lo + own_block - 1, own_len - 1)
     d_lo = tl.load(row + lo)
     d_hi = tl.load(row + hi)
-    if is_row:
-        L = NKV
-        num = KV_NUM + b * NQ + r
-        idx = KV_IDX + (b * NQ + r) * NKV
-        num_half = kvn_half
-        idx_half = kvi_half
-    else:
-        L = NQ
-        num = Q_NUM + b * NKV + c
-        idx = Q_IDX + (b * NKV + c) * NQ
-        num_half = qn_half
-        idx_half = qi_half
+    L = tl.where(is_row, NKV, NQ)
+    num, idx, num_half, idx_half = list_destinations(
+        is_row, b, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
+    )
     n_p = tl.full((), 0, tl.int32)
     n_f = tl.full((), 0, tl.int32)
     for p in range(2):  # pass 0 counts the partial and full blocks, pass 1 lists them
