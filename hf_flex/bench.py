@@ -1,6 +1,14 @@
 """Kernel benchmark: hf_flex vs torch's compiled flex_attention vs SDPA on the anchor cases.
 
-    python -m hf_flex.bench [--quick] [--json out.json] [--cases causal,doc12]
+    python -m hf_flex.bench [--quick] [--json out.json] [--no-sdpa]
+    python -m hf_flex.bench --e2e [--e2e-S 4096,16384] [--e2e-steps 10] [--e2e-timeout 300]  # + end to end
+    python -m hf_flex.bench --e2e-only [...]     # end to end and recompiles only (hf_flex.bench_e2e)
+    python -m hf_flex.bench --tiny [--json ...]  # CPU self-check of the e2e path (Triton interpreter)
+
+The JSON (issue 5's schema): {"device", "torch", "triton", "transformers", "date", "kernel": [...],
+"e2e": [...], "recompiles_over_50_lengths", ...}; it is rewritten after every kernel case and e2e
+row, so a run cut short still leaves what it measured. The end-to-end part is described in
+hf_flex/bench_e2e.py.
 
 Each case first checks correctness (hf_flex and torch flex against each other and against an fp32
 SDPA-style reference on a slice), then times forward and forward+backward with triton's do_bench
@@ -275,7 +283,7 @@ def versions():
     import triton
 
     return dict(
-        device=torch.cuda.get_device_name(),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         torch=torch.__version__,
         triton=triton.__version__,
         transformers=transformers.__version__,
@@ -286,17 +294,40 @@ def versions():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a one-minute subset")
+    ap.add_argument("--quick", action="store_true", help="a one-minute subset of the kernel cases")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--e2e", action="store_true", help="add the end-to-end training step and the recompile count")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end part (no kernel cases)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU self-check of the end-to-end path: tiny model, tiny S, Triton's interpreter")
+    ap.add_argument("--e2e-S", default=None, help="comma-separated packed lengths (default 4096,16384)")
+    ap.add_argument("--e2e-steps", type=int, default=None, help="timed steps after the first (default 10)")
+    ap.add_argument("--e2e-timeout", type=float, default=300.0, help="seconds per variant subprocess")
+    ap.add_argument("--e2e-variants", default=None, help="subset of floor,hf_flex,flex_attention,sdpa_packed")
+    ap.add_argument("--recompile-steps", type=int, default=None, help="default 50 (3 with --tiny)")
+    ap.add_argument("--no-recompiles", action="store_true", help="skip the recompile count")
+    ap.add_argument("--triton-cache", choices=("fresh", "inherit"), default="fresh",
+                    help="fresh (default): each e2e subprocess gets new empty TRITON_CACHE_DIR and "
+                    "TORCHINDUCTOR_CACHE_DIR, so first steps are cold; inherit: the environment's")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("hf_flex.bench needs a CUDA GPU")
+    do_kernel = not (args.e2e_only or args.tiny)
+    do_e2e = args.e2e or args.e2e_only or args.tiny
+    if not torch.cuda.is_available() and not args.tiny:
+        sys.exit("hf_flex.bench needs a CUDA GPU (--tiny runs a CPU self-check of the end-to-end path)")
     res = versions()
     res["kernel"] = []
+    res["e2e"] = []
+    res["recompiles_over_50_lengths"] = None
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+
     hdr = f"{'case':24s} {'B':>2s} {'Hq/Hkv':>6s} {'S':>6s} {'D':>4s} {'dens':>6s} | {'fwd ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'f+b ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'mask ms ours':>12s} {'torch':>6s}"
     lines = []
-    for c in QUICK if args.quick else ANCHORS:
+    for c in (QUICK if args.quick else ANCHORS) if do_kernel else []:
         r = run_case(c, do_sdpa=not args.no_sdpa)
         res["kernel"].append(r)
         f = lambda x: "   -  " if x is None else f"{x:6.0f}"  # noqa: E731
@@ -307,13 +338,71 @@ def main(argv=None):
             f"{r['hf_flex_block_mask_ms']:12.3f} {r['torch_flex_block_mask_ms']:6.2f}"
         )
         print(lines[-1], flush=True)
+        dump()
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  transformers {res['transformers']}  (TFLOP/s)")
-    print(hdr)
-    print("\n".join(lines))
+    if do_kernel:
+        try:
+            res["block_tables"] = block_mask_timings()
+        except Exception as e:  # recorded, not fatal: the e2e part still runs
+            res["block_tables"] = {"error": f"{type(e).__name__}: {e}"}
+        dump()
+
+    e2e_table = None
+    if do_e2e:
+        from . import bench_e2e
+
+        S_list = [int(x) for x in args.e2e_S.split(",")] if args.e2e_S else (
+            list(bench_e2e.TINY_S) if args.tiny else [4096, 16384])
+        steps = args.e2e_steps if args.e2e_steps is not None else (2 if args.tiny else 10)
+        variants = tuple(args.e2e_variants.split(",")) if args.e2e_variants else bench_e2e.VARIANTS
+
+        def on_row(rows):
+            res["e2e"] = rows
+            dump()
+
+        rec, rec_thread = None, None
+        n_rec = args.recompile_steps if args.recompile_steps is not None else (3 if args.tiny else 50)
+
+        def recompiles():
+            nonlocal rec
+            rec = bench_e2e.run_recompiles(
+                tiny=args.tiny, steps=n_rec, timeout=args.e2e_timeout, cache=args.triton_cache
+            )
+
+        if args.tiny and not args.no_recompiles:  # CPU self-check: side by side (timings mean nothing there)
+            import threading
+
+            rec_thread = threading.Thread(target=recompiles)
+            rec_thread.start()
+        bench_e2e.run_e2e(S_list, steps=steps, tiny=args.tiny, timeout=args.e2e_timeout, cache=args.triton_cache,
+                          variants=variants, log=lambda m: print(m, flush=True), on_row=on_row,
+                          jobs=4 if args.tiny else 1)
+        if not args.no_recompiles:
+            if rec_thread is not None:
+                rec_thread.join()
+            else:
+                recompiles()
+            res["recompiles"] = rec
+            res["recompiles_over_50_lengths"] = rec.get("recompiles") if n_rec == 50 else None
+            print(f"  recompiles: {rec.get('recompiles', rec.get('error'))} over {n_rec} steps", flush=True)
+        dump()
+        e2e_table = bench_e2e.table(res["e2e"], rec)
+
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  transformers {res['transformers']}")
+    if lines:
+        print("(TFLOP/s)")
+        print(hdr)
+        print("\n".join(lines))
+        bt = res.get("block_tables", {})
+        if "error" in bt:
+            print(f"block tables: {bt['error']}")
+        elif bt:
+            print(f"block tables (S={bt['S']}, {bt['n_docs']} docs): hf_flex from position_ids "
+                  f"{bt['hf_flex_from_position_ids_ms']:.3f} ms, torch create_block_mask "
+                  f"{bt['torch_create_block_mask_ms']:.2f} ms ({bt['speedup_from_position_ids']:.0f}x)")
+    if e2e_table:
+        print("end to end (one packed training step; tokens/s = S / median step time):")
+        print(e2e_table)
 
 
 if __name__ == "__main__":

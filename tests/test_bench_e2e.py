@@ -1,0 +1,50 @@
+"""CPU self-check of the end-to-end benchmark (`python -m hf_flex.bench --tiny`): runs it in a subprocess
+(tiny Llama, S=128, Triton's interpreter) and checks the JSON has issue 5's schema and sane values."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+E2E_KEYS = {
+    "S", "floor_tokens_per_s", "hf_flex_tokens_per_s", "flex_attention_tokens_per_s", "sdpa_packed_tokens_per_s",
+    "hf_flex_first_step_s", "flex_attention_first_step_s", "hf_flex_peak_gib", "flex_attention_peak_gib",
+    "sdpa_packed_peak_gib", "floor_peak_gib", "hf_flex_overhead_over_flex_attention",
+    "hf_flex_overhead_over_sdpa_packed", "correctness_check_passed",
+}
+
+
+def test_bench_tiny_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)  # the bench sets it in its own subprocesses
+    cmd = [sys.executable, "-m", "hf_flex.bench", "--tiny", "--e2e-S", "128", "--e2e-steps", "1",
+           "--recompile-steps", "2", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for k in ("device", "torch", "triton", "transformers", "date", "kernel", "e2e", "recompiles_over_50_lengths"):
+        assert k in res, k
+    assert res["device"] == "cpu" and res["kernel"] == []
+    assert res["recompiles_over_50_lengths"] is None  # interpreter: nothing compiled; and only 2 steps
+    rec = res["recompiles"]
+    assert "error" not in rec, rec
+    assert rec["steps"] == 2 and rec["losses_finite"] and len(set(rec["lengths"])) == 2
+    (row,) = res["e2e"]
+    assert E2E_KEYS <= set(row), E2E_KEYS - set(row)
+    assert row["S"] == 128
+    for v in ("floor", "hf_flex", "sdpa_packed"):
+        assert row[f"{v}_tokens_per_s"] > 0, (v, row.get(f"{v}_error"))
+        assert row[f"{v}_first_step_s"] > 0
+        assert row[f"{v}_triton_cache_empty"] is True  # fresh TRITON_CACHE_DIR per subprocess
+    assert row["flex_attention_tokens_per_s"] is None and "CUDA" in row["flex_attention_error"]
+    # the correctness check ran against the per-document eager truth, and was able to see a document leak
+    assert row["correctness_check_passed"] is True
+    for v in ("hf_flex", "sdpa_packed"):
+        chk = row[f"{v}_check"]
+        assert chk["passed"] and chk["rel_err"] < 1e-4, chk
+    assert row["hf_flex_check"]["check_sensitive"], row["hf_flex_check"]
+    assert row["hf_flex_overhead_over_sdpa_packed"] is not None
+    assert "end to end" in p.stdout and "| pass" in p.stdout
