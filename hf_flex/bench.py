@@ -230,14 +230,13 @@ def block_mask_timings(S: int = 16384, n_docs: int = 24) -> dict:
 
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
 
+    from .transformers.recognize import positions_in_documents
+
     ids = doc_ids(1, S, n_docs)
     mm = mods.and_masks(mods.causal(), mods.document(ids, packed=True))
     structural = dataclasses.replace(mm, structure=None)  # not recognised as packed documents
     generic = dataclasses.replace(mm, structure=None, block_fn=None)
-    starts = torch.ones(S, dtype=torch.bool, device=ids.device)
-    starts[1:] = ids[0, 1:] != ids[0, :-1]
-    idx = torch.arange(S, device=ids.device)
-    pos = (idx - torch.cummax(torch.where(starts, idx, 0), 0).values)[None]  # restarting per document
+    pos = positions_in_documents(ids)  # position_ids restarting per document
 
     t_mask = lambda b, h, q, kv: (kv <= q) & (ids[b, q] == ids[b, kv])  # noqa: E731
     builds = dict(

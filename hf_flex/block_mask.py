@@ -49,23 +49,14 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 logger = logging.getLogger(__name__)
 
 
-def _aligned_pair(shape, device) -> torch.Tensor:
-    """An int32 [2, *shape] tensor whose two halves are contiguous and start 128-byte aligned.
+def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
+    """Uninitialised int32 (kv_num [2, Bm, Hm, nQ], kv_idx [2, Bm, Hm, nQ, nKV], q_num [2, Bm, Hm, nKV],
+    q_idx [2, Bm, Hm, nKV, nQ]): the eight tables as pairs (half 0 partial, half 1 full), carved out of
+    one allocation, each half contiguous and starting 128-byte aligned.
 
     The kernels take each table as a pointer, and Triton specialises on a pointer's 16-byte alignment:
     a half starting mid-allocation would compile other kernel variants for some lengths.
     """
-    n = 1
-    for d in shape:
-        n *= d
-    row = -(-n // 32) * 32
-    return torch.empty((2, row), dtype=torch.int32, device=device)[:, :n].view(2, *shape)
-
-
-def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
-    """Uninitialised int32 (kv_num [2, Bm, Hm, nQ], kv_idx [2, Bm, Hm, nQ, nKV], q_num [2, Bm, Hm, nKV],
-    q_idx [2, Bm, Hm, nKV, nQ]): the eight tables as pairs (half 0 partial, half 1 full), carved out of
-    one allocation, every half starting 128-byte aligned (see :func:`_aligned_pair`)."""
     shapes = ((Bm, Hm, nq), (Bm, Hm, nq, nkv), (Bm, Hm, nkv), (Bm, Hm, nkv, nq))
     sizes = [Bm * Hm * nq, Bm * Hm * nq * nkv, Bm * Hm * nkv, Bm * Hm * nkv * nq]
     rows = [-(-n // 32) * 32 for n in sizes]
@@ -77,16 +68,13 @@ def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
     return tuple(out)
 
 
-def _tables(skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Counts [2, ..., R] and ascending indices [2, ..., R, C] of the zero entries of a [2, ..., R, C]
-    uint8 tensor, each half in an aligned place of its own."""
-    num = _aligned_pair(skip.shape[1:-1], skip.device)
+def _tables(skip: torch.Tensor, num: torch.Tensor, idx: torch.Tensor) -> None:
+    """Fill counts ``num`` [2, ..., R] and ascending indices ``idx`` [2, ..., R, C] of the zero entries
+    of a [2, ..., R, C] uint8 tensor (the sort-based builder of the tables)."""
     num.copy_(skip.shape[-1] - skip.sum(-1, dtype=torch.int32))
     # a stable sort of "skip" puts the selected columns first, in ascending order, then the others
     # (also in range: the kernels may prefetch past a row's count)
-    idx = _aligned_pair(skip.shape[1:], skip.device)
     idx.copy_(torch.argsort(skip, dim=-1, stable=True))
-    return num, idx
 
 
 class BlockMask:
@@ -281,19 +269,19 @@ def block_mask_from_classes(
     qb, kb = _check_block_size(block_size)
     if classes.dim() != 4:
         raise ValueError(f"classes must be [Bm, Hm, nQ, nKV], got shape {tuple(classes.shape)}")
+    kv_num, kv_idx, q_num, q_idx = table_buffers(*classes.shape, classes.device)
     if classes.device.type == "cuda":
         # one Triton launch fills all eight tables (the sorts below cost a dozen launches; under the
         # CPU interpreter the kernel is far slower than they are: tests run it on small shapes only)
         from .kernels.block_tables import tables_from_classes
 
-        kv_num, kv_idx, q_num, q_idx = table_buffers(*classes.shape, classes.device)
         tables_from_classes(classes, kv_num, kv_idx, q_num, q_idx)
     else:
         # [2, Bm, Hm, nQ, nKV], 0 where the partial (index 0) / full (index 1) tables list the block:
         # one sort per direction serves both kinds
         skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
-        kv_num, kv_idx = _tables(skip)
-        q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
+        _tables(skip, kv_num, kv_idx)
+        _tables(skip.transpose(-1, -2).contiguous(), q_num, q_idx)
     return BlockMask.from_pairs(kv_num, kv_idx, q_num, q_idx, (q_len, kv_len), (qb, kb), mask_mod, "classes")
 
 

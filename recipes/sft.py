@@ -91,40 +91,30 @@ BF16_FLOOR = {"loss": 1e-3, "grad_norm": 2e-3, "grad": 2e-3, "param_grad": 2e-2}
 # ------------------------------------------------------------------------------------------------ flags
 
 
-def _positive_int(flag):
+def _checked(flag, cast, ok, need):
+    """An argparse type: ``cast(s)``, refused with a message naming ``flag`` unless ``ok(value)``."""
     def conv(s):
         try:
-            v = int(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
+            what = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"{flag} must be {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{flag} must be {need}, got {v if cast is int else s}")
         return v
     return conv
+
+
+def _positive_int(flag):
+    return _checked(flag, int, lambda v: v >= 1, ">= 1")
 
 
 def _nonneg_int(flag):
-    def conv(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {v}")
-        return v
-    return conv
+    return _checked(flag, int, lambda v: v >= 0, ">= 0")
 
 
 def _positive_float(flag):
-    def conv(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {s!r}") from None
-        if not v > 0 or not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{flag} must be > 0, got {s}")
-        return v
-    return conv
+    return _checked(flag, float, lambda v: v > 0 and math.isfinite(v), "> 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

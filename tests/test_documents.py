@@ -16,7 +16,7 @@ import torch
 
 import hf_flex
 from hf_flex import mods
-from hf_flex.block_mask import FULL, PARTIAL, BlockMask, _aligned_pair, _tables, table_buffers
+from hf_flex.block_mask import FULL, PARTIAL, BlockMask, _tables, table_buffers
 from hf_flex.documents import (
     document_ids_from_cu_seqlens,
     document_ids_from_position_ids,
@@ -169,8 +169,9 @@ def test_document_tables_exact(device, seed, blocks):
 
 def _sorted_tables(classes):
     skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)
-    kv_num, kv_idx = _tables(skip)
-    q_num, q_idx = _tables(skip.transpose(-1, -2).contiguous())
+    kv_num, kv_idx, q_num, q_idx = table_buffers(*classes.shape, "cpu")
+    _tables(skip, kv_num, kv_idx)
+    _tables(skip.transpose(-1, -2).contiguous(), q_num, q_idx)
     return kv_num, kv_idx, q_num, q_idx
 
 
@@ -183,12 +184,7 @@ def test_tables_kernel_equals_sorts(device, shape):
     classes = torch.randint(0, 3, shape, generator=g, dtype=torch.int8)
     for cls in (classes, classes[:, :1].expand(shape)):  # contiguous, and an expanded view
         want = _sorted_tables(cls.contiguous())
-        got = (
-            _aligned_pair((Bm, Hm, nq), device),
-            _aligned_pair((Bm, Hm, nq, nkv), device),
-            _aligned_pair((Bm, Hm, nkv), device),
-            _aligned_pair((Bm, Hm, nkv, nq), device),
-        )
+        got = table_buffers(Bm, Hm, nq, nkv, device)
         tables_from_classes(cls.to(device), *got)
         for name, a, b in zip(("kv_num", "kv_idx", "q_num", "q_idx"), got, want):
             assert torch.equal(a.cpu(), b), name

@@ -88,6 +88,20 @@ def list_blocks(cls, o, m, code, n_sel, sel, oth, idx):
 
 
 @triton.jit
+def count_or_list(p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_half):
+    """One chunk of a row or column of block classes ``cls`` (block numbers ``o``, ``m`` = in range).
+    Pass p = 0 counts the partial (n_p) and full (n_f) blocks; pass 1 lists them, partial blocks in
+    ``idx``, full ones in ``idx + idx_half``. Returns the updated counters."""
+    if p == 0:
+        n_p += tl.sum(((cls == 1) & m).to(tl.int32), 0)
+        n_f += tl.sum(((cls == 2) & m).to(tl.int32), 0)
+    else:
+        sel_p, oth_p = list_blocks(cls, o, m, 1, n_p, sel_p, oth_p, idx)
+        sel_f, oth_f = list_blocks(cls, o, m, 2, n_f, sel_f, oth_f, idx + idx_half)
+    return n_p, n_f, sel_p, oth_p, sel_f, oth_f
+
+
+@triton.jit
 def list_destinations(is_row, bh, i, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half):
     """Where the lists of row i (query block i: kv tables) or column i (key block i: q tables) of
     batch-head bh go: (count pointer, index-row pointer, half strides of both)."""
@@ -145,27 +159,22 @@ def _tables_kernel(
     num, idx, num_half, idx_half = list_destinations(
         is_row, bh, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
     )
-    # pass 1: how many partial and full blocks
     n_p = tl.full((), 0, tl.int32)
     n_f = tl.full((), 0, tl.int32)
-    for s in range(0, L, CHUNK):
-        o = s + tl.arange(0, CHUNK)
-        cls = tl.load(line + o * step, mask=o < L, other=0)
-        n_p += tl.sum((cls == 1).to(tl.int32), 0)
-        n_f += tl.sum((cls == 2).to(tl.int32), 0)
+    for p in range(2):  # pass 0 counts the partial and full blocks, pass 1 lists them
+        sel_p = tl.full((), 0, tl.int32)
+        oth_p = tl.full((), 0, tl.int32)
+        sel_f = tl.full((), 0, tl.int32)
+        oth_f = tl.full((), 0, tl.int32)
+        for s in range(0, L, CHUNK):
+            o = s + tl.arange(0, CHUNK)
+            m = o < L
+            cls = tl.load(line + o * step, mask=m, other=0)
+            n_p, n_f, sel_p, oth_p, sel_f, oth_f = count_or_list(
+                p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_half
+            )
     tl.store(num, n_p)
     tl.store(num + num_half, n_f)
-    # pass 2: each block's place in the partial list and in the full list
-    sel_p = tl.full((), 0, tl.int32)
-    oth_p = tl.full((), 0, tl.int32)
-    sel_f = tl.full((), 0, tl.int32)
-    oth_f = tl.full((), 0, tl.int32)
-    for s in range(0, L, CHUNK):
-        o = s + tl.arange(0, CHUNK)
-        m = o < L
-        cls = tl.load(line + o * step, mask=m, other=0)
-        sel_p, oth_p = list_blocks(cls, o, m, 1, n_p, sel_p, oth_p, idx)
-        sel_f, oth_f = list_blocks(cls, o, m, 2, n_f, sel_f, oth_f, idx + idx_half)
 
 
 def tables_from_classes(classes: torch.Tensor, kv_num, kv_idx, q_num, q_idx) -> None:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_tables import list_blocks, list_destinations
+from .block_tables import count_or_list, list_destinations
 
 
 @triton.jit
@@ -95,12 +95,9 @@ def _document_tables_kernel(
                 dq_lo = tl.load(row + q_lo, mask=m, other=0)
                 dq_hi = tl.load(row + q_hi, mask=m, other=0)
                 cls = _document_class(dq_lo, dq_hi, q_lo, q_hi, d_lo, d_hi, lo, hi, WINDOW, CAUSAL, HAS_WINDOW)
-            if p == 0:
-                n_p += tl.sum(((cls == 1) & m).to(tl.int32), 0)
-                n_f += tl.sum(((cls == 2) & m).to(tl.int32), 0)
-            else:
-                sel_p, oth_p = list_blocks(cls, o, m, 1, n_p, sel_p, oth_p, idx)
-                sel_f, oth_f = list_blocks(cls, o, m, 2, n_f, sel_f, oth_f, idx + idx_half)
+            n_p, n_f, sel_p, oth_p, sel_f, oth_f = count_or_list(
+                p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_half
+            )
     tl.store(num, n_p)
     tl.store(num + num_half, n_f)
 

@@ -34,21 +34,28 @@ def _batch_key(t: torch.Tensor):
 
 
 def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
-    """(doc_ids [B, S], cache key, positions [B, S] or None) for a packed batch without cache offset."""
+    """(cache key, build) for a packed batch without cache offset, else None; ``build()`` gives
+    (doc_ids [B, S], positions in documents [B, S]). Every layer asks; only a cache miss (the first
+    layer of a batch) builds, so the ids cost their launches once per batch."""
     if q_len != kv_len:
         return None  # decoding after a cache: the keys' documents are not in this call's position_ids
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = kwargs.get("hf_flex_position_ids")  # forwarded by a family patch (patches/llama4.py)
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q_len:
-        return documents_from_position_ids(pos, batch_size), ("pos",) + _batch_key(pos), pos.expand(batch_size, -1)
+        return ("pos",) + _batch_key(pos), lambda: (
+            documents_from_position_ids(pos, batch_size), pos.expand(batch_size, -1)
+        )
     cu = kwargs.get("cu_seq_lens_q")
     # cu_seqlens[-1] is not checked against q_len (a host sync per layer): positions past it would
     # form one more document, which is what "documents" means there
     if isinstance(cu, torch.Tensor) and batch_size == 1 and cu.dim() == 1:
-        ids = documents_from_cu_seqlens(cu, q_len)
-        starts = cu[:-1].to(torch.int64)[ids[0].long()]
-        return ids, ("cu",) + _batch_key(cu), (torch.arange(q_len, device=cu.device) - starts)[None]
+        def build():
+            ids = documents_from_cu_seqlens(cu, q_len)
+            starts = cu[:-1].to(torch.int64)[ids[0].long()]
+            return ids, (torch.arange(q_len, device=cu.device) - starts)[None]
+
+        return ("cu",) + _batch_key(cu), build
     return None
 
 
@@ -67,7 +74,7 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
             docs = _documents(kwargs, batch_size, q_len, kv_len)
         if docs is None:
             return attention_mask.block_mask, attention_mask.has_documents
-        return attention_mask.with_documents(docs[0], docs[1], docs[2])
+        return attention_mask.with_documents(*docs)
 
     if isinstance(attention_mask, BlockMask):
         return attention_mask, False
@@ -94,12 +101,13 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
     causal = getattr(module, "is_causal", True)
     base = mods.offset(mods.causal(), kv_len - q_len, 0) if causal else mods.noop()
     docs = _documents(kwargs, batch_size, q_len, kv_len)
-    key = ("none", causal, batch_size, q_len, kv_len, device) + (docs[1] if docs else ())
+    key = ("none", causal, batch_size, q_len, kv_len, device) + (docs[0] if docs else ())
     hit = _fallback_cache.get(key)
     if hit is None:
         if docs is not None:
-            mm = mods.and_masks(base, mods.document(docs[0], packed=True))
-            hit = (create_block_mask(mm, batch_size, None, q_len, kv_len, device=device), SeveralDocuments(docs[0]))
+            ids, _ = docs[1]()
+            mm = mods.and_masks(base, mods.document(ids, packed=True))
+            hit = (create_block_mask(mm, batch_size, None, q_len, kv_len, device=device), SeveralDocuments(ids))
         else:
             hit = (create_block_mask(base, None, None, q_len, kv_len, device=device), False)
         _fallback_cache.clear()

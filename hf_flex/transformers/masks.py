@@ -80,13 +80,15 @@ class FlexMask:
             )
         return self._block_mask
 
-    def with_documents(self, doc_ids: torch.Tensor, key, positions: Optional[torch.Tensor] = None):
-        """(BlockMask, packed) for this mask AND "same document" (doc_ids [B, q_len], non-decreasing
-        rows from position_ids or cu_seqlens), built once per ``key`` (one batch) and shared by the
-        layers; packed (a :class:`SeveralDocuments`) = some row holds several documents."""
+    def with_documents(self, key, build):
+        """(BlockMask, packed) for this mask AND "same document", built once per ``key`` (one batch)
+        and shared by the layers; packed (a :class:`SeveralDocuments`) = some row holds several
+        documents. ``build()`` gives (doc_ids [B, q_len], non-decreasing rows from position_ids or
+        cu_seqlens; positions in documents [B, q_len]) and runs on a cache miss only."""
         hit = self._derived.get(key)
         if hit is None:
-            if self.positional is not None and positions is not None:
+            doc_ids, positions = build()
+            if self.positional is not None:
                 parts = [mods.remap(self.positional, positions)] + ([self.padding] if self.padding is not None else [])
                 mm = mods.and_masks(*parts, mods.document(doc_ids, packed=True))
             else:
