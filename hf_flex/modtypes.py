@@ -29,8 +29,10 @@ example once per training batch) returns the same function and so never recompil
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import linecache
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -46,18 +48,65 @@ _lock = threading.Lock()
 _cache: dict = {}
 
 
+def _full_name(fn) -> str:
+    """The name Triton mangles a called function by: its module and qualified name."""
+    f = getattr(fn, "fn", fn)
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', '?'))}"
+
+
+# full name of each generated function -> the env objects it was built from; and, for each generated
+# function, the full names of every Triton function it reaches -> that function object
+_generated: dict = {}
+_reaches: dict = {}
+
+
+def _reached(fn) -> dict:
+    return _reaches.get(_full_name(fn), {_full_name(fn): fn})
+
+
 def generate_jit(name: str, src: str, env: dict) -> Any:
     """Compile ``src`` (which defines ``name``) as a ``@triton.jit`` function with globals ``env``.
+
+    The function is renamed ``name_<digest>`` (digest of ``src`` and of the full names of the functions
+    it calls). Triton compiles each called function once per kernel *by name* (module, qualified name,
+    argument types), so two different generated functions sharing a name would silently run one body
+    for both: ``and(offset(a), offset(b))`` would evaluate ``a`` twice. The digest keeps names stable
+    across processes, so Triton's on-disk cache still hits. Two different *user* functions with the same
+    module and qualified name (e.g. made by one factory) cannot be told apart by Triton: combining them
+    raises a ValueError instead of computing a wrong mask.
 
     The source is registered in :mod:`linecache` under a unique file name because Triton reads a
     function's source with :func:`inspect.getsource`.
     """
-    filename = f"<hf_flex generated {name} #{next(_counter)}>"
+    reaches: dict = {}
+    for key in sorted(env):
+        if not is_jit(env[key]):
+            continue
+        for full, obj in _reached(env[key]).items():
+            if reaches.setdefault(full, obj) is not obj:
+                raise ValueError(
+                    f"two different Triton functions are both named {full!r}; Triton compiles calls by "
+                    "module and function name, so one would run in place of the other. Give them distinct "
+                    "names (e.g. do not build several @triton.jit functions in one factory)"
+                )
+    deps = repr([(k, _full_name(v) if is_jit(v) else repr(v)) for k, v in sorted(env.items())])
+    digest = hashlib.sha1((src + deps).encode()).hexdigest()[:12]
+    unique = f"{name}_{digest}"
+    ident = tuple(sorted((k, id(v)) for k, v in env.items()))
+    while _generated.setdefault(f"hf_flex.generated.{unique}", ident) != ident:
+        unique += "_"  # same source and callee names, different callee objects: keep both apart
+    src, n = re.subn(rf"^def {re.escape(name)}\(", f"def {unique}(", src, flags=re.M)
+    if n != 1:
+        raise AssertionError(f"generate_jit: src must define {name} once")
+    filename = f"<hf_flex generated {unique} #{next(_counter)}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     # a real module name: Triton inspects fn.__module__ of every function it compiles
     namespace = {"__name__": "hf_flex.generated", "triton": triton, "tl": tl, **env}
     exec(compile(src, filename, "exec"), namespace)
-    return namespace[name]
+    fn = namespace[unique]
+    reaches[_full_name(fn)] = fn
+    _reaches[_full_name(fn)] = reaches
+    return fn
 
 
 def _cached(key, build: Callable[[], Any]):

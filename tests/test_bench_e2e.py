@@ -20,6 +20,7 @@ def test_bench_tiny_json(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)  # the bench sets it in its own subprocesses
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU self-check also on a GPU machine (the GPU run is the real bench)
     cmd = [sys.executable, "-m", "hf_flex.bench", "--tiny", "--e2e-S", "128", "--e2e-steps", "1",
            "--recompile-steps", "2", "--json", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

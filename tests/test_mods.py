@@ -149,6 +149,14 @@ MASKS = {
         mods.offset(mods.sliding_window(6), 2, 0), mods.or_masks(mods.causal(), mods.document(_ids(d)))
     ),
     "single and": lambda d: mods.and_masks(mods.chunked(5)),
+    # siblings built by the same combinator: compiled, they must stay two functions (Triton compiles
+    # called functions by name; same-named siblings once ran the first body for both)
+    "and(offset(sliding),offset(chunked))": lambda d: mods.and_masks(
+        mods.offset(mods.sliding_window(6), 0, 0), mods.offset(mods.chunked(8), 0, 0)
+    ),
+    "and(and(causal),and(and(sliding)))": lambda d: mods.and_masks(
+        mods.and_masks(mods.causal()), mods.and_masks(mods.and_masks(mods.sliding_window(5)))
+    ),
 }
 
 
@@ -427,6 +435,36 @@ def test_same_chain_same_triton_fn():
     r2 = mods.chain(mods.relative_bias(t2), mods.softcap(7.0))
     assert r1.kernel_param_grad_fn is r2.kernel_param_grad_fn
     assert mods.softcap(1.0).kernel_fn is mods.softcap(2.0).kernel_fn
+
+
+def test_generated_functions_have_distinct_names():
+    """Triton compiles a called function once per kernel by module + name: every generated function
+    needs its own name, or one body runs for two functions."""
+    combos = [
+        mods.offset(mods.sliding_window(6), 0, 0), mods.offset(mods.chunked(8), 0, 0),
+        mods.and_masks(mods.causal()), mods.and_masks(mods.sliding_window(3)),
+        mods.or_masks(mods.causal()), mods.remap(mods.causal(), torch.zeros(1, 4, dtype=torch.int32)),
+    ]
+    fns = {m.triton_fn for m in combos}
+    names = {f"{f.fn.__module__}.{f.fn.__qualname__}" for f in fns}
+    assert len(fns) == len(combos) and len(names) == len(fns)
+
+
+def _same_named_mask():
+    @triton.jit
+    def same_name(b, h, q, kv):
+        return kv <= q
+
+    return hf_flex.MaskMod(same_name, lambda b, h, q, kv: kv <= q, (), "same_name")
+
+
+def test_two_user_functions_with_one_name_are_refused():
+    a, b = _same_named_mask(), _same_named_mask()
+    with pytest.raises(ValueError, match="both named"):
+        mods.and_masks(a, b)
+    with pytest.raises(ValueError, match="both named"):
+        mods.or_masks(mods.offset(a, 1, 0), mods.and_masks(b, mods.causal()))
+    mods.and_masks(a, mods.offset(a, 1, 0))  # one function used twice is fine
 
 
 def test_changing_values_changes_results(device):
