@@ -509,6 +509,22 @@ class JsonLog:
             self.f.flush()
 
 
+def _fsdp2_precision(acc, args):
+    """FSDP2 with bf16: bf16 compute, gradients reduced in fp32, outputs left as computed.
+
+    accelerate's bf16 policy also reduce-scatters gradients in bf16 and casts the model's outputs to
+    bf16, the loss included (it was logged as 7.8984375). DDP all-reduces fp32 gradients; torchtitan's
+    FSDP2 default reduces in fp32 too. Without an output cast, the loss stays the fp32 value the model
+    computes from bf16 logits (the logits are not upcast: [B, S, vocab] in fp32 costs memory).
+    """
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2 or args.dtype != "bf16":
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
@@ -519,6 +535,7 @@ def main(argv=None):
         mixed_precision="bf16" if args.dtype == "bf16" else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
     )
+    _fsdp2_precision(acc, args)
     dev, P, main_proc = acc.device, acc.num_processes, acc.is_main_process
     if main_proc:
         os.makedirs(args.output_dir, exist_ok=True)
