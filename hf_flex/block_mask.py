@@ -62,8 +62,12 @@ def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
     rows = [-(-n // 32) * 32 for n in sizes]
     buf = torch.empty(2 * sum(rows), dtype=torch.int32, device=device)
     out, off = [], 0
-    for shape, n, row in zip(shapes, sizes, rows):
-        out.append(buf[off : off + 2 * row].view(2, row)[:, :n].view(2, *shape))
+    for shape, row in zip(shapes, rows):
+        # one as_strided per pair (host time is the cost here: this runs once per training batch)
+        strides = [row] + [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i + 1] = strides[i + 2] * shape[i + 1]
+        out.append(buf.as_strided((2, *shape), strides, off))
         off += 2 * row
     return tuple(out)
 
@@ -150,10 +154,10 @@ class BlockMask:
         """From the table pairs of :func:`table_buffers`, filled by a builder of this package: no checks
         (the constructor's cost tens of microseconds, a per-batch cost on the packed path)."""
         self = cls.__new__(cls)
-        self.kv_num_blocks, self.full_kv_num_blocks = kv_num[0], kv_num[1]
-        self.kv_indices, self.full_kv_indices = kv_idx[0], kv_idx[1]
-        self.q_num_blocks, self.full_q_num_blocks = q_num[0], q_num[1]
-        self.q_indices, self.full_q_indices = q_idx[0], q_idx[1]
+        self.kv_num_blocks, self.full_kv_num_blocks = kv_num.unbind(0)
+        self.kv_indices, self.full_kv_indices = kv_idx.unbind(0)
+        self.q_num_blocks, self.full_q_num_blocks = q_num.unbind(0)
+        self.q_indices, self.full_q_indices = q_idx.unbind(0)
         self.seq_lengths = seq_lengths
         self.BLOCK_SIZE = block_size
         self.mask_mod = mask_mod

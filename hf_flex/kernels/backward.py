@@ -1,4 +1,5 @@
-"""Backward kernels: Delta = rowsum(dO * O), then dK/dV (key-major tables) and dQ (query-major tables).
+"""Backward kernels: Delta = rowsum(dO * O), then dK/dV (key-major tables) and dQ (query-major tables),
+as two launches or as one (attn_bwd_kernel).
 
 No atomics on dQ, dK or dV, so they are deterministic. GQA: one dK/dV program owns one key head and
 sums over the GROUP query heads that read it, in order. Learnable score-mod tensors (relative bias
@@ -10,7 +11,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import scores_tile
+from .forward import _reversed, scores_tile
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -96,7 +97,7 @@ def _dkdv_inner(
             qkT, b, h, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
-        pT = tl.math.exp2(sT * 1.4426950408889634 - lse2[None, :])
+        pT = tl.math.exp2(sT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -106,8 +107,9 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=[n for n in _DYNAMIC if n != "stride_iq"])
-def attn_bwd_dkdv_kernel(
+@triton.jit
+def _dkdv_program(
+    pid_n, pid_bh,
     Q, K, V, DO, DK, DV_, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -135,8 +137,7 @@ def attn_bwd_dkdv_kernel(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass."""
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -239,7 +240,7 @@ def _dq_inner(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
-        p = tl.math.exp2(s * 1.4426950408889634 - lse2[:, None])
+        p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if SCORE_PARAM_GRAD is not None:
@@ -250,8 +251,9 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=[n for n in _DYNAMIC if n != "stride_ik"])
-def attn_bwd_dq_kernel(
+@triton.jit
+def _dq_program(
+    pid_m, pid_bh,
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -278,8 +280,7 @@ def attn_bwd_dq_kernel(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """dQ of BLOCK_M queries of one (batch, query head): program (pid_m, pid_bh) of the dQ pass."""
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -329,3 +330,128 @@ def attn_bwd_dq_kernel(
         dq.to(DQ.dtype.element_ty),
         mask=q_in[:, None] & (offs_d[None, :] < D),
     )
+
+
+# Two launches (used where the passes want different warps or pipelining depths) ...
+
+
+@triton.jit(do_not_specialize=[n for n in _DYNAMIC if n != "stride_iq"])
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV_, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh,
+    Q_NUM, Q_IDX, FQ_NUM, FQ_IDX,
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
+    Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
+    mask_args, score_args,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    _dkdv_program(
+        tl.program_id(0), tl.program_id(1),
+        Q, K, V, DO, DK, DV_, LSE, DELTA,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        stride_lb, stride_lh,
+        Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
+        Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        D, DP, DV, DVP, DOT_PREC,
+    )
+
+
+@triton.jit(do_not_specialize=[n for n in _DYNAMIC if n != "stride_ik"])
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh,
+    KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
+    mask_args, score_args, score_grads,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
+    REVERSE_M: tl.constexpr,
+):
+    _dq_program(
+        _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M), tl.program_id(1),
+        Q, K, V, DO, DQ, LSE, DELTA,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
+        KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+        Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        D, DP, DV, DVP, DOT_PREC,
+    )
+
+
+# ... or one launch whose first N_DKDV programs are the dK/dV pass and the rest the dQ pass, so the two
+# passes share the GPU instead of the dQ pass starting only after the dK/dV pass's slowest program.
+
+
+@triton.jit(do_not_specialize=_DYNAMIC + ["stride_cnb", "stride_cnh", "stride_cib", "stride_cih", "N_DKDV", "N_TILES_KV", "N_TILES_Q"])
+def attn_bwd_kernel(
+    Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh,
+    Q_NUM, Q_IDX, FQ_NUM, FQ_IDX,  # key-major tables (dK/dV pass)
+    stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
+    KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,  # query-major tables (dQ pass)
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    Q_LEN, KV_LEN, HQ, HKV, GROUP, sm_scale,
+    N_DKDV, N_TILES_KV, N_TILES_Q,
+    mask_args, score_args, score_grads,
+    MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
+    REVERSE_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < N_DKDV:
+        _dkdv_program(
+            pid % N_TILES_KV, pid // N_TILES_KV,
+            Q, K, V, DO, DK, DV_, LSE, DELTA,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_lb, stride_lh,
+            Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
+            Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV,
+            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+        )
+    else:
+        p = pid - N_DKDV
+        _dq_program(
+            _reversed(p % N_TILES_Q, N_TILES_Q, REVERSE_M), p // N_TILES_Q,
+            Q, K, V, DO, DQ, LSE, DELTA,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
+            KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+            Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV,
+            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+        )

@@ -35,21 +35,33 @@ def scores_tile(
     APPLY_MASK: tl.constexpr,
     CHECK_KV: tl.constexpr,
 ):
-    """Scaled, score-modded, masked scores (natural units); masked entries are -inf.
+    """Scaled, score-modded, masked scores in log2 units (times log2(e), for exp2); masked entries -inf.
 
-    Returns (s_in, s): s_in is the score before score_mod (needed by score_mod derivatives).
+    Returns (s_in, s2): s_in is the natural-units score before score_mod (score_mod derivatives need
+    it; without a score mod nothing reads it and the compiler drops it), s2 the score times log2(e).
+    Without a score mod, log2(e) folds into the scale: one multiply per score.
     The score mod sees the real (b, h); the mask sees (mb, mh), which are 0 where the block mask
     was built with that dimension broadcast, as its block classification did.
     """
     s_in = qk * sm_scale
-    s = s_in
-    if SCORE_MOD is not None:
-        s = SCORE_MOD(s_in, b, h, q_idx, kv_idx, score_args)
+    if SCORE_MOD is None:
+        s = qk * (sm_scale * 1.4426950408889634)
+    else:
+        s = SCORE_MOD(s_in, b, h, q_idx, kv_idx, score_args) * 1.4426950408889634
     if APPLY_MASK:
         s = tl.where(MASK_MOD(mb, mh, q_idx, kv_idx, mask_args), s, float("-inf"))
     if CHECK_KV:
         s = tl.where(kv_in, s, float("-inf"))
     return s_in, s
+
+
+@triton.jit
+def _reversed(pid, n, REVERSE: tl.constexpr):
+    """Program ``pid`` of ``n`` in reverse order when REVERSE: causal-like masks give the last query
+    tiles the most key blocks, and starting those first leaves no long program for the tail."""
+    if REVERSE:
+        return n - 1 - pid
+    return pid
 
 
 @triton.jit
@@ -116,7 +128,6 @@ def _fwd_inner(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
-        s = s * 1.4426950408889634  # log2(e): exp2 is the cheap exponential
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid inf - inf
         p = tl.math.exp2(s - m_safe[:, None])
@@ -158,8 +169,9 @@ def attn_fwd_kernel(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    REVERSE_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ

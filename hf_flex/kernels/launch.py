@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
 from .forward import attn_fwd_kernel
 
 
@@ -44,6 +44,11 @@ def _fit(t: Tiles, sparse_q: int, sparse_kv: int) -> Tiles:
 # torch 2.11 / triton 3.6 (scripts/tune_tiles.py, causal, S=8192; notes in tests/benchmarks/NOTES.md).
 # OVERRIDES (pass -> Tiles) lets a tuning script try others.
 OVERRIDES: dict = {}
+
+# Scheduling choices, as knobs a tuning script may flip (defaults: measured, tests/benchmarks/NOTES.md).
+# reverse_m: forward and dQ programs take query tiles last to first (the long ones of causal masks first).
+# fused_bwd: dK/dV and dQ programs in one launch when both passes use the same warps and stages.
+SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True}
 
 _TABLE = {
     # (d <= 64, 2-byte):   fwd                 dkdv (block_m = query sub-tile, block_n = keys)   dq
@@ -141,6 +146,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         DV=DV,
         DVP=DVP,
         DOT_PREC=_dot_prec(q.dtype),
+        REVERSE_M=SCHEDULE["reverse_m"],
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )
@@ -176,51 +182,47 @@ def flex_backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     prec = _dot_prec(q.dtype)
-    s_nb, s_nh, s_ib, s_ih, _ = bwd_tables.strides()
-    attn_bwd_dkdv_kernel[(triton.cdiv(SKV, t.block_n), B * HKV)](
+    c_nb, c_nh, c_ib, c_ih, c_ik = bwd_tables.strides()
+    r_nb, r_nh, r_ib, r_ih, r_iq = fwd_tables.strides()
+    n_kv, n_q = triton.cdiv(SKV, t.block_n), triton.cdiv(SQ, t2.block_m)
+    common = dict(
+        MASK_MOD=mask_fn, SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn,
+        KV_DIVISIBLE=SKV % skv == 0, SPARSE_Q=sq, SPARSE_KV=skv,
+        D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
+        n_dkdv = n_kv * B * HKV
+        attn_bwd_kernel[(n_dkdv + n_q * B * HQ,)](
+            q, k, v, dout, dq, dk, dv, lse, delta,
+            *strides, *dq.stride(), *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
+            bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
+            fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
+            SQ, SKV, HQ, HKV, HQ // HKV, sm_scale,
+            n_dkdv, n_kv, n_q,
+            mask_args, score_args, score_grads,
+            SCORE_PARAM_GRAD=score_param_grad_fn, Q_DIVISIBLE=SQ % sq == 0,
+            DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
+            REVERSE_M=SCHEDULE["reverse_m"], **common,
+        )
+        return dq, dk, dv, delta
+    attn_bwd_dkdv_kernel[(n_kv, B * HKV)](
         q, k, v, dout, dk, dv, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        lse.stride(0), lse.stride(1),
-        bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx,
-        s_nb, s_nh, s_ib, s_ih, bwd_tables.idx.shape[-1],
+        *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
+        bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
         SQ, SKV, HKV, HQ // HKV, sm_scale,
         mask_args, score_args,
-        MASK_MOD=mask_fn,
-        SCORE_MOD=score_fn,
-        SCORE_GRAD=score_grad_fn,
-        Q_DIVISIBLE=SQ % sq == 0,
-        KV_DIVISIBLE=SKV % skv == 0,
-        SPARSE_Q=sq,
-        SPARSE_KV=skv,
-        BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n,
-        D=D, DP=DP, DV=DV, DVP=DVP,
-        DOT_PREC=prec,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        Q_DIVISIBLE=SQ % sq == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n, **common,
     )
-    s_nb, s_nh, s_ib, s_ih, _ = fwd_tables.strides()
-    attn_bwd_dq_kernel[(triton.cdiv(SQ, t2.block_m), B * HQ)](
+    common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
+    attn_bwd_dq_kernel[(n_q, B * HQ)](
         q, k, v, dout, dq, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        lse.stride(0), lse.stride(1),
-        fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx,
-        s_nb, s_nh, s_ib, s_ih, fwd_tables.idx.shape[-1],
+        *strides, *dq.stride(), lse.stride(0), lse.stride(1),
+        fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
         SQ, SKV, HQ, HQ // HKV, sm_scale,
         mask_args, score_args, score_grads,
-        MASK_MOD=mask_fn,
-        SCORE_MOD=score_fn,
-        SCORE_GRAD=score_grad_fn,
-        SCORE_PARAM_GRAD=score_param_grad_fn,
-        KV_DIVISIBLE=SKV % skv == 0,
-        SPARSE_Q=sq,
-        SPARSE_KV=skv,
-        BLOCK_M=t2.block_m,
-        BLOCK_N=t2.block_n,
-        D=D, DP=DP, DV=DV, DVP=DVP,
-        DOT_PREC=prec,
-        num_warps=t2.num_warps,
-        num_stages=t2.num_stages,
+        SCORE_PARAM_GRAD=score_param_grad_fn, BLOCK_M=t2.block_m, BLOCK_N=t2.block_n,
+        REVERSE_M=SCHEDULE["reverse_m"], **common,
     )
     return dq, dk, dv, delta
 
@@ -228,7 +230,7 @@ def flex_backward(
 def compiled_variants() -> int:
     """How many compiled variants of the attention kernels exist in this process (for recompile checks)."""
     n = 0
-    for fn in (attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel):
+    for fn in (attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel):
         for entry in getattr(fn, "device_caches", {}).values():
             n += len(entry[0])
     return n

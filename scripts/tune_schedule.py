@@ -1,0 +1,156 @@
+"""Compare launch schedules (hf_flex.kernels.launch.SCHEDULE) side by side on the anchor cases.
+
+    python scripts/tune_schedule.py [--cases 0,1,4] [--budget-s 420] [--json out.json]
+
+Per case: hf_flex under every schedule and torch's compiled flex_attention are first checked against
+a float64 reference on one slice (the last batch, the last key head and its query heads: output and
+dq/dk/dv); hf_flex's error must stay
+within 2x torch flex's plus 1e-3 (both are bf16 kernels with fp32 accumulation). Then each is timed
+(forward, forward+backward; median of triton's do_bench), TFLOP/s over the unmasked FLOPs as in
+hf_flex.bench. Cases start only while --budget-s seconds have not passed (device calls are capped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import hf_flex
+from hf_flex import bench
+from hf_flex.kernels import launch
+
+SCHEDULES = {
+    "before": {"reverse_m": False, "fused_bwd": False},
+    "reverse": {"reverse_m": True, "fused_bwd": False},
+    "reverse+fused": {"reverse_m": True, "fused_bwd": True},
+}
+
+
+def reference_slice(q, k, v, do, dense, sm_fn, b, hk, group):
+    """float64 output and dq of the query heads of key head hk in batch b, and that key head's dk/dv
+    (summed over those query heads, as GQA's gradient is)."""
+    heads = slice(hk * group, (hk + 1) * group)
+    qs = q[b, heads].double().detach().requires_grad_()
+    ks, vs = (t[b, hk].double().detach().requires_grad_() for t in (k, v))
+    s = qs @ ks.T / qs.shape[-1] ** 0.5
+    if sm_fn is not None:
+        s = sm_fn(s)
+    s = s.masked_fill(~dense, float("-inf"))
+    o = torch.softmax(s, -1) @ vs
+    dq, dk, dv = torch.autograd.grad(o, (qs, ks, vs), do[b, heads].double())
+    return o, dq, dk, dv
+
+
+def slice_errors(f, q, k, v, do, ref, b, hk, group):
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    o = f(qs, ks, vs)
+    g = torch.autograd.grad(o, (qs, ks, vs), do)
+    heads = slice(hk * group, (hk + 1) * group)
+    got = (o[b, heads], g[0][b, heads], g[1][b, hk], g[2][b, hk])
+    return [((a.double() - r).norm() / r.norm()).item() for a, r in zip(got, ref)]
+
+
+def run(c: bench.Case, do_torch=True):
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+    from torch.nn.attention.flex_attention import flex_attention as t_flex
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    t_flex_c = torch.compile(t_flex, dynamic=False)
+    mm, sm, Bm, t_mask, t_score, _, ids = bench.build(c)
+    gqa, group = c.Hq != c.Hkv, c.Hq // c.Hkv
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(c.B, c.Hq, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    do = torch.randn_like(q)
+    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
+    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
+    ours = lambda a, b_, c_: hf_flex.flex_attention(a, b_, c_, sm, bm, enable_gqa=gqa)  # noqa: E731
+    theirs = lambda a, b_, c_: t_flex_c(a, b_, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa)  # noqa: E731
+
+    b, hk = c.B - 1, c.Hkv - 1  # the last slice: the one a wrong batch/head offset would get wrong
+    dense = bm.materialize()[b if Bm else 0, 0].bool()
+    sm_fn = None
+    if c.kind == "softcap":
+        sm_fn = lambda s: c.param * torch.tanh(s / c.param)  # noqa: E731
+    ref = reference_slice(q, k, v, do, dense, sm_fn, b, hk, group)
+    del dense
+    t_err = slice_errors(theirs, q, k, v, do, ref, b, hk, group) if do_torch else None
+
+    dens = bench.allowed_fraction(c, ids)
+    flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
+    tf = lambda ms, mult=1.0: flops * mult / (ms * 1e-3) / 1e12  # noqa: E731
+
+    def timed(f):
+        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+        fwd = tf(bench._ms(lambda: f(q, k, v)))
+        fb = tf(bench._ms(lambda: f(qs, ks, vs).backward(do)), 3.5)
+        return fwd, fb
+
+    row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
+               torch_err=t_err, variants={})
+    for name, sched in SCHEDULES.items():
+        saved = dict(launch.SCHEDULE)
+        launch.SCHEDULE.update(sched)
+        try:
+            err = slice_errors(ours, q, k, v, do, ref, b, hk, group)
+            limit = [2 * t + 1e-3 for t in t_err] if t_err else [2e-2] * 4
+            if not all(e <= lim for e, lim in zip(err, limit)):
+                raise AssertionError(f"{c.name} [{name}]: errors vs float64 {err} exceed {limit}")
+            fwd, fb = timed(ours)
+            row["variants"][name] = dict(err=err, fwd_tflops=fwd, fwdbwd_tflops=fb)
+        except Exception as e:  # one broken variant must not hide the others' numbers
+            row["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            launch.SCHEDULE.clear()
+            launch.SCHEDULE.update(saved)
+    if do_torch:
+        row["torch_fwd_tflops"], row["torch_fwdbwd_tflops"] = timed(theirs)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=None, help="indices into hf_flex.bench.ANCHORS (default: all)")
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    idx = [int(i) for i in a.cases.split(",")] if a.cases else range(len(bench.ANCHORS))
+    res = dict(bench.versions(), rows=[])
+    t0 = time.time()
+    for i in idx:
+        if time.time() - t0 > a.budget_s:
+            print(f"budget spent: case {i} and later not run", flush=True)
+            break
+        c = bench.ANCHORS[i]
+        try:
+            row = run(c)
+        except Exception as e:
+            row = dict(case=c.name, error=f"{type(e).__name__}: {str(e)[:500]}")
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:
+            json.dump(res, open(a.json, "w"), indent=1)
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
+    names = list(SCHEDULES)
+    print(f"{'case':28s} {'S':>6s} " + " ".join(f"{n[:13]:>13s}" for n in names) + "   torch   (fwd | fwd+bwd TFLOP/s)")
+    for r in res["rows"]:
+        if "error" in r:
+            print(f"{r['case']:28s} ERROR {r['error'][:150]}")
+            continue
+        cells = []
+        for n in names:
+            v = r["variants"][n]
+            cells.append("  error      " if "error" in v else f"{v['fwd_tflops']:5.0f}|{v['fwdbwd_tflops']:<5.0f}  ")
+        print(f"{r['case']:28s} {r['S']:6d} " + " ".join(f"{x:>13s}" for x in cells)
+              + f"  {r.get('torch_fwd_tflops', 0):5.0f}|{r.get('torch_fwdbwd_tflops', 0):<5.0f}")
+        for n in names:
+            if "error" in r["variants"][n]:
+                print(f"   {n}: {r['variants'][n]['error'][:200]}")
+
+
+if __name__ == "__main__":
+    main()
