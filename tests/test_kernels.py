@@ -501,6 +501,20 @@ def test_non_contiguous_inputs(device):
     check_attention(q, k, v, None, bm)
 
 
+def test_output_follows_the_query_layout(device):
+    """q seen as a transposed [B, S, H, D] gives out in that layout (Transformers transposes it back for
+    free, and autograd keeps no second copy); a contiguous q gives a contiguous out; same values."""
+    g = torch.Generator().manual_seed(73)
+    q, k, v = (torch.randn(2, 70, 4, 32, generator=g).to(device).transpose(1, 2) for _ in range(3))
+    bm = _block_mask("causal", 2, 4, 70, 70, device, 32)
+    out = hf_flex.flex_attention(q, k, v, None, bm)
+    assert out.shape == (2, 4, 70, 32) and out.transpose(1, 2).is_contiguous()
+    out_c = hf_flex.flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), None, bm)
+    assert out_c.is_contiguous()
+    assert torch.equal(out, out_c)
+    check_attention(*(t.detach().requires_grad_() for t in (q, k, v)), None, bm)
+
+
 def test_deterministic(device):
     """Two runs give bitwise-identical out, lse and dq/dk/dv (no atomics on them)."""
     q, k, v = rand_qkv(1, 4, 2, 70, 70, 16, device=device, seed=73)

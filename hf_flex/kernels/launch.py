@@ -116,12 +116,23 @@ def _common(q, k, v):
     return B, HQ, HKV, SQ, SKV, D, DV, _pow2(max(D, 16)), _pow2(max(DV, 16))
 
 
+def _out_like(q: torch.Tensor, dv: int) -> torch.Tensor:
+    """Uninitialised [B, Hq, Sq, Dv] in q's layout: a [B, Sq, Hq, Dv] buffer seen transposed when q is
+    one (Transformers' q is a transposed [B, S, H, D] projection). The caller's transpose back to
+    [B, S, H, Dv] is then free, and the tensor autograd saves for the backward is the very one the
+    output projection saves too, not a second copy of every layer's attention output."""
+    B, H, S, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return torch.empty((B, S, H, dv), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty((B, H, S, dv), dtype=q.dtype, device=q.device)
+
+
 def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale):
     """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
-    out = torch.empty((B, HQ, SQ, DV), dtype=q.dtype, device=q.device)
+    out = _out_like(q, DV)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
     grid = (triton.cdiv(SQ, t.block_m), B * HQ)
