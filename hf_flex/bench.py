@@ -10,8 +10,9 @@ The JSON (issue 5's schema): {"device", "torch", "triton", "transformers", "date
 row, so a run cut short still leaves what it measured. The end-to-end part is described in
 hf_flex/bench_e2e.py.
 
-Each case first checks correctness (hf_flex and torch flex against each other and against an fp32
-SDPA-style reference on a slice), then times forward and forward+backward with triton's do_bench
+Each case first checks correctness (hf_flex against torch flex on the whole output, then both against
+a float64 reference on one slice: hf_flex's out/dq/dk/dv errors must stay within 2x torch flex's
+plus 1e-3), then times forward and forward+backward with triton's do_bench
 (median), then the block-mask build. TFLOP/s are over the unmasked FLOPs:
 4 * B * Hq * Sq * Skv * D * density forward, x3.5 for forward+backward.
 """
@@ -125,6 +126,30 @@ def build(c: Case):
     raise ValueError(c.kind)
 
 
+def reference_slice(q, k, v, do, dense, sm_fn, b, hk, group):
+    """float64 output and dq of the query heads of key head hk in batch b, and that key head's dk/dv
+    (summed over those query heads, as GQA's gradient is)."""
+    heads = slice(hk * group, (hk + 1) * group)
+    qs = q[b, heads].double().detach().requires_grad_()
+    ks, vs = (t[b, hk].double().detach().requires_grad_() for t in (k, v))
+    s = qs @ ks.T / qs.shape[-1] ** 0.5
+    if sm_fn is not None:
+        s = sm_fn(s)
+    s = s.masked_fill(~dense, float("-inf"))
+    o = torch.softmax(s, -1) @ vs
+    dq, dk, dv = torch.autograd.grad(o, (qs, ks, vs), do[b, heads].double())
+    return o, dq, dk, dv
+
+
+def slice_errors(f, q, k, v, do, ref, b, hk, group):
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    o = f(qs, ks, vs)
+    g = torch.autograd.grad(o, (qs, ks, vs), do)
+    heads = slice(hk * group, (hk + 1) * group)
+    got = (o[b, heads], g[0][b, heads], g[1][b, hk], g[2][b, hk])
+    return [((a.double() - r).norm() / r.norm()).item() for a, r in zip(got, ref)]
+
+
 def _ms(fn, rep=100):
     import triton
 
@@ -156,6 +181,18 @@ def run_case(c: Case, do_sdpa=True):
     err = ((o1.float() - o2.float()).norm() / o2.float().norm()).item()
     if not (err < 1e-2 and torch.isfinite(o1).all()):
         raise AssertionError(f"{c.name}: hf_flex disagrees with torch flex (rel err {err:.3e})")
+    # and both against float64 on one slice (the last batch and key head): out, dq, dk, dv
+    sb, hk, group = c.B - 1, c.Hkv - 1, c.Hq // c.Hkv
+    dense = bm.materialize()[sb if Bm else 0, 0].bool()
+    sm_fn = (lambda s: c.param * torch.tanh(s / c.param)) if c.kind == "softcap" else None
+    ref = reference_slice(q, k, v, do, dense, sm_fn, sb, hk, group)
+    del dense
+    ours_err = slice_errors(lambda a, b2, c2: hf_flex.flex_attention(a, b2, c2, sm, bm, enable_gqa=gqa), q, k, v, do, ref, sb, hk, group)
+    torch_err = slice_errors(lambda a, b2, c2: t_flex_c(a, b2, c2, score_mod=t_score, block_mask=tbm, enable_gqa=gqa), q, k, v, do, ref, sb, hk, group)
+    del ref
+    for n, e, t in zip(("out", "dq", "dk", "dv"), ours_err, torch_err):
+        if not e <= 2 * t + 1e-3:
+            raise AssertionError(f"{c.name}: hf_flex {n} error vs float64 {e:.3e} > 2 x torch flex's {t:.3e} + 1e-3")
 
     dens = allowed_fraction(c, ids)
     flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
@@ -202,6 +239,8 @@ def run_case(c: Case, do_sdpa=True):
     row["hf_flex_block_mask_ms"] = _ms(lambda: hf_flex.create_block_mask(mm, Bm, None, c.S, c.S), rep=50)
     row["torch_flex_block_mask_ms"] = _ms(lambda: t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda"), rep=50)
     row["rel_err_vs_torch_flex"] = err
+    row["hf_flex_rel_err_vs_fp64"] = dict(zip(("out", "dq", "dk", "dv"), ours_err))
+    row["torch_flex_rel_err_vs_fp64"] = dict(zip(("out", "dq", "dk", "dv"), torch_err))
     return row
 
 

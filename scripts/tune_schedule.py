@@ -29,30 +29,6 @@ SCHEDULES = {
 }
 
 
-def reference_slice(q, k, v, do, dense, sm_fn, b, hk, group):
-    """float64 output and dq of the query heads of key head hk in batch b, and that key head's dk/dv
-    (summed over those query heads, as GQA's gradient is)."""
-    heads = slice(hk * group, (hk + 1) * group)
-    qs = q[b, heads].double().detach().requires_grad_()
-    ks, vs = (t[b, hk].double().detach().requires_grad_() for t in (k, v))
-    s = qs @ ks.T / qs.shape[-1] ** 0.5
-    if sm_fn is not None:
-        s = sm_fn(s)
-    s = s.masked_fill(~dense, float("-inf"))
-    o = torch.softmax(s, -1) @ vs
-    dq, dk, dv = torch.autograd.grad(o, (qs, ks, vs), do[b, heads].double())
-    return o, dq, dk, dv
-
-
-def slice_errors(f, q, k, v, do, ref, b, hk, group):
-    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-    o = f(qs, ks, vs)
-    g = torch.autograd.grad(o, (qs, ks, vs), do)
-    heads = slice(hk * group, (hk + 1) * group)
-    got = (o[b, heads], g[0][b, heads], g[1][b, hk], g[2][b, hk])
-    return [((a.double() - r).norm() / r.norm()).item() for a, r in zip(got, ref)]
-
-
 def run(c: bench.Case, do_torch=True):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     from torch.nn.attention.flex_attention import flex_attention as t_flex
@@ -76,9 +52,9 @@ def run(c: bench.Case, do_torch=True):
     sm_fn = None
     if c.kind == "softcap":
         sm_fn = lambda s: c.param * torch.tanh(s / c.param)  # noqa: E731
-    ref = reference_slice(q, k, v, do, dense, sm_fn, b, hk, group)
+    ref = bench.reference_slice(q, k, v, do, dense, sm_fn, b, hk, group)
     del dense
-    t_err = slice_errors(theirs, q, k, v, do, ref, b, hk, group) if do_torch else None
+    t_err = bench.slice_errors(theirs, q, k, v, do, ref, b, hk, group) if do_torch else None
 
     dens = bench.allowed_fraction(c, ids)
     flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
@@ -96,7 +72,7 @@ def run(c: bench.Case, do_torch=True):
         saved = dict(launch.SCHEDULE)
         launch.SCHEDULE.update(sched)
         try:
-            err = slice_errors(ours, q, k, v, do, ref, b, hk, group)
+            err = bench.slice_errors(ours, q, k, v, do, ref, b, hk, group)
             limit = [2 * t + 1e-3 for t in t_err] if t_err else [2e-2] * 4
             if not all(e <= lim for e, lim in zip(err, limit)):
                 raise AssertionError(f"{c.name} [{name}]: errors vs float64 {err} exceed {limit}")
