@@ -11,7 +11,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, scores_tile, tail_count
+from .forward import _reversed, scores_tile
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -60,6 +60,8 @@ def _dkdv_inner(
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
     APPLY_MASK: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
@@ -89,13 +91,11 @@ def _dkdv_inner(
         lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
         delta = tl.load(DELTA_ptr + offs_m, mask=q_in, other=0.0)
         q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
-        # transposed tile: rows are keys, columns are queries. Keys past the end need no check: their
-        # rows (zero k and v) only reach their own dK/dV rows, which are never stored; queries past the
-        # end have LSE = +inf, so P = 0 there.
+        # transposed tile: rows are keys, columns are queries
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
             qkT, b, h, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, APPLY_MASK, False,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
         pT = tl.math.exp2(sT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -125,6 +125,8 @@ def _dkdv_program(
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -171,14 +173,14 @@ def _dkdv_program(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, True, SPARSE_Q, BLOCK_M,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, SPARSE_Q, BLOCK_M,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC,
         )
     dk = dk * sm_scale
@@ -205,7 +207,7 @@ def _dq_inner(
     SCORE_GRAD: tl.constexpr,
     SCORE_PARAM_GRAD: tl.constexpr,
     APPLY_MASK: tl.constexpr,
-    CHECK_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
@@ -236,7 +238,7 @@ def _dq_inner(
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         s_in, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, APPLY_MASK, CHECK_KV,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
@@ -267,6 +269,7 @@ def _dq_program(
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
     SCORE_PARAM_GRAD: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -307,28 +310,18 @@ def _dq_program(
     mh = tl.where(stride_nh != 0, h, 0)
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
-    # as in the forward: partial blocks checked, full ones unchecked but the one reaching past the end
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, True, SPARSE_KV, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC,
-    )
-    n_full = tl.load(FKV_NUM + num_off)
-    n_tail = tail_count(FKV_IDX + idx_off, n_full, KV_LEN, SPARSE_KV)
-    dq = _dq_inner(
-        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off, n_full - n_tail, b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-        mask_args, score_args, score_grads,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, False, SPARSE_KV, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off + n_full - n_tail, n_tail, b, h, mb, mh, q_idx, KV_LEN, sm_scale,
+        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, True, SPARSE_KV, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
     dq = dq * sm_scale
@@ -357,7 +350,7 @@ def attn_bwd_dkdv_kernel(
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -370,7 +363,7 @@ def attn_bwd_dkdv_kernel(
         stride_lb, stride_lh,
         Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
 
@@ -389,7 +382,7 @@ def attn_bwd_dq_kernel(
     Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr,
@@ -402,7 +395,7 @@ def attn_bwd_dq_kernel(
         stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
         KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
         Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
 
@@ -430,7 +423,7 @@ def attn_bwd_kernel(
     N_DKDV, N_TILES_KV, N_TILES_Q,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr,
@@ -446,7 +439,7 @@ def attn_bwd_kernel(
             stride_lb, stride_lh,
             Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, SPARSE_Q, SPARSE_KV,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
         )
     else:
@@ -459,6 +452,6 @@ def attn_bwd_kernel(
             stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
             KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
             Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, SPARSE_Q, SPARSE_KV,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV,
             DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
         )

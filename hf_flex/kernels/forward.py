@@ -4,9 +4,9 @@ One program = one tile of BLOCK_M queries of one (batch, query head). It walks t
 row of the block table lists: first the partial ones (mask_mod evaluated), then the full ones
 (mask_mod skipped). Table blocks (SPARSE_KV wide) are walked in tiles of BLOCK_N keys.
 
-Compile-time constants: head dims, dtypes, tile and table block sizes and the mods' identities.
-Sequence lengths, batch and head counts, and every tensor a mod reads are run-time values: new
-lengths never recompile (a block reaching past the end takes a checked loop, chosen at run time).
+Compile-time constants: head dims, dtypes, tile and table block sizes, the mods' identities and
+whether lengths divide the table block. Sequence lengths, batch and head counts, and every tensor a
+mod reads are run-time values: new lengths never recompile.
 """
 
 import torch
@@ -65,15 +65,6 @@ def _reversed(pid, n, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def tail_count(idx_ptr, n_blocks, LEN, SPARSE: tl.constexpr):
-    """1 when the last of the ``n_blocks`` listed blocks reaches past LEN, else 0 (lists ascend, so
-    only the last can). Lengths are run-time values: instead of a kernel variant for lengths that
-    divide the block (a recompile when one comes), that one block takes the checked loop."""
-    last = tl.load(idx_ptr + tl.maximum(n_blocks - 1, 0))
-    return ((n_blocks > 0) & ((last + 1) * SPARSE > LEN)).to(tl.int32)
-
-
-@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -99,7 +90,7 @@ def _fwd_inner(
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     APPLY_MASK: tl.constexpr,
-    CHECK_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
@@ -116,7 +107,7 @@ def _fwd_inner(
         blk = tl.load(idx_ptr + i // SUB)
         offs_n = blk * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
-        if not CHECK_KV:
+        if KV_DIVISIBLE:
             kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
             v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=offs_dv[None, :] < DV, other=0.0)
             kv_idx = offs_n[None, :]
@@ -135,7 +126,7 @@ def _fwd_inner(
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         _, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, APPLY_MASK, CHECK_KV,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: avoid inf - inf
@@ -167,6 +158,7 @@ def attn_fwd_kernel(
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     HAS_SINK: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -208,24 +200,15 @@ def attn_fwd_kernel(
 
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
-    # partial blocks (mask evaluated; keys past the end masked too), then the full blocks: those inside
-    # the keys unchecked, and the last one apart, checked, when it reaches past the end
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, True, True, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
-    )
-    n_full = tl.load(FKV_NUM + num_off)
-    n_tail = tail_count(FKV_IDX + idx_off, n_full, KV_LEN, SPARSE_KV)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off, n_full - n_tail, b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, False, False, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
+        MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off + n_full - n_tail, n_tail, b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, False, True, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
+        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
+        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
     )
 
     if HAS_SINK:
