@@ -23,9 +23,9 @@ from hf_flex import bench
 from hf_flex.kernels import launch
 
 SCHEDULES = {
-    "before": {"reverse_m": False, "fused_bwd": False},
-    "reverse": {"reverse_m": True, "fused_bwd": False},
-    "reverse+fused": {"reverse_m": True, "fused_bwd": True},
+    "before": {"reverse_m": False, "fused_bwd": False, "one_variant": False},
+    "reverse+fused": {"reverse_m": True, "fused_bwd": True, "one_variant": False},
+    "+one_variant": {"reverse_m": True, "fused_bwd": True, "one_variant": True},
 }
 
 

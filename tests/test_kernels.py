@@ -226,18 +226,21 @@ def test_gqa_with_per_head_score_mods(device):
 # --- launch schedules: one fused backward launch or two, query tiles in either order ----------------
 
 
+@pytest.mark.parametrize("one_variant", [True, False], ids=["one_variant", "divisible_variant"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 @pytest.mark.parametrize("reverse", [True, False], ids=["reverse_m", "forward_m"])
-def test_schedules(device, fused, reverse, monkeypatch):
+def test_schedules(device, fused, reverse, one_variant, monkeypatch):
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     monkeypatch.setitem(launch.SCHEDULE, "reverse_m", reverse)
+    monkeypatch.setitem(launch.SCHEDULE, "one_variant", one_variant)
     # ragged lengths (no tile divides them), GQA, a score mod with a learnable tensor and its derivative
-    q, k, v = rand_qkv(2, 4, 2, 113, 70, 16, dtype=torch.float32, device=device, seed=31)
-    slopes = make_param((4,), 32, 0.2, device, "slopes")
-    bm = _block_mask("causal&document", 2, 4, 113, 70, device, (32, 16), seed=33)
-    check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
+    for Sq, Skv in ((113, 70), (64, 96)):  # lengths that no block divides, then lengths that both divide
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=31)
+        slopes = make_param((4,), 32, 0.2, device, "slopes")
+        bm = _block_mask("causal&document", 2, 4, Sq, Skv, device, (32, 16), seed=33)
+        check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 
 # --- ragged lengths, Sq != Skv -------------------------------------------------------------------------

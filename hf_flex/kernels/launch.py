@@ -48,7 +48,14 @@ OVERRIDES: dict = {}
 # Scheduling choices, as knobs a tuning script may flip (defaults: measured, tests/benchmarks/NOTES.md).
 # reverse_m: forward and dQ programs take query tiles last to first (the long ones of causal masks first).
 # fused_bwd: dK/dV and dQ programs in one launch when both passes use the same warps and stages.
-SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True}
+# one_variant: every length runs the kernels that check keys/queries past the end, so a length that
+#   divides the block (e.g. 4224 among packed lengths) compiles nothing new; False specialises them
+#   (a faster variant for divisible lengths, compiled when the first such length comes).
+SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": True}
+
+
+def _divides(n: int, block: int) -> bool:
+    return not SCHEDULE["one_variant"] and n % block == 0
 
 _TABLE = {
     # (d <= 64, 2-byte):   fwd                 dkdv (block_m = query sub-tile, block_n = keys)   dq
@@ -146,7 +153,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         MASK_MOD=mask_fn,
         SCORE_MOD=score_fn,
         HAS_SINK=sink is not None,
-        KV_DIVISIBLE=SKV % skv == 0,
+        KV_DIVISIBLE=_divides(SKV, skv),
         SPARSE_Q=sq,
         SPARSE_KV=skv,
         BLOCK_M=t.block_m,
@@ -198,7 +205,7 @@ def flex_backward(
     n_kv, n_q = triton.cdiv(SKV, t.block_n), triton.cdiv(SQ, t2.block_m)
     common = dict(
         MASK_MOD=mask_fn, SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn,
-        KV_DIVISIBLE=SKV % skv == 0, SPARSE_Q=sq, SPARSE_KV=skv,
+        KV_DIVISIBLE=_divides(SKV, skv), SPARSE_Q=sq, SPARSE_KV=skv,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
@@ -212,7 +219,7 @@ def flex_backward(
             SQ, SKV, HQ, HKV, HQ // HKV, sm_scale,
             n_dkdv, n_kv, n_q,
             mask_args, score_args, score_grads,
-            SCORE_PARAM_GRAD=score_param_grad_fn, Q_DIVISIBLE=SQ % sq == 0,
+            SCORE_PARAM_GRAD=score_param_grad_fn, Q_DIVISIBLE=_divides(SQ, sq),
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], **common,
         )
@@ -223,7 +230,7 @@ def flex_backward(
         bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
         SQ, SKV, HKV, HQ // HKV, sm_scale,
         mask_args, score_args,
-        Q_DIVISIBLE=SQ % sq == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n, **common,
+        Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, **common,
     )
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
     attn_bwd_dq_kernel[(n_q, B * HQ)](

@@ -214,7 +214,7 @@ def test_no_recompile_across_lengths():
         bm = hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(ids)), 1, None, S, S)
         hf_flex.flex_attention(q, k, v, mods.softcap(30.0), bm).sum().backward()
         n = compiled_variants()
-        if i >= 2:  # both divisibility variants compiled by now (1000 and 1024)
+        if i >= 1:  # lengths that divide the block (1024, 2048, 4096) and those that do not: one variant
             assert n == seen, f"recompiled at S={S}: {seen} -> {n} variants"
         seen = n
 
