@@ -203,8 +203,12 @@ def test_block_mask_128k_bounded_memory():
     assert torch.equal(dense > 0, expect_nonempty)
 
 
-def test_no_recompile_across_lengths():
+@pytest.mark.parametrize("one_variant", [True, False])
+def test_no_recompile_across_lengths(one_variant, monkeypatch):
+    from hf_flex.kernels import launch
     from hf_flex.kernels.launch import compiled_variants
+
+    monkeypatch.setitem(launch.SCHEDULE, "one_variant", one_variant)
 
     H, D = 4, 64
     seen = None
@@ -214,7 +218,9 @@ def test_no_recompile_across_lengths():
         bm = hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(ids)), 1, None, S, S)
         hf_flex.flex_attention(q, k, v, mods.softcap(30.0), bm).sum().backward()
         n = compiled_variants()
-        if i >= 1:  # lengths that divide the block (1024, 2048, 4096) and those that do not: one variant
+        # one_variant: lengths that divide the block (1024, 2048, 4096) and the others share one variant;
+        # otherwise both variants exist once 1000 and 1024 have run
+        if i >= (1 if one_variant else 2):
             assert n == seen, f"recompiled at S={S}: {seen} -> {n} variants"
         seen = n
 
