@@ -236,10 +236,12 @@ def test_schedules(device, fused, reverse, one_variant, monkeypatch):
     monkeypatch.setitem(launch.SCHEDULE, "reverse_m", reverse)
     monkeypatch.setitem(launch.SCHEDULE, "one_variant", one_variant)
     # ragged lengths (no tile divides them), GQA, a score mod with a learnable tensor and its derivative
-    for Sq, Skv in ((113, 70), (64, 96)):  # lengths that no block divides, then lengths that both divide
+    # lengths that no block divides, lengths that both divide, and 128-key blocks walked in several
+    # key tiles each
+    for Sq, Skv, bs in ((113, 70, (32, 16)), (64, 96, (32, 16)), (50, 300, (32, 128))):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=31)
         slopes = make_param((4,), 32, 0.2, device, "slopes")
-        bm = _block_mask("causal&document", 2, 4, Sq, Skv, device, (32, 16), seed=33)
+        bm = _block_mask("causal&document", 2, 4, Sq, Skv, device, bs, seed=33)
         check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 

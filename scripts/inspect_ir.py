@@ -1,0 +1,135 @@
+"""Compile hf_flex's forward kernel for sm_90 on a machine without a GPU and report what the compiler did.
+
+    python scripts/inspect_ir.py [--D 64] [--schedule one_variant=1,reverse_m=0] [--out DIR]
+
+Triton's compiler needs no GPU, only a target: a stand-in driver answers "sm_90" and every launch
+becomes a compile-only warmup. Per kernel variant it prints, for each loop of the TTGIR, which global
+loads the software pipeliner turned into asynchronous copies and which stayed synchronous (a
+synchronous load in the loop is a global-memory round trip per iteration), and the registers and
+spills ptxas reports (registers decide how many programs share an SM: 128 per thread at 8 warps
+allow two, more allow one). The TTGIR and PTX go to --out.
+
+Measured this way with triton 3.9 (the device machine has 3.6; check there before trusting a
+difference): the variant that checks keys past the end keeps the block-index load synchronous in
+every loop, and the reverted run-time tail split needed 145 registers against 128 (one program per
+SM instead of two at D=64), matching the slowdowns measured on the H100 (tests/benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import jit
+from triton.runtime.driver import driver
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _CompileOnlyDriver:
+    """Enough of Triton's driver interface for JITFunction.run(warmup=True) without a GPU."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def _compile_only():
+    driver.set_active(_CompileOnlyDriver())
+    compiled = {}
+    run = jit.JITFunction.run
+
+    def warmup_run(self, *args, grid, warmup, **kwargs):
+        k = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.setdefault(self.fn.__name__, []).append(k)
+        return k
+
+    jit.JITFunction.run = warmup_run
+    return compiled
+
+
+def loop_loads(ttgir: str):
+    """Per scf.for in the TTGIR: the global loads in its body, "async" or "sync"."""
+    out, depth, cur = [], 0, []
+    for ln in ttgir.split("\n"):
+        if depth == 0 and "scf.for" in ln:
+            depth, cur = 1, []
+            continue
+        if depth:
+            depth += ln.count("{") - ln.count("}")
+            if "async_copy_global_to_local" in ln:
+                cur.append("async")
+            elif re.search(r"= tt\.load ", ln):
+                cur.append("sync")
+            if depth <= 0:
+                out.append(cur)
+                depth = 0
+    return out
+
+
+def ptxas_report(ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        # the bundled ptxas may be older than the PTX version Triton writes; the kernels use nothing newer
+        open(src, "w").write(re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M))
+        p = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    found = re.findall(r"Used \d+ registers|\d+ bytes spill (?:stores|loads)", p.stdout + p.stderr)
+    return ", ".join(found) or (p.stdout + p.stderr).strip()[:200]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--S", type=int, default=1024, help="a multiple of 128 gives the divisible variant")
+    ap.add_argument("--schedule", default="", help="comma-separated knob=0/1 for launch.SCHEDULE")
+    ap.add_argument("--out", default="ir_out")
+    a = ap.parse_args()
+    compiled = _compile_only()
+
+    import hf_flex
+    from hf_flex import mods
+    from hf_flex.kernels import launch
+
+    for kv in filter(None, a.schedule.split(",")):
+        k, v = kv.split("=")
+        if k not in launch.SCHEDULE:
+            raise SystemExit(f"--schedule: unknown knob {k!r} (known: {sorted(launch.SCHEDULE)})")
+        launch.SCHEDULE[k] = bool(int(v))
+    q = torch.empty(1, 2, a.S, a.D, dtype=torch.bfloat16)
+    bm = hf_flex.create_block_mask(mods.causal(), None, None, a.S, a.S, device="cpu")
+    tables = launch.MaskTables(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+    mm = bm.mask_mod
+    launch.flex_forward(q, q, q, tables, bm.BLOCK_SIZE, mm.kernel_fn, mm.args, None, (), None, 0.125)
+    os.makedirs(a.out, exist_ok=True)
+    kern = compiled["attn_fwd_kernel"][-1]
+    tag = f"fwd_D{a.D}_S{a.S}" + "".join(f"_{k}{int(v)}" for k, v in sorted(launch.SCHEDULE.items()))
+    for ext in ("ttgir", "ptx"):
+        open(os.path.join(a.out, f"{tag}.{ext}"), "w").write(kern.asm[ext])
+    print(f"{tag} (triton {triton.__version__}, sm_90)")
+    for i, loads in enumerate(loop_loads(kern.asm["ttgir"])):
+        print(f"  loop {i}: global loads {loads}")
+    print(f"  ptxas: {ptxas_report(kern.asm['ptx'])}")
+
+
+if __name__ == "__main__":
+    main()
