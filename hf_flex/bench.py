@@ -156,6 +156,15 @@ def _ms(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def random_inputs(c: Case, seed: int):
+    """bf16 q [B, Hq, S, D], k and v [B, Hkv, S, D] and an upstream gradient like q, on CUDA."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(c.B, c.Hq, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v, torch.randn_like(q)
+
+
 def run_case(c: Case, do_sdpa=True):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     from torch.nn.attention.flex_attention import flex_attention as t_flex
@@ -165,11 +174,7 @@ def run_case(c: Case, do_sdpa=True):
     t_flex_c = torch.compile(t_flex, dynamic=False)
     mm, sm, Bm, t_mask, t_score, sdpa_kw, ids = build(c)
     gqa = c.Hq != c.Hkv
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(c.B, c.Hq, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    do = torch.randn_like(q)
+    q, k, v, do = random_inputs(c, seed=0)
 
     bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
     tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")

@@ -37,11 +37,7 @@ def run(c: bench.Case, do_torch=True):
     t_flex_c = torch.compile(t_flex, dynamic=False)
     mm, sm, Bm, t_mask, t_score, _, ids = bench.build(c)
     gqa, group = c.Hq != c.Hkv, c.Hq // c.Hkv
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(c.B, c.Hq, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    do = torch.randn_like(q)
+    q, k, v, do = bench.random_inputs(c, seed=1)
     bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
     tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
     ours = lambda a, b_, c_: hf_flex.flex_attention(a, b_, c_, sm, bm, enable_gqa=gqa)  # noqa: E731
