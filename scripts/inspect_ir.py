@@ -1,6 +1,6 @@
-"""Compile hf_flex's forward kernel for sm_90 on a machine without a GPU and report what the compiler did.
+"""Compile hf_flex's attention kernels for sm_90 on a machine without a GPU and report what the compiler did.
 
-    python scripts/inspect_ir.py [--D 64] [--schedule one_variant=1,reverse_m=0] [--out DIR]
+    python scripts/inspect_ir.py [--D 64] [--S 1000] [--backward] [--schedule one_variant=1,fused_bwd=0] [--out DIR]
 
 Triton's compiler needs no GPU, only a target: a stand-in driver answers "sm_90" and every launch
 becomes a compile-only warmup. Per kernel variant it prints, for each loop of the TTGIR, which global
@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--S", type=int, default=1024, help="a multiple of 128 gives the divisible variant")
     ap.add_argument("--schedule", default="", help="comma-separated knob=0/1 for launch.SCHEDULE")
     ap.add_argument("--out", default="ir_out")
+    ap.add_argument("--backward", action="store_true", help="also the backward kernel(s)")
     a = ap.parse_args()
     compiled = _compile_only()
 
@@ -120,15 +121,28 @@ def main():
     tables = launch.MaskTables(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
     mm = bm.mask_mod
     launch.flex_forward(q, q, q, tables, bm.BLOCK_SIZE, mm.kernel_fn, mm.args, None, (), None, 0.125)
+    if a.backward:
+        bwd = launch.MaskTables(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        lse = torch.empty(1, 2, a.S)
+        try:  # the launches only compile here; the delta folding after them reads garbage, harmlessly
+            launch.flex_backward(q, q, q, q, lse, q, tables, bwd, bm.BLOCK_SIZE, mm.kernel_fn, mm.args,
+                                 None, (), None, None, (), 0.125)
+        except Exception as e:  # noqa: BLE001 (compile-only driver: anything after the launches may fail)
+            print(f"(after the backward launches: {type(e).__name__})")
     os.makedirs(a.out, exist_ok=True)
-    kern = compiled["attn_fwd_kernel"][-1]
-    tag = f"fwd_D{a.D}_S{a.S}" + "".join(f"_{k}{int(v)}" for k, v in sorted(launch.SCHEDULE.items()))
-    for ext in ("ttgir", "ptx"):
-        open(os.path.join(a.out, f"{tag}.{ext}"), "w").write(kern.asm[ext])
-    print(f"{tag} (triton {triton.__version__}, sm_90)")
-    for i, loads in enumerate(loop_loads(kern.asm["ttgir"])):
-        print(f"  loop {i}: global loads {loads}")
-    print(f"  ptxas: {ptxas_report(kern.asm['ptx'])}")
+    sched = "".join(f"_{k}{int(v)}" for k, v in sorted(launch.SCHEDULE.items()))
+    print(f"D={a.D} S={a.S} schedule{sched} (triton {triton.__version__}, sm_90)")
+    for name, kernels in compiled.items():
+        if not name.startswith("attn_") or name == "attn_bwd_delta_kernel":
+            continue
+        kern = kernels[-1]
+        tag = f"{name}_D{a.D}_S{a.S}{sched}"
+        for ext in ("ttgir", "ptx"):
+            open(os.path.join(a.out, f"{tag}.{ext}"), "w").write(kern.asm[ext])
+        print(f"{name}:")
+        for i, loads in enumerate(loop_loads(kern.asm["ttgir"])):
+            print(f"  loop {i}: global loads {loads}")
+        print(f"  ptxas: {ptxas_report(kern.asm['ptx'])}")
 
 
 if __name__ == "__main__":
