@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,14 +183,10 @@ def _kernel_variants_all() -> int:
     import triton
 
     from hf_flex.kernels import backward, block_tables, document_tables, forward
+    from hf_flex.kernels.launch import count_variants
 
-    n = 0
-    for mod in (forward, backward, block_tables, document_tables):
-        for obj in vars(mod).values():
-            if isinstance(obj, triton.runtime.jit.JITFunction):
-                for entry in getattr(obj, "device_caches", {}).values():
-                    n += len(entry[0])
-    return n
+    return count_variants(obj for mod in (forward, backward, block_tables, document_tables)
+                          for obj in vars(mod).values() if isinstance(obj, triton.runtime.jit.JITFunction))
 
 
 def worker(spec: dict) -> dict:
@@ -257,7 +254,7 @@ def worker(spec: dict) -> dict:
             steps=n, lengths=lengths, doc_counts=counts,
             attn_variants_after_first=marks["attn0"], attn_variants_after_last=attn1,
             all_variants_after_first=marks["all0"], all_variants_after_last=all1,
-            first_step_s=times[0], later_step_s_median=_median(times[1:]) if n > 1 else None,
+            first_step_s=times[0], later_step_s_median=statistics.median(times[1:]) if n > 1 else None,
             later_step_s_max=max(times[1:]) if n > 1 else None,
             interpreted=interpreted(), losses_finite=all(x == x and abs(x) < 1e4 for x in losses),
         )
@@ -279,7 +276,7 @@ def worker(spec: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, losses = _train_steps(model, [(ids, pos, labels)] * (1 + spec["steps"]), device)
-    step = _median(times[1:])
+    step = statistics.median(times[1:])
     res.update(
         n_docs=len(lens), loss=losses[0], first_step_s=times[0], step_s=step, step_times_s=times[1:],
         tokens_per_s=S / step,
@@ -293,10 +290,6 @@ def worker(spec: dict) -> dict:
     return res
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 # ---------------------------------------------------------------- parent side

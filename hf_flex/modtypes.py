@@ -54,14 +54,10 @@ def _full_name(fn) -> str:
     return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', '?'))}"
 
 
-# full name of each generated function -> the env objects it was built from; and, for each generated
-# function, the full names of every Triton function it reaches -> that function object
-_generated: dict = {}
-_reaches: dict = {}
-
-
 def _reached(fn) -> dict:
-    return _reaches.get(_full_name(fn), {_full_name(fn): fn})
+    """Full name -> object of every Triton function ``fn`` calls, itself included (generated functions
+    carry theirs; any other is a leaf)."""
+    return getattr(fn, "_hf_flex_reaches", None) or {_full_name(fn): fn}
 
 
 def generate_jit(name: str, src: str, env: dict) -> Any:
@@ -90,11 +86,7 @@ def generate_jit(name: str, src: str, env: dict) -> Any:
                     "names (e.g. do not build several @triton.jit functions in one factory)"
                 )
     deps = repr([(k, _full_name(v) if is_jit(v) else repr(v)) for k, v in sorted(env.items())])
-    digest = hashlib.sha1((src + deps).encode()).hexdigest()[:12]
-    unique = f"{name}_{digest}"
-    ident = tuple(sorted((k, id(v)) for k, v in env.items()))
-    while _generated.setdefault(f"hf_flex.generated.{unique}", ident) != ident:
-        unique += "_"  # same source and callee names, different callee objects: keep both apart
+    unique = f"{name}_{hashlib.sha1((src + deps).encode()).hexdigest()[:12]}"
     src, n = re.subn(rf"^def {re.escape(name)}\(", f"def {unique}(", src, flags=re.M)
     if n != 1:
         raise AssertionError(f"generate_jit: src must define {name} once")
@@ -105,7 +97,7 @@ def generate_jit(name: str, src: str, env: dict) -> Any:
     exec(compile(src, filename, "exec"), namespace)
     fn = namespace[unique]
     reaches[_full_name(fn)] = fn
-    _reaches[_full_name(fn)] = reaches
+    fn._hf_flex_reaches = reaches
     return fn
 
 

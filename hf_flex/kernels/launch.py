@@ -247,10 +247,12 @@ def flex_backward(
     return dq, dk, dv, delta
 
 
+def count_variants(kernels) -> int:
+    """How many compiled variants of these Triton kernels exist in this process (for recompile checks)."""
+    return sum(len(entry[0]) for fn in kernels for entry in getattr(fn, "device_caches", {}).values())
+
+
 def compiled_variants() -> int:
-    """How many compiled variants of the attention kernels exist in this process (for recompile checks)."""
-    n = 0
-    for fn in (attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel):
-        for entry in getattr(fn, "device_caches", {}).values():
-            n += len(entry[0])
-    return n
+    """How many compiled variants of the attention kernels exist in this process."""
+    return count_variants((attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
+                           attn_bwd_kernel))

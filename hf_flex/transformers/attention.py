@@ -22,7 +22,8 @@ import patches
 from .. import mods
 from ..attention import flex_attention
 from ..block_mask import BlockMask, create_block_mask
-from .masks import FlexMask, SeveralDocuments, dense_mask_mod, documents_from_cu_seqlens, documents_from_position_ids
+from ..documents import document_ids_from_cu_seqlens, document_ids_from_position_ids
+from .masks import FlexMask, SeveralDocuments, dense_mask_mod
 
 __all__ = ["flex_attention_forward"]
 
@@ -44,14 +45,14 @@ def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
         pos = kwargs.get("hf_flex_position_ids")  # forwarded by a family patch (patches/llama4.py)
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q_len:
         return ("pos",) + _batch_key(pos), lambda: (
-            documents_from_position_ids(pos, batch_size), pos.expand(batch_size, -1)
+            document_ids_from_position_ids(pos, batch_size), pos.expand(batch_size, -1)
         )
     cu = kwargs.get("cu_seq_lens_q")
     # cu_seqlens[-1] is not checked against q_len (a host sync per layer): positions past it would
     # form one more document, which is what "documents" means there
     if isinstance(cu, torch.Tensor) and batch_size == 1 and cu.dim() == 1:
         def build():
-            ids = documents_from_cu_seqlens(cu, q_len)
+            ids = document_ids_from_cu_seqlens(cu, q_len)
             starts = cu[:-1].to(torch.int64)[ids[0].long()]
             return ids, (torch.arange(q_len, device=cu.device) - starts)[None]
 

@@ -15,11 +15,10 @@ import torch
 
 from .. import mods
 from ..block_mask import BlockMask, create_block_mask
-from ..documents import document_ids_from_cu_seqlens, document_ids_from_position_ids
 from ..modtypes import MaskMod
 from .recognize import recognize, translation_invariant
 
-__all__ = ["FlexMask", "flex_mask", "dense_mask_mod", "documents_from_position_ids", "documents_from_cu_seqlens"]
+__all__ = ["FlexMask", "flex_mask", "dense_mask_mod"]
 
 
 class SeveralDocuments:
@@ -193,8 +192,3 @@ def flex_mask(
     return FlexMask(mm, batch_size, q_length, kv_length, device,
                     has_documents=has_docs, q_offset=q_offset, per_batch=_uses_batch(mm),
                     positional=positional, padding=pad_mod)
-
-
-# the adapter's names for them
-documents_from_position_ids = document_ids_from_position_ids
-documents_from_cu_seqlens = document_ids_from_cu_seqlens
