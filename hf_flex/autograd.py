@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from .block_mask import BlockMask
-from .kernels.launch import MaskTables, flex_backward, flex_forward
+from .kernels import interpreted
+from .kernels.launch import SCHEDULE, MaskTables, flex_backward, flex_forward
 from .modtypes import ScoreMod
 
 
@@ -25,20 +26,28 @@ class KernelSpec:
     scale: float
 
     def fwd_tables(self) -> MaskTables:
-        bm = self.block_mask
-        return MaskTables(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+        return MaskTables.of(self.block_mask)
 
     def bwd_tables(self) -> MaskTables:
-        bm = self.block_mask
-        return MaskTables(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        return MaskTables.of(self.block_mask, transposed=True)
 
     def mask(self):
         mm = self.block_mask.mask_mod
         return mm.kernel_fn, mm.args
 
-    def score(self):
+    def elementwise(self, q: torch.Tensor):
+        """The score mod whose Triton functions run on ``q``: its approximate form (ScoreMod.approx)
+        for 16-bit inputs on the GPU, when SCHEDULE["approx_mods"] allows; the exact one otherwise."""
         sm = self.score_mod
         if sm is None or not sm.has_elementwise:
+            return None
+        if sm.approx is not None and SCHEDULE["approx_mods"] and q.element_size() == 2 and not interpreted():
+            return sm.approx
+        return sm
+
+    def score(self, q: torch.Tensor):
+        sm = self.elementwise(q)
+        if sm is None:
             return None, ()
         return sm.kernel_fn, sm.args
 
@@ -53,7 +62,7 @@ class FlexAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink, spec: KernelSpec, *learnables):
         mask_fn, mask_args = spec.mask()
-        score_fn, score_args = spec.score()
+        score_fn, score_args = spec.score(q)
         out, lse = flex_forward(
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
             sink, spec.scale,
@@ -74,15 +83,16 @@ class FlexAttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         mask_fn, mask_args = spec.mask()
-        score_fn, score_args = spec.score()
+        score_fn, score_args = spec.score(q)
         sm = spec.score_mod
+        em = spec.elementwise(q)  # the form whose functions the forward ran
         want_params = sm is not None and ctx.n_learnables > 0 and any(ctx.needs_input_grad[5:])
         grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
         dq, dk, dv, delta = flex_backward(
             q, k, v, out, lse, dout, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
             mask_fn, mask_args, score_fn, score_args,
-            sm.kernel_grad_fn if score_fn is not None else None,
-            sm.kernel_param_grad_fn if want_params else None,
+            em.kernel_grad_fn if score_fn is not None else None,
+            em.kernel_param_grad_fn if want_params else None,
             grads, spec.scale, dlse=dlse,
         )
         dsink = None

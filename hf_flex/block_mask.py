@@ -105,6 +105,7 @@ class BlockMask:
         block_size: Tuple[int, int],
         mask_mod: MaskMod,
         builder: str = "classes",
+        tail_partial: bool = False,
     ):
         Bm, Hm, nq = kv_num_blocks.shape
         q_len, kv_len = (int(x) for x in seq_lengths)
@@ -148,6 +149,10 @@ class BlockMask:
         self.mask_mod = mask_mod
         # which builder made the tables: "packed", "structural", "triton", "torch" or "classes" (debugging)
         self.builder = builder
+        # True when no full block reaches past the lengths (the builders of this package list such a
+        # ragged last block partial): the kernels then visit full blocks without checking keys or
+        # queries past the end. Tables made elsewhere keep False, and the checks.
+        self.tail_partial = bool(tail_partial)
 
     @classmethod
     def from_pairs(cls, kv_num, kv_idx, q_num, q_idx, seq_lengths, block_size, mask_mod, builder) -> "BlockMask":
@@ -162,6 +167,7 @@ class BlockMask:
         self.BLOCK_SIZE = block_size
         self.mask_mod = mask_mod
         self.builder = builder
+        self.tail_partial = True  # both builders list a full block past the lengths as partial
         return self
 
     # --- shape and device -------------------------------------------------------------------------
@@ -186,6 +192,7 @@ class BlockMask:
             block_size=self.BLOCK_SIZE,
             mask_mod=self.mask_mod,
             builder=self.builder,
+            tail_partial=self.tail_partial,
         )
 
     # --- debugging --------------------------------------------------------------------------------
@@ -262,12 +269,27 @@ def _check_block_size(BLOCK_SIZE) -> Tuple[int, int]:
     return bs
 
 
+def _demote_ragged(classes: torch.Tensor, q_len: int, kv_len: int, qb: int, kb: int) -> torch.Tensor:
+    """Classes with every full block that reaches past a length made partial (the torch form of
+    kernels.block_tables.demote_ragged; a copy only when a length does not divide its block)."""
+    if q_len % qb == 0 and kv_len % kb == 0:
+        return classes
+    classes = classes.clone()
+    edges = [(Ellipsis, -1, slice(None))] if q_len % qb else []  # the last query block's row
+    edges += [(Ellipsis, -1)] if kv_len % kb else []  # the last key block's column
+    for edge in edges:
+        sl = classes[edge]
+        sl.masked_fill_(sl == FULL, PARTIAL)
+    return classes
+
+
 def block_mask_from_classes(
     classes: torch.Tensor, q_len: int, kv_len: int, block_size, mask_mod: MaskMod
 ) -> BlockMask:
     """A BlockMask from block classes [Bm, Hm, nQ, nKV] (0 empty, 1 partial, 2 full).
 
     ``mask_mod`` must be the mask the classes describe: the kernels evaluate it in partial blocks.
+    A full block that reaches past ``q_len`` or ``kv_len`` is listed partial (``tail_partial``).
     One Triton launch on CUDA (elsewhere two segmented sorts), O(blocks), no host sync.
     """
     qb, kb = _check_block_size(block_size)
@@ -279,8 +301,9 @@ def block_mask_from_classes(
         # CPU interpreter the kernel is far slower than they are: tests run it on small shapes only)
         from .kernels.block_tables import tables_from_classes
 
-        tables_from_classes(classes, kv_num, kv_idx, q_num, q_idx)
+        tables_from_classes(classes, q_len, kv_len, (qb, kb), kv_num, kv_idx, q_num, q_idx)
     else:
+        classes = _demote_ragged(classes, q_len, kv_len, qb, kb)
         # [2, Bm, Hm, nQ, nKV], 0 where the partial (index 0) / full (index 1) tables list the block:
         # one sort per direction serves both kinds
         skip = torch.stack((classes != PARTIAL, classes != FULL)).view(torch.uint8)

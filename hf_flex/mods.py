@@ -436,18 +436,36 @@ def _softcap_grad(s, ds, b, h, q, kv, cap):
     return ds * (1.0 - t * t)
 
 
+@triton.jit
+def _tanh_approx(x):
+    # one MUFU instruction, relative error at most 2^-10.99 (PTX ISA): under bf16's rounding (2^-9),
+    # where the exact form costs an exp and a full-precision division per score
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _softcap_approx(s, b, h, q, kv, cap):
+    return cap * _tanh_approx(s * (1.0 / cap))
+
+
+@triton.jit
+def _softcap_approx_grad(s, ds, b, h, q, kv, cap):
+    t = _tanh_approx(s * (1.0 / cap))
+    return ds * (1.0 - t * t)
+
+
 def softcap(cap: float) -> ScoreMod:
-    """cap * tanh(score / cap) (Gemma 2's attention logit softcapping)."""
+    """cap * tanh(score / cap) (Gemma 2's attention logit softcapping).
+
+    16-bit inputs on the GPU use the hardware tanh approximation (``ScoreMod.approx``); its error
+    against float64 is measured in tests/benchmarks/NOTES.md."""
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
         raise ValueError(f"softcap: cap must be a positive number, got {cap!r}")
     cap = float(cap)
-    return ScoreMod(
-        _softcap,
-        lambda s, b, h, q, kv, c: c * torch.tanh(s / c),
-        (cap,),
-        f"softcap({cap:g})",
-        grad_fn=_softcap_grad,
-    )
+    twin = lambda s, b, h, q, kv, c: c * torch.tanh(s / c)  # noqa: E731
+    name = f"softcap({cap:g})"
+    approx = ScoreMod(_softcap_approx, twin, (cap,), name + "~", grad_fn=_softcap_approx_grad)
+    return ScoreMod(_softcap, twin, (cap,), name, grad_fn=_softcap_grad, approx=approx)
 
 
 @triton.jit

@@ -244,6 +244,10 @@ class ScoreMod:
         learnable: indices into ``args`` of the tensors that may receive gradients.
         sink: per-head sink logits ``[Hq]`` (gpt-oss): one extra logit in each row's softmax
             denominator, carrying no value. Not an elementwise mod: the kernels handle it apart.
+        approx: the same mod with faster Triton functions whose error stays within 16-bit rounding
+            (softcap: the GPU's tanh.approx.f32), same ``args``. The kernels use it for 16-bit inputs
+            on the GPU (``hf_flex.kernels.launch.SCHEDULE["approx_mods"]``); fp32 inputs and Triton's
+            interpreter use the exact functions.
     """
 
     triton_fn: Any
@@ -254,6 +258,7 @@ class ScoreMod:
     param_grad_fn: Any = None
     learnable: tuple = ()
     sink: Optional[torch.Tensor] = None
+    approx: Optional["ScoreMod"] = None
 
     def __post_init__(self):
         object.__setattr__(self, "args", _check_args(self.args, f"ScoreMod {self.name!r}"))
@@ -266,6 +271,8 @@ class ScoreMod:
         if self.sink is not None:
             if not isinstance(self.sink, torch.Tensor) or self.sink.dim() != 1:
                 raise ValueError(f"ScoreMod {self.name!r}: sink must be a 1-D tensor [Hq]")
+        if self.approx is not None and (not isinstance(self.approx, ScoreMod) or len(self.approx.args) != len(self.args)):
+            raise ValueError(f"ScoreMod {self.name!r}: approx must be a ScoreMod taking the same args")
 
     def __call__(self, score, b, h, q, kv):
         """Evaluate the PyTorch twin (sinks are not elementwise and are not applied here)."""
@@ -522,7 +529,9 @@ def chain_scores(mods: Sequence[ScoreMod]) -> ScoreMod:
         return elem[0]
     if len(elem) == 1:
         m = elem[0]
-        return ScoreMod(m.triton_fn, m.torch_fn, m.args, name, m.grad_fn, m.param_grad_fn, m.learnable, sink)
+        return ScoreMod(m.triton_fn, m.torch_fn, m.args, name, m.grad_fn, m.param_grad_fn, m.learnable, sink, m.approx)
+    # the approximate chain: each mod's approximate form where it has one (same args, same order)
+    approx = chain_scores([m.approx or m for m in elem]) if any(m.approx is not None for m in elem) else None
 
     arities = tuple(len(m.args) for m in elem)
     offs = list(itertools.accumulate((0,) + arities))
@@ -599,4 +608,4 @@ def chain_scores(mods: Sequence[ScoreMod]) -> ScoreMod:
             s = f(s, b, h, q, kv, *a[offs[i] : offs[i + 1]])
         return s
 
-    return ScoreMod(fwd, torch_fn, args, name, grad, pgrad, learnable, sink)
+    return ScoreMod(fwd, torch_fn, args, name, grad, pgrad, learnable, sink, approx)

@@ -104,6 +104,10 @@ def main():
     ap.add_argument("--schedule", default="", help="comma-separated knob=0/1 for launch.SCHEDULE")
     ap.add_argument("--out", default="ir_out")
     ap.add_argument("--backward", action="store_true", help="also the backward kernel(s)")
+    ap.add_argument("--mask", default="causal", choices=["causal", "document", "softcap"],
+                    help="causal; document: 4 packed documents + causal; softcap: causal with softcap(50)")
+    ap.add_argument("--tiles", action="append", default=[],
+                    help="PASS=block_m,block_n,warps,stages[,block_n_full] for launch.OVERRIDES (fwd, dkdv, dq)")
     a = ap.parse_args()
     compiled = _compile_only()
 
@@ -116,22 +120,33 @@ def main():
         if k not in launch.SCHEDULE:
             raise SystemExit(f"--schedule: unknown knob {k!r} (known: {sorted(launch.SCHEDULE)})")
         launch.SCHEDULE[k] = bool(int(v))
+    for spec in a.tiles:
+        name, vals = spec.split("=")
+        launch.OVERRIDES[name] = launch.Tiles(*(int(x) for x in vals.split(",")))
     q = torch.empty(1, 2, a.S, a.D, dtype=torch.bfloat16)
-    bm = hf_flex.create_block_mask(mods.causal(), None, None, a.S, a.S, device="cpu")
-    tables = launch.MaskTables(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+    mask = mods.causal()
+    if a.mask == "document":
+        ids = (torch.arange(a.S) * 4 // a.S)[None].to(torch.int32)
+        mask = mods.and_masks(mods.document(ids), mask)
+    bm = hf_flex.create_block_mask(mask, None, None, a.S, a.S, device="cpu")
+    tables = launch.MaskTables.of(bm)
     mm = bm.mask_mod
-    launch.flex_forward(q, q, q, tables, bm.BLOCK_SIZE, mm.kernel_fn, mm.args, None, (), None, 0.125)
+    sm_fn, sm_args, sm_grad = None, (), None
+    if a.mask == "softcap":
+        sm = mods.softcap(50.0)
+        sm_fn, sm_args, sm_grad = sm.kernel_fn, sm.args, sm.kernel_grad_fn
+    launch.flex_forward(q, q, q, tables, bm.BLOCK_SIZE, mm.kernel_fn, mm.args, sm_fn, sm_args, None, 0.125)
     if a.backward:
-        bwd = launch.MaskTables(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        bwd = launch.MaskTables.of(bm, transposed=True)
         lse = torch.empty(1, 2, a.S)
         try:  # the launches only compile here; the delta folding after them reads garbage, harmlessly
             launch.flex_backward(q, q, q, q, lse, q, tables, bwd, bm.BLOCK_SIZE, mm.kernel_fn, mm.args,
-                                 None, (), None, None, (), 0.125)
+                                 sm_fn, sm_args, sm_grad, None, (), 0.125)
         except Exception as e:  # noqa: BLE001 (compile-only driver: anything after the launches may fail)
             print(f"(after the backward launches: {type(e).__name__})")
     os.makedirs(a.out, exist_ok=True)
     sched = "".join(f"_{k}{int(v)}" for k, v in sorted(launch.SCHEDULE.items()))
-    print(f"D={a.D} S={a.S} schedule{sched} (triton {triton.__version__}, sm_90)")
+    print(f"{a.mask} D={a.D} S={a.S} schedule{sched} (triton {triton.__version__}, sm_90)")
     for name, kernels in compiled.items():
         if not name.startswith("attn_") or name == "attn_bwd_delta_kernel":
             continue

@@ -1,6 +1,11 @@
-"""Compare launch schedules (hf_flex.kernels.launch.SCHEDULE) side by side on the anchor cases.
+"""Compare launch schedules (hf_flex.kernels.launch.SCHEDULE knobs and tile OVERRIDES) side by side on
+the anchor cases.
 
-    python scripts/tune_schedule.py [--cases 0,1,4] [--budget-s 420] [--json out.json]
+    python scripts/tune_schedule.py [--cases 0,1,4] [--variants main,one_variant] [--shrink 72]
+                                    [--budget-s 420] [--json out.json]
+
+--shrink N runs every case at S - N tokens (a length that does not divide the 128 block, as ragged
+packed lengths are).
 
 Per case: hf_flex under every schedule and torch's compiled flex_attention are first checked against
 a float64 reference on one slice (the last batch, the last key head and its query heads: output and
@@ -13,6 +18,7 @@ hf_flex.bench. Cases start only while --budget-s seconds have not passed (device
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -22,14 +28,19 @@ import hf_flex
 from hf_flex import bench
 from hf_flex.kernels import launch
 
+# name -> SCHEDULE knobs to set, and optionally "tiles": {pass: Tiles} for launch.OVERRIDES
 SCHEDULES = {
-    "before": {"reverse_m": False, "fused_bwd": False, "one_variant": False},
-    "reverse+fused": {"reverse_m": True, "fused_bwd": True, "one_variant": False},
-    "+one_variant": {"reverse_m": True, "fused_bwd": True, "one_variant": True},
+    "main": {},
+    "one_variant": {"one_variant": True},
+    "exact_mods": {"approx_mods": False},
+    "fwd64x64w4": {"tiles": {"fwd": launch.Tiles(64, 64, 4, 3, 128)}},
+    "fwd128x64w4": {"tiles": {"fwd": launch.Tiles(128, 64, 4, 3, 64)}},
+    "bwd_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
+    "bwd_dkdv128x128": {"tiles": {"dkdv": launch.Tiles(128, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 2)}},
 }
 
 
-def run(c: bench.Case, do_torch=True):
+def run(c: bench.Case, variants, do_torch=True):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
     from torch.nn.attention.flex_attention import flex_attention as t_flex
 
@@ -64,8 +75,12 @@ def run(c: bench.Case, do_torch=True):
 
     row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
                torch_err=t_err, variants={})
-    for name, sched in SCHEDULES.items():
-        saved = dict(launch.SCHEDULE)
+    for name in variants:
+        sched = dict(SCHEDULES[name])
+        if sched.get("approx_mods") is False and c.kind != "softcap":
+            continue  # no approximate mod to compare against
+        saved, saved_tiles = dict(launch.SCHEDULE), dict(launch.OVERRIDES)
+        launch.OVERRIDES.update(sched.pop("tiles", {}))
         launch.SCHEDULE.update(sched)
         try:
             err = bench.slice_errors(ours, q, k, v, do, ref, b, hk, group)
@@ -79,6 +94,8 @@ def run(c: bench.Case, do_torch=True):
         finally:
             launch.SCHEDULE.clear()
             launch.SCHEDULE.update(saved)
+            launch.OVERRIDES.clear()
+            launch.OVERRIDES.update(saved_tiles)
     if do_torch:
         row["torch_fwd_tflops"], row["torch_fwdbwd_tflops"] = timed(theirs)
     return row
@@ -87,10 +104,16 @@ def run(c: bench.Case, do_torch=True):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=None, help="indices into hf_flex.bench.ANCHORS (default: all)")
+    ap.add_argument("--variants", default="main,one_variant", help=f"comma-separated, of {sorted(SCHEDULES)}")
+    ap.add_argument("--shrink", type=int, default=0, help="run each case at S minus this many tokens")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     idx = [int(i) for i in a.cases.split(",")] if a.cases else range(len(bench.ANCHORS))
+    names = a.variants.split(",")
+    unknown = [n for n in names if n not in SCHEDULES]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown} (known: {sorted(SCHEDULES)})")
     res = dict(bench.versions(), rows=[])
     t0 = time.time()
     for i in idx:
@@ -98,8 +121,10 @@ def main():
             print(f"budget spent: case {i} and later not run", flush=True)
             break
         c = bench.ANCHORS[i]
+        if a.shrink:
+            c = dataclasses.replace(c, S=c.S - a.shrink)
         try:
-            row = run(c)
+            row = run(c, names)
         except Exception as e:
             row = dict(case=c.name, error=f"{type(e).__name__}: {str(e)[:500]}")
         res["rows"].append(row)
@@ -107,7 +132,6 @@ def main():
         if a.json:
             json.dump(res, open(a.json, "w"), indent=1)
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
-    names = list(SCHEDULES)
     print(f"{'case':28s} {'S':>6s} " + " ".join(f"{n[:13]:>13s}" for n in names) + "   torch   (fwd | fwd+bwd TFLOP/s)")
     for r in res["rows"]:
         if "error" in r:
@@ -115,12 +139,12 @@ def main():
             continue
         cells = []
         for n in names:
-            v = r["variants"][n]
+            v = r["variants"].get(n, {"fwd_tflops": 0, "fwdbwd_tflops": 0})
             cells.append("  error      " if "error" in v else f"{v['fwd_tflops']:5.0f}|{v['fwdbwd_tflops']:<5.0f}  ")
         print(f"{r['case']:28s} {r['S']:6d} " + " ".join(f"{x:>13s}" for x in cells)
               + f"  {r.get('torch_fwd_tflops', 0):5.0f}|{r.get('torch_fwdbwd_tflops', 0):<5.0f}")
         for n in names:
-            if "error" in r["variants"][n]:
+            if "error" in r["variants"].get(n, {}):
                 print(f"   {n}: {r['variants'][n]['error'][:200]}")
 
 

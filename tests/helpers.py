@@ -19,6 +19,16 @@ import hf_flex
 from hf_flex import reference
 
 
+def listed_classes(classes: torch.Tensor, q_len: int, kv_len: int, qb: int, kb: int) -> torch.Tensor:
+    """The classes [..., nQ, nKV] a BlockMask's tables list: a full block that reaches past a length
+    (the last row when q_len % qb, the last column when kv_len % kb) is partial."""
+    nq, nkv = classes.shape[-2:]
+    row = torch.arange(nq, device=classes.device) == (nq - 1 if q_len % qb else -1)
+    col = torch.arange(nkv, device=classes.device) == (nkv - 1 if kv_len % kb else -1)
+    past = row[:, None] | col[None, :]
+    return torch.where((classes == 2) & past, torch.ones_like(classes), classes)
+
+
 def rand_qkv(B, Hq, Hkv, Sq, Skv, D, Dv=None, dtype=torch.float32, device="cpu", seed=0):
     """Fresh standard-normal q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] (leaves, requires_grad).
 

@@ -38,7 +38,7 @@ from hf_flex.dispatch import triton_runs_on
 from hf_flex import mods
 from hf_flex.block_mask import EMPTY, FULL, PARTIAL, _classes_torch
 from hf_flex.modtypes import block_classes
-from helpers import random_doc_ids
+from helpers import listed_classes, random_doc_ids
 from test_block_mask import generic
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -114,7 +114,9 @@ def oracle(mm, B, H, q_len, kv_len, bs):
 def slabs(mm, B, H, q_len, kv_len, bs):
     """Classes from the generic PyTorch builder (fast on the CPU)."""
     qb, kb = _bs(bs)
-    return _classes_torch(mm, B or 1, H or 1, q_len, kv_len, qb, kb, torch.device("cpu"))
+    # as the tables list them (a full block past a length is partial), like the builders' to_dense()
+    return listed_classes(_classes_torch(mm, B or 1, H or 1, q_len, kv_len, qb, kb, torch.device("cpu")),
+                          q_len, kv_len, qb, kb)
 
 
 def check_exact(mm, B, H, q_len, kv_len, bs, triton_too):
@@ -320,7 +322,8 @@ def test_random_nestings(tree, R, given_B, q_len, kv_len, bs):
     want = oracle(mm, B, None, q_len, kv_len, bs)
     wrong = got != want
     assert (got[wrong] == PARTIAL).all(), f"{mm.name}: a wrong empty / full block" + _show(got, want)
-    assert torch.equal(got, min_max_oracle(tree, R, S, B or 1, 1, q_len, kv_len, qb, kb)), mm.name
+    mm_oracle = listed_classes(min_max_oracle(tree, R, S, B or 1, 1, q_len, kv_len, qb, kb), q_len, kv_len, qb, kb)
+    assert torch.equal(got, mm_oracle), mm.name
     if not _has_combination(tree):
         assert not wrong.any(), f"{mm.name}: not exact" + _show(got, want)
 
@@ -347,7 +350,7 @@ def test_unpacked_documents_fall_back(ids):
         for B in (None, R):
             bm = hf_flex.create_block_mask(mm, B, None, S, S, device="cpu", BLOCK_SIZE=16)
             assert bm.builder == GENERIC
-            want = _classes_torch(mm, B or 1, 1, S, S, 16, 16, torch.device("cpu"))
+            want = listed_classes(_classes_torch(mm, B or 1, 1, S, S, 16, 16, torch.device("cpu")), S, S, 16, 16)
             assert torch.equal(bm.to_dense(), want)
             assert (want == PARTIAL).any()
 

@@ -23,8 +23,11 @@ from hf_flex.dispatch import triton_runs_on
 from helpers import random_doc_ids
 
 
-def dense_classes(mask_mod, Bm, Hm, q_len, kv_len, qb, kb):
-    """[Bm, Hm, nQ, nKV] int8 block classes (on the CPU) from the dense element mask (the oracle)."""
+def dense_classes(mask_mod, Bm, Hm, q_len, kv_len, qb, kb, tables=False):
+    """[Bm, Hm, nQ, nKV] int8 block classes (on the CPU) from the dense element mask (the oracle).
+
+    ``tables=True``: the classes the tables list, where a block is full only when all its qb x kb
+    pairs exist and are allowed (a ragged last block, past a length, is at most partial)."""
     dev = mask_mod.tensors()[0].device if mask_mod.tensors() else "cpu"
     m = reference.dense_mask(mask_mod, Bm, Hm, q_len, kv_len, device=dev).cpu()
     nq, nkv = -(-q_len // qb), -(-kv_len // kb)
@@ -33,7 +36,8 @@ def dense_classes(mask_mod, Bm, Hm, q_len, kv_len, qb, kb):
         for j in range(nkv):
             blk = m[:, :, i * qb : (i + 1) * qb, j * kb : (j + 1) * kb]
             n = blk.sum((-1, -2))
-            out[:, :, i, j] = torch.where(n == 0, EMPTY, torch.where(n == blk[0, 0].numel(), FULL, PARTIAL)).to(torch.int8)
+            whole = qb * kb if tables else blk[0, 0].numel()
+            out[:, :, i, j] = torch.where(n == 0, EMPTY, torch.where(n == whole, FULL, PARTIAL)).to(torch.int8)
     return out
 
 
@@ -124,6 +128,7 @@ def test_builders_agree_with_dense(device, name, shape):
     mm = _mask(name, B, max(q_len, kv_len), device)
     Bm, Hm = B or 1, H or 1
     want = dense_classes(mm, Bm, Hm, q_len, kv_len, qb, kb)
+    want_tables = dense_classes(mm, Bm, Hm, q_len, kv_len, qb, kb, tables=True)
     assert triton_runs_on(device)  # without block_fn, create_block_mask takes the Triton builder (interpreted on CPU)
     bm = hf_flex.create_block_mask(generic(mm), B, H, q_len, kv_len, device=device, BLOCK_SIZE=bs)
     assert bm.builder == "triton"
@@ -134,8 +139,9 @@ def test_builders_agree_with_dense(device, name, shape):
     got_triton = bm.to_dense()
     got_torch = _classes_torch(mm, Bm, Hm, q_len, kv_len, qb, kb, torch.device(device)).cpu()
     assert torch.equal(got_torch, want), f"torch builder differs from dense:\n{got_torch}\n{want}"
-    assert torch.equal(got_triton, want), f"Triton builder differs from dense:\n{got_triton}\n{want}"
-    _check_tables(bm, want)
+    assert torch.equal(got_triton, want_tables), f"Triton builder differs from dense:\n{got_triton}\n{want_tables}"
+    assert bm.tail_partial
+    _check_tables(bm, want_tables)
 
 
 def test_torch_builder_slabs():
@@ -178,12 +184,36 @@ def _check_tables(bm: BlockMask, classes: torch.Tensor):
         assert ((idx >= 0) & (idx < nkv)).all() and ((qidx >= 0) & (qidx < nq)).all()
 
 
-def test_block_mask_from_classes_roundtrip():
+@pytest.mark.parametrize("ragged", [(False, False), (True, False), (False, True), (True, True)])
+def test_block_mask_from_classes_roundtrip(device, ragged):
+    """Classes come back as given, except that a full block reaching past a length (the last row when
+    the query length does not divide 16, the last column when the key length does not divide 32) is
+    listed partial: the kernels visit full blocks without checking positions past the end."""
     g = torch.Generator().manual_seed(0)
     classes = torch.randint(0, 3, (2, 3, 5, 7), generator=g, dtype=torch.int8)
-    bm = block_mask_from_classes(classes, 5 * 16 - 3, 7 * 32 - 1, (16, 32), mods.noop())
-    assert torch.equal(bm.to_dense(), classes)
-    _check_tables(bm, classes)
+    q_len, kv_len = 5 * 16 - 3 * ragged[0], 7 * 32 - ragged[1]
+    bm = block_mask_from_classes(classes.to(device), q_len, kv_len, (16, 32), mods.noop())
+    want = classes.clone()
+    for i in range(5):
+        for j in range(7):
+            if (ragged[0] and i == 4) or (ragged[1] and j == 6):
+                want[:, :, i, j] = torch.where(classes[:, :, i, j] == FULL, PARTIAL, classes[:, :, i, j])
+    assert (want != classes).any() == any(ragged)
+    bm = bm.to("cpu")
+    assert bm.tail_partial
+    assert torch.equal(bm.to_dense(), want)
+    _check_tables(bm, want)
+
+
+def test_tail_partial_flag():
+    """Builders of this package set tail_partial; tables handed to the constructor keep the kernels'
+    checks (tail_partial False) unless the caller says otherwise; to() keeps it."""
+    bm = hf_flex.create_block_mask(mods.causal(), None, None, 70, 70, device="cpu", BLOCK_SIZE=32)
+    assert bm.tail_partial and bm.to("cpu").tail_partial
+    names = ("kv_num_blocks kv_indices full_kv_num_blocks full_kv_indices "
+             "q_num_blocks q_indices full_q_num_blocks full_q_indices").split()
+    raw = BlockMask(*(getattr(bm, n) for n in names), seq_lengths=(70, 70), block_size=(32, 32), mask_mod=bm.mask_mod)
+    assert not raw.tail_partial and not raw.to("cpu").tail_partial
 
 
 def test_tables_aligned():
@@ -267,8 +297,11 @@ def test_broadcast_none_dims():
 
 
 def test_mask_mod_none_is_full():
-    bm = hf_flex.create_block_mask(None, None, None, 40, 70, device="cpu", BLOCK_SIZE=32)
+    bm = hf_flex.create_block_mask(None, None, None, 64, 96, device="cpu", BLOCK_SIZE=32)
     assert (bm.to_dense() == FULL).all() and bm.sparsity() == 0.0
+    # ragged lengths: the last row and column are visited as partial blocks (checked past the end)
+    cls = hf_flex.create_block_mask(None, None, None, 40, 70, device="cpu", BLOCK_SIZE=32).to_dense()[0, 0]
+    assert (cls[:-1, :-1] == FULL).all() and (cls[-1] == PARTIAL).all() and (cls[:, -1] == PARTIAL).all()
 
 
 # --- validation ---------------------------------------------------------------------------------------

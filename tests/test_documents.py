@@ -26,7 +26,7 @@ from hf_flex.documents import (
 from hf_flex.kernels.block_tables import tables_from_classes
 from hf_flex.kernels.document_tables import document_tables
 
-from helpers import check_attention, rand_qkv
+from helpers import check_attention, listed_classes, rand_qkv
 
 
 def random_positions(B, S, seed, max_len=80):
@@ -163,7 +163,8 @@ def test_document_tables_exact(device, seed, blocks):
         document_tables(ids.to(device), S, S, qb, kb, causal, window, *tables)
         bm = BlockMask.from_pairs(*tables, (S, S), (qb, kb), mm, "packed").to("cpu")
         # rows and columns are listed by different programs: both must give the same classes
-        assert torch.equal(bm.to_dense(), brute_classes(mm, B, S, qb, kb)), (B, S, blocks, causal, window)
+        want = listed_classes(brute_classes(mm, B, S, qb, kb), S, S, qb, kb)  # no full block past S
+        assert torch.equal(bm.to_dense(), want), (B, S, blocks, causal, window)
         assert torch.equal(_dense_from_q_tables(bm), bm.to_dense())
 
 
@@ -185,9 +186,18 @@ def test_tables_kernel_equals_sorts(device, shape):
     for cls in (classes, classes[:, :1].expand(shape)):  # contiguous, and an expanded view
         want = _sorted_tables(cls.contiguous())
         got = table_buffers(Bm, Hm, nq, nkv, device)
-        tables_from_classes(cls.to(device), *got)
+        tables_from_classes(cls.to(device), nq * 16, nkv * 32, (16, 32), *got)
         for name, a, b in zip(("kv_num", "kv_idx", "q_num", "q_idx"), got, want):
             assert torch.equal(a.cpu(), b), name
+    # ragged lengths: full blocks of the last row and column are listed partial
+    demoted = classes.clone()
+    demoted[:, :, -1][demoted[:, :, -1] == FULL] = PARTIAL
+    demoted[..., -1][demoted[..., -1] == FULL] = PARTIAL
+    want = _sorted_tables(demoted)
+    got = table_buffers(Bm, Hm, nq, nkv, device)
+    tables_from_classes(classes.to(device), nq * 16 - 5, nkv * 32 - 1, (16, 32), *got)
+    for name, a, b in zip(("kv_num", "kv_idx", "q_num", "q_idx"), got, want):
+        assert torch.equal(a.cpu(), b), f"ragged {name}"
 
 
 # --- the builder, end to end ----------------------------------------------------------------------------

@@ -245,6 +245,34 @@ def test_schedules(device, fused, reverse, one_variant, monkeypatch):
         check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 
+@pytest.mark.parametrize("one_variant", [True, False], ids=["one_variant", "divisible_variant"])
+@pytest.mark.parametrize("Sq,Skv", [(70, 50), (64, 96)])
+def test_tables_with_full_blocks_past_the_end(device, Sq, Skv, one_variant, monkeypatch):
+    """Tables handed to BlockMask() may list a ragged last block full (tail_partial False): the
+    kernels then check positions past the end in full blocks too. Builders of this package list such
+    blocks partial and the full-block loops skip the checks (tail_partial True): the same answer."""
+    from hf_flex.block_mask import BlockMask, _tables, table_buffers
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "one_variant", one_variant)
+    nq, nkv = -(-Sq // 32), -(-Skv // 16)
+    classes = torch.full((1, 1, nq, nkv), 2, dtype=torch.int8)  # every block full (noop mask)
+    classes[0, 0, 0, -1] = 1
+    skip = torch.stack((classes != 1, classes != 2)).view(torch.uint8)
+    kv_num, kv_idx, q_num, q_idx = table_buffers(1, 1, nq, nkv, "cpu")
+    _tables(skip, kv_num, kv_idx)
+    _tables(skip.transpose(-1, -2).contiguous(), q_num, q_idx)
+    tables = [t.to(device) for pair in (kv_num, kv_idx, q_num, q_idx) for t in pair.unbind(0)]
+    order = [tables[i] for i in (0, 2, 1, 3, 4, 6, 5, 7)]  # num, idx, full_num, full_idx per direction
+    raw = BlockMask(*order, seq_lengths=(Sq, Skv), block_size=(32, 16), mask_mod=mods.noop())
+    assert not raw.tail_partial
+    built = hf_flex.create_block_mask(None, None, None, Sq, Skv, device=device, BLOCK_SIZE=(32, 16))
+    assert built.tail_partial
+    q, k, v = rand_qkv(2, 2, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=Sq)
+    for bm in (raw, built):
+        check_attention(q, k, v, None, bm)
+
+
 # --- ragged lengths, Sq != Skv -------------------------------------------------------------------------
 
 # (Sq, Skv, mask, BLOCK_SIZE)

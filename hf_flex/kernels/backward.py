@@ -77,20 +77,27 @@ def _dkdv_inner(
     for i in range(0, n_blocks * SUB):
         blk = tl.load(idx_ptr + i // SUB)
         offs_m = blk * SPARSE_Q + (i % SUB) * BLOCK_M + offs_m0
-        q_in = offs_m < Q_LEN
-        qT = tl.load(
-            Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-            mask=q_in[None, :] & (offs_d[:, None] < D),
-            other=0.0,
-        )
-        do = tl.load(
-            DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-            mask=q_in[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
-        lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
-        delta = tl.load(DELTA_ptr + offs_m, mask=q_in, other=0.0)
-        q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
+        if Q_DIVISIBLE:  # every query of the tile is in range
+            qT = tl.load(Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=offs_d[:, None] < D, other=0.0)
+            do = tl.load(DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask=offs_dv[None, :] < DV, other=0.0)
+            lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
+            delta = tl.load(DELTA_ptr + offs_m)
+            q_idx = offs_m[None, :]
+        else:  # queries past the end load zeros (and LSE +inf): they add nothing to dK, dV
+            q_in = offs_m < Q_LEN
+            qT = tl.load(
+                Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                mask=q_in[None, :] & (offs_d[:, None] < D),
+                other=0.0,
+            )
+            do = tl.load(
+                DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                mask=q_in[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
+            delta = tl.load(DELTA_ptr + offs_m, mask=q_in, other=0.0)
+            q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
         # transposed tile: rows are keys, columns are queries
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
@@ -127,6 +134,7 @@ def _dkdv_program(
     SCORE_GRAD: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr,
+    TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -180,7 +188,8 @@ def _dkdv_program(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE or TAIL_PARTIAL, KV_DIVISIBLE or TAIL_PARTIAL,
+            SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC,
         )
     dk = dk * sm_scale
@@ -270,6 +279,7 @@ def _dq_program(
     SCORE_GRAD: tl.constexpr,
     SCORE_PARAM_GRAD: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr,
+    TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -321,7 +331,7 @@ def _dq_program(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
     dq = dq * sm_scale
@@ -350,8 +360,8 @@ def attn_bwd_dkdv_kernel(
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
+    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     _dkdv_program(
@@ -363,7 +373,7 @@ def attn_bwd_dkdv_kernel(
         stride_lb, stride_lh,
         Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
 
@@ -382,7 +392,7 @@ def attn_bwd_dq_kernel(
     Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
-    KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr,
@@ -395,7 +405,7 @@ def attn_bwd_dq_kernel(
         stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
         KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
         Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC,
     )
 
@@ -423,7 +433,8 @@ def attn_bwd_kernel(
     N_DKDV, N_TILES_KV, N_TILES_Q,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
-    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
+    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr,
@@ -439,7 +450,7 @@ def attn_bwd_kernel(
             stride_lb, stride_lh,
             Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
         )
     else:
@@ -452,6 +463,6 @@ def attn_bwd_kernel(
             stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
             KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
             Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, SPARSE_Q, SPARSE_KV,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
             DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
         )

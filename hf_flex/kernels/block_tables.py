@@ -88,6 +88,17 @@ def list_blocks(cls, o, m, code, n_sel, sel, oth, idx):
 
 
 @triton.jit
+def demote_ragged(cls, own_is_tail, o, other_tail):
+    """Classes ``cls`` of one chunk of a row or column (block numbers ``o``), with the full blocks that
+    reach past a length made partial: the row/column's own block is the ragged last one
+    (``own_is_tail``), or a block of the chunk is (``o == other_tail``; -1 when that length divides
+    its block). The kernels visit a full block without any check, so every full block must lie
+    inside the lengths (BlockMask.tail_partial); the check for keys past the end lives in the
+    partial-block loop alone."""
+    return tl.where((cls == 2) & (own_is_tail | (o == other_tail)), 1, cls)
+
+
+@triton.jit
 def count_or_list(p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_half):
     """One chunk of a row or column of block classes ``cls`` (block numbers ``o``, ``m`` = in range).
     Pass p = 0 counts the partial (n_p) and full (n_f) blocks; pass 1 lists them, partial blocks in
@@ -118,7 +129,8 @@ def list_destinations(is_row, bh, i, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_
     return num, idx, num_half, idx_half
 
 
-@triton.jit(do_not_specialize=["s_b", "s_h", "s_q", "s_kv", "NQ", "NKV", "kvn_half", "kvi_half", "qn_half", "qi_half"])
+@triton.jit(do_not_specialize=["s_b", "s_h", "s_q", "s_kv", "NQ", "NKV", "TAIL_Q", "TAIL_KV",
+                               "kvn_half", "kvi_half", "qn_half", "qi_half"])
 def _tables_kernel(
     CLS,  # int8 classes [Bm, Hm, nQ, nKV], any strides (an expanded view is fine)
     s_b,
@@ -128,6 +140,8 @@ def _tables_kernel(
     Hm,
     NQ,
     NKV,
+    TAIL_Q,  # the ragged last query block (the query length does not divide the block), else -1
+    TAIL_KV,  # the same for keys
     KV_NUM,  # int32 [2, Bm, Hm, nQ]: partial counts, then (kvn_half elements further) full counts
     KV_IDX,  # int32 [2, Bm, Hm, nQ, nKV]
     Q_NUM,  # int32 [2, Bm, Hm, nKV]
@@ -152,10 +166,14 @@ def _tables_kernel(
         line = base + c * s_q
         step = s_kv
         L = NKV
+        own_is_tail = c == TAIL_Q
+        other_tail = TAIL_KV
     else:
         line = base + c * s_kv
         step = s_q
         L = NQ
+        own_is_tail = c == TAIL_KV
+        other_tail = TAIL_Q
     num, idx, num_half, idx_half = list_destinations(
         is_row, bh, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
     )
@@ -169,7 +187,7 @@ def _tables_kernel(
         for s in range(0, L, CHUNK):
             o = s + tl.arange(0, CHUNK)
             m = o < L
-            cls = tl.load(line + o * step, mask=m, other=0)
+            cls = demote_ragged(tl.load(line + o * step, mask=m, other=0), own_is_tail, o, other_tail)
             n_p, n_f, sel_p, oth_p, sel_f, oth_f = count_or_list(
                 p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_half
             )
@@ -177,8 +195,16 @@ def _tables_kernel(
     tl.store(num + num_half, n_f)
 
 
-def tables_from_classes(classes: torch.Tensor, kv_num, kv_idx, q_num, q_idx) -> None:
+def ragged_tail(length: int, block: int) -> int:
+    """The index of the last block when ``length`` does not fill it (``length % block != 0``), else -1."""
+    return -(-length // block) - 1 if length % block else -1
+
+
+def tables_from_classes(classes: torch.Tensor, q_len: int, kv_len: int, block_size, kv_num, kv_idx, q_num, q_idx) -> None:
     """Fill the eight block tables from classes [Bm, Hm, nQ, nKV] (0 empty, 1 partial, 2 full), in one launch.
+
+    A full block that reaches past ``q_len`` or ``kv_len`` (the last block, where a length does not
+    divide its ``block_size`` entry) is listed partial (see :func:`demote_ragged`).
 
     ``kv_num`` [2, Bm, Hm, nQ], ``kv_idx`` [2, Bm, Hm, nQ, nKV], ``q_num`` [2, Bm, Hm, nKV], ``q_idx``
     [2, Bm, Hm, nKV, nQ] are int32, each half contiguous (half 0: partial blocks, half 1: full
@@ -187,9 +213,10 @@ def tables_from_classes(classes: torch.Tensor, kv_num, kv_idx, q_num, q_idx) -> 
     gives, so every index in a row is in range.
     """
     Bm, Hm, nq, nkv = classes.shape
+    qb, kb = block_size
     _tables_kernel[(nq + nkv, Bm * Hm)](
         classes, classes.stride(0), classes.stride(1), classes.stride(2), classes.stride(3),
-        Hm, nq, nkv,
+        Hm, nq, nkv, ragged_tail(q_len, qb), ragged_tail(kv_len, kb),
         kv_num, kv_idx, q_num, q_idx,
         kv_num.stride(0), kv_idx.stride(0), q_num.stride(0), q_idx.stride(0),
         CHUNK=1024,  # one compiled variant for every length: rows longer than this loop

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_tables import count_or_list, list_destinations
+from .block_tables import count_or_list, demote_ragged, list_destinations
 
 
 @triton.jit
@@ -70,6 +70,11 @@ def _document_tables_kernel(
     d_lo = tl.load(row + lo)
     d_hi = tl.load(row + hi)
     L = tl.where(is_row, NKV, NQ)
+    # the ragged last blocks (a length that does not divide its block), -1 where there is none
+    tail_q = tl.where(Q_LEN % Q_BLOCK != 0, NQ - 1, -1)
+    tail_kv = tl.where(KV_LEN % KV_BLOCK != 0, NKV - 1, -1)
+    own_is_tail = c == tl.where(is_row, tail_q, tail_kv)
+    other_tail = tl.where(is_row, tail_kv, tail_q)
     num, idx, num_half, idx_half = list_destinations(
         is_row, b, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
     )
@@ -95,6 +100,7 @@ def _document_tables_kernel(
                 dq_lo = tl.load(row + q_lo, mask=m, other=0)
                 dq_hi = tl.load(row + q_hi, mask=m, other=0)
                 cls = _document_class(dq_lo, dq_hi, q_lo, q_hi, d_lo, d_hi, lo, hi, WINDOW, CAUSAL, HAS_WINDOW)
+            cls = demote_ragged(cls, own_is_tail, o, other_tail)
             n_p, n_f, sel_p, oth_p, sel_f, oth_f = count_or_list(
                 p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_half
             )
@@ -111,7 +117,8 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
     Classes are exact where blocks have one size: empty and full always (the kernels skip an empty
     block and do not evaluate the mask in a full one); with a query block smaller than the key block,
     a block that straddles a diagonal or a window edge may be listed partial and hold no allowed pair
-    (safe: the kernels evaluate the mask there).
+    (safe: the kernels evaluate the mask there). A full block that reaches past a length is listed
+    partial (``demote_ragged``).
     """
     B = ids.shape[0]
     nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)

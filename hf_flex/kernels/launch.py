@@ -48,15 +48,18 @@ OVERRIDES: dict = {}
 # Scheduling choices, as knobs a tuning script may flip (defaults: measured, tests/benchmarks/NOTES.md).
 # reverse_m: forward and dQ programs take query tiles last to first (the long ones of causal masks first).
 # fused_bwd: dK/dV and dQ programs in one launch when both passes use the same warps and stages.
-# one_variant: every length runs the kernel variant that checks keys/queries past the end, so a length
-#   that divides the block (e.g. 4224 among packed lengths) compiles nothing new. Off (the default), a
-#   length that divides the block runs a variant without those checks, compiled when the first such
-#   length comes (one recompile per pass): measured on the H100, the checks cost 9 % of the causal
-#   forward at D=128 and 30 % at D=64 (tests/benchmarks/NOTES.md), so the default pays one compile.
-SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": False}
+# one_variant: every length runs the kernel variant whose partial-block loops check keys/queries past
+#   the end, so a length that divides the block (e.g. 4224 among packed lengths) compiles nothing new.
+#   Off, such a length runs a variant without those checks, compiled when the first one comes (one
+#   recompile per pass). Full-block loops never check where the tables list a ragged last block
+#   partial (MaskTables.tail_partial, every builder of this package).
+# approx_mods: 16-bit inputs on the GPU run a score mod's approximate form where it has one
+#   (ScoreMod.approx; softcap: tanh.approx.f32), with errors within 16-bit rounding (NOTES.md).
+SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": False, "approx_mods": True}
 
 
 def _divides(n: int, block: int) -> bool:
+    """Whether the partial-block loops may skip the checks for positions past the end ``n``."""
     return not SCHEDULE["one_variant"] and n % block == 0
 
 _TABLE = {
@@ -97,12 +100,23 @@ def dq_tiles(dp, dvp, elt, sparse_q, sparse_kv) -> Tiles:
 
 @dataclass
 class MaskTables:
-    """Block tables with broadcast strides, as the kernels read them."""
+    """Block tables with broadcast strides, as the kernels read them.
+
+    ``tail_partial``: no full block reaches past the lengths (BlockMask.tail_partial), so the kernels
+    walk full blocks without checking for keys or queries past the end, whatever the lengths."""
 
     num: torch.Tensor
     idx: torch.Tensor
     full_num: torch.Tensor
     full_idx: torch.Tensor
+    tail_partial: bool = False
+
+    @classmethod
+    def of(cls, bm, transposed: bool = False) -> "MaskTables":
+        """The query-major tables of BlockMask ``bm`` (forward, dQ), or its key-major ones (dK/dV)."""
+        if transposed:
+            return cls(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, bm.tail_partial)
+        return cls(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.tail_partial)
 
     def strides(self):
         Bm, Hm, R = self.num.shape
@@ -156,6 +170,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         SCORE_MOD=score_fn,
         HAS_SINK=sink is not None,
         KV_DIVISIBLE=_divides(SKV, skv),
+        FULL_KV_DIVISIBLE=_divides(SKV, skv) or tables.tail_partial,
         SPARSE_Q=sq,
         SPARSE_KV=skv,
         BLOCK_M=t.block_m,
@@ -208,6 +223,8 @@ def flex_backward(
     common = dict(
         MASK_MOD=mask_fn, SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn,
         KV_DIVISIBLE=_divides(SKV, skv), SPARSE_Q=sq, SPARSE_KV=skv,
+        # both tables come from one BlockMask: full blocks past the end in neither or both
+        TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())

@@ -127,6 +127,36 @@ def test_bf16_parity_fwd_bwd(name):
     print(name, " ".join(f"{n}: ours {a:.2e} torch {b:.2e}" for n, a, b in rows))
 
 
+@pytest.mark.parametrize("cap", [50.0, 5.0])
+def test_softcap_approx_within_bf16_noise(cap, monkeypatch):
+    """bf16 softcap runs tanh.approx.f32 (ScoreMod.approx): its errors against float64 stay those of the
+    exact tanh, within bf16 rounding (cap 5 pushes scores into tanh's curved part)."""
+    from hf_flex.autograd import KernelSpec
+    from hf_flex.kernels import launch
+
+    B, H, S, D = 1, 4, 2048, 128
+    mm, sm = mods.causal(), mods.softcap(cap)
+    q, k, v = _rand(B, H, H, S, D, seed=int(cap))
+    q = q * 3  # scores of several units: past tanh's linear part when divided by the cap
+    do = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    bm = hf_flex.create_block_mask(mm, None, None, S, S, device="cuda")
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = hf_flex.reference.attention(q64, k64, v64, sm, mm, mask_bh=bm.shape[:2])
+    refs = (ref, *torch.autograd.grad(ref, (q64, k64, v64), do.double()))
+    errs = {}
+    for approx in (True, False):
+        monkeypatch.setitem(launch.SCHEDULE, "approx_mods", approx)
+        spec = KernelSpec(bm, sm, 1.0)
+        assert (spec.elementwise(q) is sm.approx) == approx
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(qs, ks, vs, sm, bm)
+        got = (out, *torch.autograd.grad(out, (qs, ks, vs), do))
+        errs[approx] = [_err(a, r) for a, r in zip(got, refs)]
+    print(f"softcap({cap}) errors vs float64 (out, dq, dk, dv): approx {errs[True]} exact {errs[False]}")
+    for name, ea, ee, r in zip(("out", "dq", "dk", "dv"), errs[True], errs[False], refs):
+        assert ea <= 1.25 * ee + _atol(r), f"{name}: tanh.approx error {ea:.3e} vs exact {ee:.3e}"
+
+
 def test_learnable_mods_bf16():
     """Relative-bias table, ALiBi slopes and sinks: gradients vs the fp64 reference on the GPU."""
     B, H, S, D = 1, 4, 1024, 64
