@@ -23,6 +23,8 @@ class Tiles:
     num_warps: int
     num_stages: int
     block_n_full: int = 0  # forward only: the key tile of full blocks (0 = block_n)
+    # register cap per thread (ptxas .maxnreg), 0 = none: 128 keeps two 8-warp programs on an SM
+    maxnreg: int = 0
 
 
 def _pow2(x: int) -> int:
@@ -37,6 +39,7 @@ def _fit(t: Tiles, sparse_q: int, sparse_kv: int) -> Tiles:
         t.num_warps,
         t.num_stages,
         min(t.block_n_full or t.block_n, sparse_kv),
+        t.maxnreg,
     )
 
 
@@ -64,7 +67,9 @@ def _divides(n: int, block: int) -> bool:
 
 _TABLE = {
     # (d <= 64, 2-byte):   fwd                 dkdv (block_m = query sub-tile, block_n = keys)   dq
-    (64, 2): (Tiles(128, 64, 8, 3), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3)),
+    # fwd: the variant that checks keys past the end needs 131 registers, one program per SM instead
+    # of two (-33 % on the H200, NOTES.md): capped at 128
+    (64, 2): (Tiles(128, 64, 8, 3, 0, 128), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3)),
     # fwd: 128-key tiles pay off in full blocks (399 vs 376 TFLOP/s causal) but not where the mask is
     # evaluated (document masks: 150 vs 191), hence 64 there
     (128, 2): (Tiles(128, 64, 8, 3, 128), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
@@ -184,6 +189,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         REVERSE_M=SCHEDULE["reverse_m"],
         num_warps=t.num_warps,
         num_stages=t.num_stages,
+        **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
     )
     return out, lse
 
