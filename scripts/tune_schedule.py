@@ -33,6 +33,7 @@ SCHEDULES = {
     "main": {},
     "one_variant": {"one_variant": True},
     "exact_mods": {"approx_mods": False},
+    "divisible_variant": {"one_variant": False},
     "fwd64x64w4": {"tiles": {"fwd": launch.Tiles(64, 64, 4, 3, 128)}},
     "fwd128x64w4": {"tiles": {"fwd": launch.Tiles(128, 64, 4, 3, 64)}},
     "bwd_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},

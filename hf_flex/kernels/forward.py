@@ -108,31 +108,23 @@ def _fwd_inner(
     for i in range(0, n_blocks * SUB):
         blk = tl.load(idx_ptr + i // SUB)
         offs_n = blk * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
-        if APPLY_MASK or not KV_DIVISIBLE:
-            # the positions the scores read come from a second, vector load of the same index: the
-            # software pipeliner prefetches a load whose values reach the P @ V dot, but it keeps
-            # synchronous (one round trip per tile) a load whose scalar also feeds the score math
-            pos = tl.load(idx_ptr + i // SUB + tl.zeros([BLOCK_N], tl.int32)) * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
-        else:
-            pos = offs_n
-        kv_in = pos < KV_LEN
+        kv_in = offs_n < KV_LEN
         if KV_DIVISIBLE:
             kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
             v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=offs_dv[None, :] < DV, other=0.0)
-            kv_idx = pos[None, :]
+            kv_idx = offs_n[None, :]
         else:
-            in_k = offs_n < KV_LEN  # from the scalar index, as the addresses are
             kT = tl.load(
                 K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=in_k[None, :] & (offs_d[:, None] < D),
+                mask=kv_in[None, :] & (offs_d[:, None] < D),
                 other=0.0,
             )
             v = tl.load(
                 V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=in_k[:, None] & (offs_dv[None, :] < DV),
+                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
                 other=0.0,
             )
-            kv_idx = tl.minimum(pos, KV_LEN - 1)[None, :]
+            kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         _, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,

@@ -52,13 +52,15 @@ OVERRIDES: dict = {}
 # reverse_m: forward and dQ programs take query tiles last to first (the long ones of causal masks first).
 # fused_bwd: dK/dV and dQ programs in one launch when both passes use the same warps and stages.
 # one_variant: every length runs the kernel variant whose partial-block loops check keys/queries past
-#   the end, so a length that divides the block (e.g. 4224 among packed lengths) compiles nothing new.
-#   Off, such a length runs a variant without those checks, compiled when the first one comes (one
-#   recompile per pass). Full-block loops never check where the tables list a ragged last block
-#   partial (MaskTables.tail_partial, every builder of this package).
+#   the end, so a length that divides the block (e.g. 4224 among packed lengths) compiles nothing new:
+#   no recompile when packed lengths change. Off, such a length runs a variant without those checks,
+#   compiled when the first one comes (one recompile per pass), 2-5 % faster on the lengths that divide
+#   the block (H200, NOTES.md): worth it for a fixed length that divides 128. Full-block loops never
+#   check where the tables list a ragged last block partial (MaskTables.tail_partial, every builder of
+#   this package).
 # approx_mods: 16-bit inputs on the GPU run a score mod's approximate form where it has one
 #   (ScoreMod.approx; softcap: tanh.approx.f32), with errors within 16-bit rounding (NOTES.md).
-SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": False, "approx_mods": True}
+SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True}
 
 
 def _divides(n: int, block: int) -> bool:
