@@ -485,3 +485,26 @@ def test_mod_reprs_and_args():
     assert "softcap" in repr(mods.softcap(3.0))
     ids = random_doc_ids(2, 10, seed=0)
     assert mods.document(ids).tensors()[0].dtype == torch.int32
+
+
+def test_softcap_approx_form_and_its_choice():
+    """softcap carries an approximate form (tanh.approx.f32) with the same args; chains of mods carry
+    one when any member has one; the kernels take it only for 16-bit inputs on the GPU."""
+    from hf_flex.autograd import KernelSpec
+    from hf_flex.modtypes import ScoreMod
+
+    sc = mods.softcap(30.0)
+    assert sc.approx is not None and sc.approx.args == sc.args and sc.approx.grad_fn is not None
+    slopes = torch.tensor([0.1, 0.2])
+    ch = mods.chain(mods.softcap(3.0), mods.alibi(slopes))
+    assert ch.approx is not None and len(ch.approx.args) == len(ch.args)
+    assert ch.approx.args[0] == ch.args[0] and ch.approx.args[1] is ch.args[1]
+    assert mods.chain(mods.alibi(slopes)).approx is None
+    bm = hf_flex.create_block_mask(mods.causal(), None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+    spec = KernelSpec(bm, sc, 1.0)
+    assert spec.elementwise(torch.zeros(1, dtype=torch.float32)) is sc  # fp32: exact
+    # 16-bit on the CPU runs under Triton's interpreter (or the PyTorch path): exact there too
+    assert spec.elementwise(torch.zeros(1, dtype=torch.bfloat16)) is sc
+    two_args = ScoreMod(sc.triton_fn, sc.torch_fn, (1.0, 2.0), "two args")
+    with pytest.raises(ValueError, match="approx"):
+        ScoreMod(sc.triton_fn, sc.torch_fn, (1.0,), "bad", approx=two_args)
