@@ -126,6 +126,11 @@ def build(c: Case):
     raise ValueError(c.kind)
 
 
+def reference_score_fn(c: Case):
+    """The case's score mod on float64 scores (softcap), or None."""
+    return (lambda s: c.param * torch.tanh(s / c.param)) if c.kind == "softcap" else None
+
+
 def reference_slice(q, k, v, do, dense, sm_fn, b, hk, group):
     """float64 output and dq of the query heads of key head hk in batch b, and that key head's dk/dv
     (summed over those query heads, as GQA's gradient is)."""
@@ -189,8 +194,7 @@ def run_case(c: Case, do_sdpa=True):
     # and both against float64 on one slice (the last batch and key head): out, dq, dk, dv
     sb, hk, group = c.B - 1, c.Hkv - 1, c.Hq // c.Hkv
     dense = bm.materialize()[sb if Bm else 0, 0].bool()
-    sm_fn = (lambda s: c.param * torch.tanh(s / c.param)) if c.kind == "softcap" else None
-    ref = reference_slice(q, k, v, do, dense, sm_fn, sb, hk, group)
+    ref = reference_slice(q, k, v, do, dense, reference_score_fn(c), sb, hk, group)
     del dense
     ours_err = slice_errors(lambda a, b2, c2: hf_flex.flex_attention(a, b2, c2, sm, bm, enable_gqa=gqa), q, k, v, do, ref, sb, hk, group)
     torch_err = slice_errors(lambda a, b2, c2: t_flex_c(a, b2, c2, score_mod=t_score, block_mask=tbm, enable_gqa=gqa), q, k, v, do, ref, sb, hk, group)

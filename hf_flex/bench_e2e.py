@@ -290,8 +290,6 @@ def worker(spec: dict) -> dict:
     return res
 
 
-
-
 # ---------------------------------------------------------------- parent side
 
 

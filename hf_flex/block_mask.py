@@ -271,16 +271,14 @@ def _check_block_size(BLOCK_SIZE) -> Tuple[int, int]:
 
 def _demote_ragged(classes: torch.Tensor, q_len: int, kv_len: int, qb: int, kb: int) -> torch.Tensor:
     """Classes with every full block that reaches past a length made partial (the torch form of
-    kernels.block_tables.demote_ragged; a copy only when a length does not divide its block)."""
-    if q_len % qb == 0 and kv_len % kb == 0:
-        return classes
-    classes = classes.clone()
-    edges = [(Ellipsis, -1, slice(None))] if q_len % qb else []  # the last query block's row
-    edges += [(Ellipsis, -1)] if kv_len % kb else []  # the last key block's column
-    for edge in edges:
-        sl = classes[edge]
-        sl.masked_fill_(sl == FULL, PARTIAL)
-    return classes
+    kernels.block_tables.demote_ragged)."""
+    from .kernels.block_tables import ragged_tail
+
+    nq, nkv = classes.shape[-2:]
+    row = torch.arange(nq, device=classes.device) == ragged_tail(q_len, qb)
+    col = torch.arange(nkv, device=classes.device) == ragged_tail(kv_len, kb)
+    past = row[:, None] | col[None, :]
+    return torch.where((classes == FULL) & past, torch.full_like(classes, PARTIAL), classes)
 
 
 def block_mask_from_classes(

@@ -11,4 +11,4 @@ if [ -n "${TESTS:-}" ]; then
 fi
 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_gpu_parity.py -k "softcap_approx" 2>&1 | grep -E "errors vs|passed|failed" | tail -5
 python3 scripts/tune_schedule.py --budget-s ${BUDGET:-330} ${CASES:+--cases $CASES} ${SHRINK:+--shrink $SHRINK} \
-  --variants ${VARIANTS:-main,one_variant} --json "$OUT/schedule${SHRINK:+_shrink$SHRINK}.json" 2>&1 | tail -30
+  --variants ${VARIANTS:-main,divisible_variant} --json "$OUT/schedule${SHRINK:+_shrink$SHRINK}.json" 2>&1 | tail -30

@@ -9,10 +9,12 @@ synchronous load in the loop is a global-memory round trip per iteration), and t
 spills ptxas reports (registers decide how many programs share an SM: 128 per thread at 8 warps
 allow two, more allow one). The TTGIR and PTX go to --out.
 
-Measured this way with triton 3.9 (the device machine has 3.6; check there before trusting a
-difference): the variant that checks keys past the end keeps the block-index load synchronous in
-every loop, and the reverted run-time tail split needed 145 registers against 128 (one program per
-SM instead of two at D=64), matching the slowdowns measured on the H100 (tests/benchmarks/NOTES.md).
+To read what the device machine compiles, run it under that machine's Triton (3.6: pip install the
+wheel into a folder put first on PYTHONPATH). Found this way (tests/benchmarks/NOTES.md): the variant
+that checked keys past the end in full blocks kept the block-index load synchronous there (since
+fixed: full blocks never check, BlockMask.tail_partial); at D=64 that variant needed 131 registers,
+one program per SM (since capped, Tiles.maxnreg). The sync/async labels are not a cost model: a
+synchronous load of an index cached in L1 measured faster than the asynchronous copy that replaced it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compare launch schedules (hf_flex.kernels.launch.SCHEDULE knobs and tile OVERRIDES) side by side on
 the anchor cases.
 
-    python scripts/tune_schedule.py [--cases 0,1,4] [--variants main,one_variant] [--shrink 72]
+    python scripts/tune_schedule.py [--cases 0,1,4] [--variants main,divisible_variant] [--shrink 72]
                                     [--budget-s 420] [--json out.json]
 
 --shrink N runs every case at S - N tokens (a length that does not divide the 128 block, as ragged
@@ -30,8 +30,7 @@ from hf_flex.kernels import launch
 
 # name -> SCHEDULE knobs to set, and optionally "tiles": {pass: Tiles} for launch.OVERRIDES
 SCHEDULES = {
-    "main": {},
-    "one_variant": {"one_variant": True},
+    "main": {},  # the defaults (one_variant on)
     "exact_mods": {"approx_mods": False},
     "divisible_variant": {"one_variant": False},
     "fwd64x64w4": {"tiles": {"fwd": launch.Tiles(64, 64, 4, 3, 128)}},
@@ -57,10 +56,7 @@ def run(c: bench.Case, variants, do_torch=True):
 
     b, hk = c.B - 1, c.Hkv - 1  # the last slice: the one a wrong batch/head offset would get wrong
     dense = bm.materialize()[b if Bm else 0, 0].bool()
-    sm_fn = None
-    if c.kind == "softcap":
-        sm_fn = lambda s: c.param * torch.tanh(s / c.param)  # noqa: E731
-    ref = bench.reference_slice(q, k, v, do, dense, sm_fn, b, hk, group)
+    ref = bench.reference_slice(q, k, v, do, dense, bench.reference_score_fn(c), b, hk, group)
     del dense
     t_err = bench.slice_errors(theirs, q, k, v, do, ref, b, hk, group) if do_torch else None
 
@@ -105,7 +101,7 @@ def run(c: bench.Case, variants, do_torch=True):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=None, help="indices into hf_flex.bench.ANCHORS (default: all)")
-    ap.add_argument("--variants", default="main,one_variant", help=f"comma-separated, of {sorted(SCHEDULES)}")
+    ap.add_argument("--variants", default="main,divisible_variant", help=f"comma-separated, of {sorted(SCHEDULES)}")
     ap.add_argument("--shrink", type=int, default=0, help="run each case at S minus this many tokens")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--json", default=None)

@@ -113,20 +113,27 @@ def count_or_list(p, cls, o, m, n_p, n_f, sel_p, oth_p, sel_f, oth_f, idx, idx_h
 
 
 @triton.jit
-def list_destinations(is_row, bh, i, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half):
+def list_destinations(is_row, bh, i, NQ, NKV, TAIL_Q, TAIL_KV, KV_NUM, KV_IDX, Q_NUM, Q_IDX,
+                      kvn_half, kvi_half, qn_half, qi_half):
     """Where the lists of row i (query block i: kv tables) or column i (key block i: q tables) of
-    batch-head bh go: (count pointer, index-row pointer, half strides of both)."""
+    batch-head bh go: (count pointer, index-row pointer, half strides of both), and the arguments of
+    :func:`demote_ragged` for it: whether block i is the ragged last one of its direction, and the
+    ragged last block of the other direction (TAIL_Q / TAIL_KV from :func:`ragged_tail`)."""
     if is_row:
         num = KV_NUM + bh * NQ + i
         idx = KV_IDX + (bh * NQ + i) * NKV
         num_half = kvn_half
         idx_half = kvi_half
+        own_is_tail = i == TAIL_Q
+        other_tail = TAIL_KV
     else:
         num = Q_NUM + bh * NKV + i
         idx = Q_IDX + (bh * NKV + i) * NQ
         num_half = qn_half
         idx_half = qi_half
-    return num, idx, num_half, idx_half
+        own_is_tail = i == TAIL_KV
+        other_tail = TAIL_Q
+    return num, idx, num_half, idx_half, own_is_tail, other_tail
 
 
 @triton.jit(do_not_specialize=["s_b", "s_h", "s_q", "s_kv", "NQ", "NKV", "TAIL_Q", "TAIL_KV",
@@ -166,16 +173,12 @@ def _tables_kernel(
         line = base + c * s_q
         step = s_kv
         L = NKV
-        own_is_tail = c == TAIL_Q
-        other_tail = TAIL_KV
     else:
         line = base + c * s_kv
         step = s_q
         L = NQ
-        own_is_tail = c == TAIL_KV
-        other_tail = TAIL_Q
-    num, idx, num_half, idx_half = list_destinations(
-        is_row, bh, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
+    num, idx, num_half, idx_half, own_is_tail, other_tail = list_destinations(
+        is_row, bh, c, NQ, NKV, TAIL_Q, TAIL_KV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
     )
     n_p = tl.full((), 0, tl.int32)
     n_f = tl.full((), 0, tl.int32)

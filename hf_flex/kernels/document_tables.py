@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_tables import count_or_list, demote_ragged, list_destinations
+from .block_tables import count_or_list, demote_ragged, list_destinations, ragged_tail
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _document_class(dq_lo, dq_hi, q_lo, q_hi, dk_lo, dk_hi, kv_lo, kv_hi, WINDOW
     return tl.where(full, 2, tl.where(visited, 1, 0))
 
 
-@triton.jit(do_not_specialize=["stride_b", "NQ", "NKV", "Q_LEN", "KV_LEN", "WINDOW",
+@triton.jit(do_not_specialize=["stride_b", "NQ", "NKV", "Q_LEN", "KV_LEN", "TAIL_Q", "TAIL_KV", "WINDOW",
                                "kvn_half", "kvi_half", "qn_half", "qi_half"])
 def _document_tables_kernel(
     IDS,  # int32 [B, S], S >= max(Q_LEN, KV_LEN), rows non-decreasing
@@ -40,6 +40,8 @@ def _document_tables_kernel(
     NKV,
     Q_LEN,
     KV_LEN,
+    TAIL_Q,  # the ragged last query block (block_tables.ragged_tail), else -1
+    TAIL_KV,
     WINDOW,
     KV_NUM,  # int32 [2, B, 1, nQ]: partial counts, then (kvn_half elements further) full counts
     KV_IDX,  # int32 [2, B, 1, nQ, nKV]
@@ -70,13 +72,8 @@ def _document_tables_kernel(
     d_lo = tl.load(row + lo)
     d_hi = tl.load(row + hi)
     L = tl.where(is_row, NKV, NQ)
-    # the ragged last blocks (a length that does not divide its block), -1 where there is none
-    tail_q = tl.where(Q_LEN % Q_BLOCK != 0, NQ - 1, -1)
-    tail_kv = tl.where(KV_LEN % KV_BLOCK != 0, NKV - 1, -1)
-    own_is_tail = c == tl.where(is_row, tail_q, tail_kv)
-    other_tail = tl.where(is_row, tail_kv, tail_q)
-    num, idx, num_half, idx_half = list_destinations(
-        is_row, b, c, NQ, NKV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
+    num, idx, num_half, idx_half, own_is_tail, other_tail = list_destinations(
+        is_row, b, c, NQ, NKV, TAIL_Q, TAIL_KV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
     )
     n_p = tl.full((), 0, tl.int32)
     n_f = tl.full((), 0, tl.int32)
@@ -123,7 +120,8 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
     B = ids.shape[0]
     nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
     _document_tables_kernel[(nq + nkv, B)](
-        ids, ids.stride(0), nq, nkv, q_len, kv_len, int(window or 0),
+        ids, ids.stride(0), nq, nkv, q_len, kv_len, ragged_tail(q_len, q_block), ragged_tail(kv_len, kv_block),
+        int(window or 0),
         kv_num, kv_idx, q_num, q_idx,
         kv_num.stride(0), kv_idx.stride(0), q_num.stride(0), q_idx.stride(0),
         CAUSAL=bool(causal), HAS_WINDOW=window is not None,

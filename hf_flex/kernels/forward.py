@@ -5,10 +5,10 @@ row of the block table lists: first the partial ones (mask_mod evaluated), then 
 (mask_mod skipped). Table blocks (SPARSE_KV wide) are walked in tiles of BLOCK_N keys.
 
 Compile-time constants: head dims, dtypes, tile and table block sizes, the mods' identities and
-whether keys past the end need checks, per loop: KV_DIVISIBLE (partial blocks: the length divides the
-table block) and FULL_KV_DIVISIBLE (full blocks: also true whenever the tables list a ragged last
-block partial, BlockMask.tail_partial, so full blocks never run the checks). Sequence lengths, batch and head counts, and every tensor a
-mod reads are run-time values: new lengths never recompile.
+whether keys past the end need checks: not where the length divides the table block (KV_DIVISIBLE),
+and never in full blocks when the tables list a ragged last block partial (TAIL_PARTIAL,
+BlockMask.tail_partial). Sequence lengths, batch and head counts, and every tensor a mod reads are
+run-time values: new lengths never recompile.
 """
 
 import torch
@@ -161,7 +161,7 @@ def attn_fwd_kernel(
     SCORE_MOD: tl.constexpr,
     HAS_SINK: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr,
-    FULL_KV_DIVISIBLE: tl.constexpr,
+    TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -211,7 +211,7 @@ def attn_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, False, FULL_KV_DIVISIBLE, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
+        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
     )
 
     if HAS_SINK:

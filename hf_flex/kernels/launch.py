@@ -177,7 +177,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         SCORE_MOD=score_fn,
         HAS_SINK=sink is not None,
         KV_DIVISIBLE=_divides(SKV, skv),
-        FULL_KV_DIVISIBLE=_divides(SKV, skv) or tables.tail_partial,
+        TAIL_PARTIAL=tables.tail_partial,
         SPARSE_Q=sq,
         SPARSE_KV=skv,
         BLOCK_M=t.block_m,
