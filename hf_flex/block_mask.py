@@ -274,9 +274,12 @@ def _demote_ragged(classes: torch.Tensor, q_len: int, kv_len: int, qb: int, kb: 
     kernels.block_tables.demote_ragged)."""
     from .kernels.block_tables import ragged_tail
 
+    tail_q, tail_kv = ragged_tail(q_len, qb), ragged_tail(kv_len, kb)
+    if tail_q < 0 and tail_kv < 0:
+        return classes
     nq, nkv = classes.shape[-2:]
-    row = torch.arange(nq, device=classes.device) == ragged_tail(q_len, qb)
-    col = torch.arange(nkv, device=classes.device) == ragged_tail(kv_len, kb)
+    row = torch.arange(nq, device=classes.device) == tail_q
+    col = torch.arange(nkv, device=classes.device) == tail_kv
     past = row[:, None] | col[None, :]
     return torch.where((classes == FULL) & past, torch.full_like(classes, PARTIAL), classes)
 
