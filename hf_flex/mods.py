@@ -256,6 +256,35 @@ def _document(b, h, q, kv, ids, meta):
     return qd == kd
 
 
+@triton.jit
+def _packed_document(b, h, q, kv, ids, meta, spans):
+    # the same predicate for non-decreasing ids, from q's document span [lo, hi]: kv in it. Only the
+    # query side is read, so a loop over key tiles (forward, dQ) loads nothing per tile
+    stride_b = tl.load(meta)
+    S = tl.load(meta + 1)
+    sp = tl.load(spans + b * stride_b + q, mask=q < S, other=1)  # past the row: lo 1 > hi 0, no key
+    lo = (sp & 0xFFFFFFFF).to(tl.int32)
+    hi = (sp >> 32).to(tl.int32)
+    return (kv >= lo) & (kv <= hi)
+
+
+def document_spans(ids: torch.Tensor) -> torch.Tensor:
+    """int64 [B, S] ``lo | hi << 32``: the first (lo) and last (hi) position of each position's
+    document, for non-decreasing rows of ids [B, S] (contiguous). One Triton launch on CUDA."""
+    B, S = ids.shape
+    if ids.device.type == "cuda" and S > 0:
+        from .kernels.document_tables import document_spans_kernel
+
+        return document_spans_kernel(ids)
+    ar = torch.arange(S, device=ids.device).expand(B, S)
+    change = ids[:, 1:] != ids[:, :-1]
+    first = torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), change], 1)
+    last = torch.cat([change, torch.ones_like(ids[:, :1], dtype=torch.bool)], 1)
+    lo = torch.where(first, ar, 0).cummax(1).values
+    hi = torch.where(last, ar, S).flip(1).cummin(1).values.flip(1)
+    return lo | (hi << 32)
+
+
 def _gather_rows(t: torch.Tensor, b, pos, fill):
     """t[b, pos] with positions past the end reading ``fill`` (the Triton side's masked load)."""
     S = t.shape[1]
@@ -280,7 +309,7 @@ def _is_packed(ids: torch.Tensor) -> bool:
     return bool(ok)
 
 
-def _document_blocks(q_lo, q_hi, kv_lo, kv_hi, ids, meta):
+def _document_blocks(q_lo, q_hi, kv_lo, kv_hi, ids, meta, spans=None):
     """Block classes [B, 1, nQ, nKV] of "same document" for non-decreasing rows of ids [B, S].
 
     In such a row a block's ids run from its first to its last, and two blocks share an id iff those
@@ -323,14 +352,17 @@ def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None) -> MaskMod
         doc_ids = doc_ids.to(torch.int32)
     ids = doc_ids.contiguous()
 
-    def twin(b, h, q, kv, ids, meta):
+    def twin(b, h, q, kv, ids, meta, spans=None):
         return _gather_rows(ids, b, q, -1) == _gather_rows(ids, b, kv, -2)
 
     if packed is None:
         packed = _is_packed(ids)
-    block_fn = _document_blocks if packed else None
-    return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", block_fn,
-                   ("packed_documents",) if packed else None)
+    if not packed:
+        return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", None, None)
+    # packed: the kernels read each query's document span instead of the keys' ids (measured in
+    # tests/benchmarks/NOTES.md: the keys' ids cost a load per key tile)
+    return MaskMod(_packed_document, twin, (ids, _row_meta(ids), document_spans(ids)), "document",
+                   _document_blocks, ("packed_documents",))
 
 
 @triton.jit

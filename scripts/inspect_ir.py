@@ -103,7 +103,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--S", type=int, default=1024, help="a multiple of 128 gives the divisible variant")
-    ap.add_argument("--schedule", default="", help="comma-separated knob=0/1 for launch.SCHEDULE")
+    ap.add_argument("--schedule", default="", help="comma-separated knob=value for launch.SCHEDULE (0/1 for on/off knobs)")
     ap.add_argument("--out", default="ir_out")
     ap.add_argument("--backward", action="store_true", help="also the backward kernel(s)")
     ap.add_argument("--mask", default="causal", choices=["causal", "document", "softcap"],
@@ -121,7 +121,8 @@ def main():
         k, v = kv.split("=")
         if k not in launch.SCHEDULE:
             raise SystemExit(f"--schedule: unknown knob {k!r} (known: {sorted(launch.SCHEDULE)})")
-        launch.SCHEDULE[k] = bool(int(v))
+        # boolean knobs take 0/1, the others their value (index_ahead=full)
+        launch.SCHEDULE[k] = bool(int(v)) if isinstance(launch.SCHEDULE[k], bool) else v
     for spec in a.tiles:
         name, vals = spec.split("=")
         launch.OVERRIDES[name] = launch.Tiles(*(int(x) for x in vals.split(",")))
@@ -147,7 +148,7 @@ def main():
         except Exception as e:  # noqa: BLE001 (compile-only driver: anything after the launches may fail)
             print(f"(after the backward launches: {type(e).__name__})")
     os.makedirs(a.out, exist_ok=True)
-    sched = "".join(f"_{k}{int(v)}" for k, v in sorted(launch.SCHEDULE.items()))
+    sched = "".join(f"_{k}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(launch.SCHEDULE.items()))
     print(f"{a.mask} D={a.D} S={a.S} schedule{sched} (triton {triton.__version__}, sm_90)")
     for name, kernels in compiled.items():
         if not name.startswith("attn_") or name == "attn_bwd_delta_kernel":

@@ -37,6 +37,15 @@ SCHEDULES = {
     "fwd128x64w4": {"tiles": {"fwd": launch.Tiles(128, 64, 4, 3, 64)}},
     "bwd_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
     "bwd_dkdv128x128": {"tiles": {"dkdv": launch.Tiles(128, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 2)}},
+    "index_ahead": {"index_ahead": "both"},
+    "ahead_full": {"index_ahead": "full"},
+    "bwd_ahead": {"bwd_index_ahead": True},
+    "ahead_all": {"index_ahead": "full", "bwd_index_ahead": True},
+    "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
+    # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
+    "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},
+    "fwd_full64_ahead": {"index_ahead": "both", "tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},
+    "fwd_stages2": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
 }
 
 

@@ -26,7 +26,7 @@ from hf_flex.documents import (
 from hf_flex.kernels.block_tables import tables_from_classes
 from hf_flex.kernels.document_tables import document_tables
 
-from helpers import check_attention, listed_classes, rand_qkv
+from helpers import check_attention, listed_classes, rand_qkv, random_doc_ids
 
 
 def random_positions(B, S, seed, max_len=80):
@@ -81,6 +81,34 @@ def test_ids_kernel(device, S):
     want = (step != 1).cumsum(-1, dtype=torch.int32)
     assert torch.equal(document_ids_kernel(pos.to(device)).cpu(), want)
     assert torch.equal(document_ids_kernel(pos[:1].to(device).expand(3, -1)).cpu(), want[:1].expand(3, -1))
+
+
+@pytest.mark.parametrize("S", [1, 7, 70])
+def test_spans_kernel(device, S):
+    """document_spans' one-launch kernel (CUDA's path) against its torch form and against a direct
+    reading of the ids (first and last position of each position's id), over several chunks (the
+    carries both ways) and a broadcast batch (stride 0)."""
+    from hf_flex.kernels.document_tables import document_spans_kernel
+
+    ids = random_doc_ids(3, S, seed=S, max_docs=9)
+    want = mods.document_spans(ids)
+    for p in range(S):
+        for b in range(3):
+            same = (ids[b] == ids[b, p]).nonzero().flatten()
+            assert (int(want[b, p]) & 0xFFFFFFFF, int(want[b, p]) >> 32) == (int(same.min()), int(same.max()))
+    for chunk in (16, 1024):
+        assert torch.equal(document_spans_kernel(ids.to(device), chunk=chunk).cpu(), want)
+    assert torch.equal(document_spans_kernel(ids[:1].to(device).expand(3, -1)).cpu(), want[:1].expand(3, -1))
+
+
+def test_packed_document_mask_kinds():
+    """Packed ids take the span form, the others the ids' form; both read the ids as their first
+    argument (packed_parts relies on it)."""
+    ids = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]], dtype=torch.int32)
+    packed, unpacked = mods.document(ids), mods.document(ids.flip(1))
+    assert packed.triton_fn is mods._packed_document and unpacked.triton_fn is mods._document
+    assert torch.equal(packed.args[0], ids) and torch.equal(unpacked.args[0], ids.flip(1))
+    assert packed_parts(mods.and_masks(mods.causal(), packed)) is not None
 
 
 def test_ids_from_cu_seqlens():

@@ -132,6 +132,9 @@ MASKS = {
     "document": lambda d: mods.document(_ids(d)),
     "document_int64": lambda d: mods.document(_ids(d).long()),
     "document_int16": lambda d: mods.document(_ids(d).to(torch.int16)),
+    # packed ids take the span form (_packed_document), the others the ids' form (_document)
+    "document(packed=False)": lambda d: mods.document(_ids(d), packed=False),
+    "document(unsorted)": lambda d: mods.document(_ids(d) % 2),
     "padding_bool": lambda d: mods.padding(_valid(d)),
     "padding_int": lambda d: mods.padding(_valid(d).to(torch.int64) * 5),
     "and(causal,sliding)": lambda d: mods.and_masks(mods.causal(), mods.sliding_window(9)),

@@ -11,7 +11,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, scores_tile
+from .forward import _reversed, block_start, scores_tile
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -69,14 +69,19 @@ def _dkdv_inner(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
     offs_dv = tl.arange(0, DVP)
+    start = 0
+    if AHEAD:
+        start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_Q, True)
     for i in range(0, n_blocks * SUB):
-        blk = tl.load(idx_ptr + i // SUB)
-        offs_m = blk * SPARSE_Q + (i % SUB) * BLOCK_M + offs_m0
+        if not AHEAD:
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
+        offs_m = start + (i % SUB) * BLOCK_M + offs_m0
         if Q_DIVISIBLE:  # every query of the tile is in range
             qT = tl.load(Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=offs_d[:, None] < D, other=0.0)
             do = tl.load(DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask=offs_dv[None, :] < DV, other=0.0)
@@ -111,6 +116,8 @@ def _dkdv_inner(
         if SCORE_GRAD is not None:
             dsT = SCORE_GRAD(s_inT, dsT, b, h, q_idx, kv_idx, score_args)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        if AHEAD:
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, True)
     return dk, dv
 
 
@@ -144,6 +151,7 @@ def _dkdv_program(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    AHEAD_FULL: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass."""
     b = pid_bh // HKV
@@ -182,7 +190,7 @@ def _dkdv_program(
             Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC,
+            D, DP, DV, DVP, DOT_PREC, False,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
@@ -190,7 +198,7 @@ def _dkdv_program(
             Q_LEN, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE or TAIL_PARTIAL, KV_DIVISIBLE or TAIL_PARTIAL,
             SPARSE_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC,
+            D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
     dk = dk * sm_scale
     tl.store(
@@ -224,14 +232,19 @@ def _dq_inner(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     offs_dv = tl.arange(0, DVP)
+    start = 0
+    if AHEAD:
+        start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
     for i in range(0, n_blocks * SUB):
-        blk = tl.load(idx_ptr + i // SUB)
-        offs_n = blk * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
+        if not AHEAD:
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
+        offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         kT = tl.load(
             K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -257,6 +270,8 @@ def _dq_inner(
         if SCORE_GRAD is not None:
             ds = SCORE_GRAD(s_in, ds, b, h, q_idx, kv_idx, score_args)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        if AHEAD:
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, True)
     return dq
 
 
@@ -289,6 +304,7 @@ def _dq_program(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    AHEAD_FULL: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, query head): program (pid_m, pid_bh) of the dQ pass."""
     b = pid_bh // HQ
@@ -325,14 +341,14 @@ def _dq_program(
         KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC,
+        D, DP, DV, DVP, DOT_PREC, False,
     )
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
     dq = dq * sm_scale
     tl.store(
@@ -362,7 +378,7 @@ def attn_bwd_dkdv_kernel(
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
 ):
     _dkdv_program(
         tl.program_id(0), tl.program_id(1),
@@ -374,7 +390,7 @@ def attn_bwd_dkdv_kernel(
         Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
 
 
@@ -395,7 +411,7 @@ def attn_bwd_dq_kernel(
     KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
-    REVERSE_M: tl.constexpr,
+    REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
 ):
     _dq_program(
         _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M), tl.program_id(1),
@@ -406,7 +422,7 @@ def attn_bwd_dq_kernel(
         KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
         Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
 
 
@@ -437,7 +453,7 @@ def attn_bwd_kernel(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
-    REVERSE_M: tl.constexpr,
+    REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if pid < N_DKDV:
@@ -451,7 +467,7 @@ def attn_bwd_kernel(
             Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
-            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
     else:
         p = pid - N_DKDV
@@ -464,5 +480,5 @@ def attn_bwd_kernel(
             KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
             Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
-            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )

@@ -153,3 +153,55 @@ def document_ids_kernel(position_ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty((B, S), dtype=torch.int32, device=position_ids.device)
     _ids_from_positions_kernel[(B,)](position_ids, position_ids.stride(0), out, out.stride(0), S, CHUNK=1024)
     return out
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit(do_not_specialize=["stride_ib", "stride_ob", "S"])
+def _spans_kernel(IDS, stride_ib, OUT, stride_ob, S, CHUNK: tl.constexpr):
+    # OUT[b, p] = lo | hi << 32, lo / hi the first / last position of p's document in a non-decreasing
+    # row: lo a running max of document starts (left to right), hi a running min of document ends
+    # (right to left), each carried between chunks
+    b = tl.program_id(0)
+    row = IDS + b * stride_ib
+    out = OUT + b * stride_ob
+    carry = tl.full((), 0, tl.int32)
+    for s in range(0, S, CHUNK):
+        o = s + tl.arange(0, CHUNK)
+        m = o < S
+        cur = tl.load(row + o, mask=m, other=0)
+        prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
+        start = tl.where(m & ((o == 0) | (cur != prev)), o, 0)
+        lo = tl.maximum(tl.associative_scan(start, 0, _max_combine), carry)
+        tl.store(out + o, lo.to(tl.int64), mask=m)
+        carry = tl.maximum(carry, tl.max(start, 0))
+    tl.debug_barrier()  # the second pass reads what other threads of this program stored
+    carry = S - 1
+    n = tl.cdiv(S, CHUNK)
+    for j in range(0, n):
+        o = (n - 1 - j) * CHUNK + tl.arange(0, CHUNK)
+        m = o < S
+        cur = tl.load(row + o, mask=m, other=0)
+        nxt = tl.load(row + o + 1, mask=m & (o + 1 < S), other=0)
+        end = tl.where(m & ((o == S - 1) | (cur != nxt)), o, S)
+        hi = tl.minimum(tl.associative_scan(end, 0, _min_combine, reverse=True), carry)
+        lo = tl.load(out + o, mask=m, other=0)
+        tl.store(out + o, lo | (hi.to(tl.int64) << 32), mask=m)
+        carry = tl.minimum(carry, tl.min(end, 0))
+
+
+def document_spans_kernel(ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """int64 [B, S]: lo | hi << 32, the first and last position of each position's document, for
+    non-decreasing ids [B, S] (any batch stride, contiguous rows). One launch."""
+    B, S = ids.shape
+    out = torch.empty((B, S), dtype=torch.int64, device=ids.device)
+    _spans_kernel[(B,)](ids, ids.stride(0), out, out.stride(0), S, CHUNK=chunk)
+    return out

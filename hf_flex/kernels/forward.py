@@ -67,6 +67,20 @@ def _reversed(pid, n, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr):
+    """First position of the table block that tile ``i`` of a loop lies in (SUB tiles per block).
+
+    Not AHEAD: loads the block's index now. AHEAD (i = -1 before the loop, then at the end of each
+    iteration): ``start`` carried from the previous call, and the next block's index loaded when the
+    next tile starts a block (torch flex's order; the compiler schedules the loads differently)."""
+    if not AHEAD:
+        return tl.load(idx_ptr + i // SUB) * SPARSE
+    j = (i + 1) // SUB
+    nxt = tl.load(idx_ptr + j, mask=j < n_blocks, other=0) * SPARSE
+    return tl.where((i + 1) % SUB == 0, nxt, start)
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -100,14 +114,19 @@ def _fwd_inner(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    INDEX_AHEAD: tl.constexpr,
 ):
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     offs_dv = tl.arange(0, DVP)
+    start = 0
+    if INDEX_AHEAD:
+        start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
     for i in range(0, n_blocks * SUB):
-        blk = tl.load(idx_ptr + i // SUB)
-        offs_n = blk * SPARSE_KV + (i % SUB) * BLOCK_N + offs_n0
+        if not INDEX_AHEAD:
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
+        offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         if KV_DIVISIBLE:
             kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
@@ -138,6 +157,8 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
+        if INDEX_AHEAD:
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, True)
     return acc, l_i, m_i
 
 
@@ -173,6 +194,8 @@ def attn_fwd_kernel(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr,
+    AHEAD_PARTIAL: tl.constexpr = False,
+    AHEAD_FULL: tl.constexpr = False,
 ):
     pid_m = _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M)
     pid_bh = tl.program_id(1)
@@ -206,12 +229,12 @@ def attn_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+        MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_PARTIAL,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC,
+        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
 
     if HAS_SINK:

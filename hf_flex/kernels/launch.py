@@ -60,7 +60,11 @@ OVERRIDES: dict = {}
 #   this package).
 # approx_mods: 16-bit inputs on the GPU run a score mod's approximate form where it has one
 #   (ScoreMod.approx; softcap: tanh.approx.f32), with errors within 16-bit rounding (NOTES.md).
-SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True}
+# index_ahead: "none" | "full" | "both": which forward loops (full blocks, or partial ones too) load the
+#   next key block's index at the end of each iteration (as torch flex does) instead of at the start of
+#   the iteration that needs it. bwd_index_ahead: the same for the backward's full-block loops. Measured
+#   in NOTES.md.
+SCHEDULE: dict = {"reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True, "index_ahead": "full", "bwd_index_ahead": False}
 
 
 def _divides(n: int, block: int) -> bool:
@@ -189,6 +193,8 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         DVP=DVP,
         DOT_PREC=_dot_prec(q.dtype),
         REVERSE_M=SCHEDULE["reverse_m"],
+        AHEAD_PARTIAL=SCHEDULE["index_ahead"] == "both",
+        AHEAD_FULL=SCHEDULE["index_ahead"] in ("both", "full"),
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
@@ -234,6 +240,7 @@ def flex_backward(
         # both tables come from one BlockMask: full blocks past the end in neither or both
         TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
+        AHEAD_FULL=SCHEDULE["bwd_index_ahead"],
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
