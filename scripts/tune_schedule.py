@@ -41,6 +41,8 @@ SCHEDULES = {
     "ahead_full": {"index_ahead": "full"},
     "bwd_ahead": {"bwd_index_ahead": True},
     "ahead_all": {"index_ahead": "full", "bwd_index_ahead": True},
+    "interleave": {"bwd_interleave": True},
+    "interleave_ahead": {"bwd_interleave": True, "bwd_index_ahead": True},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

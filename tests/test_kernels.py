@@ -245,15 +245,17 @@ def test_schedules(device, fused, reverse, one_variant, monkeypatch):
         check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 
-@pytest.mark.parametrize("fwd,bwd", [("none", False), ("both", True)])
-def test_index_ahead(device, fwd, bwd, monkeypatch):
+@pytest.mark.parametrize("fwd,bwd,interleave", [("none", False, False), ("both", True, True)])
+def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch):
     """The block-index load order of the loops (SCHEDULE index_ahead / bwd_index_ahead; the default,
-    "full" forward only, runs in every other test): the same answer, with 128-key blocks walked in
-    several tiles (the next index is loaded only when the next tile starts a block) and empty rows."""
+    "full" forward only, runs in every other test) and the fused backward's program order
+    (bwd_interleave, with GQA): the same answer, with 128-key blocks walked in several tiles (the next
+    index is loaded only when the next tile starts a block) and empty rows."""
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "index_ahead", fwd)
     monkeypatch.setitem(launch.SCHEDULE, "bwd_index_ahead", bwd)
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_interleave", interleave)
     for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=41)
         bm = _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=43)

@@ -246,17 +246,22 @@ def _dq_inner(
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
-        kT = tl.load(
-            K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=kv_in[None, :] & (offs_d[:, None] < D),
-            other=0.0,
-        )
-        vT = tl.load(
-            V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-            mask=kv_in[None, :] & (offs_dv[:, None] < DV),
-            other=0.0,
-        )
-        kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        if KV_DIVISIBLE:  # every key of the tile is in range (full blocks of tail_partial tables)
+            kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
+            vT = tl.load(V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd, mask=offs_dv[:, None] < DV, other=0.0)
+            kv_idx = offs_n[None, :]
+        else:
+            kT = tl.load(
+                K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=kv_in[None, :] & (offs_d[:, None] < D),
+                other=0.0,
+            )
+            vT = tl.load(
+                V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                mask=kv_in[None, :] & (offs_dv[:, None] < DV),
+                other=0.0,
+            )
+            kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         s_in, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
@@ -453,12 +458,30 @@ def attn_bwd_kernel(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
-    REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
+    REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
 ):
+    # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
+    # per (batch, key head) its dK/dV programs then the dQ programs of its query heads
     pid = tl.program_id(0)
-    if pid < N_DKDV:
+    if INTERLEAVE:
+        per = N_TILES_KV + GROUP * N_TILES_Q
+        grp = pid // per
+        r = pid % per
+        is_dkdv = r < N_TILES_KV
+        kv_tile = r
+        p = r - N_TILES_KV
+        q_tile = p % N_TILES_Q
+        q_bh = grp * GROUP + p // N_TILES_Q  # b * HQ + hk * GROUP + g
+    else:
+        grp = pid // N_TILES_KV
+        is_dkdv = pid < N_DKDV
+        kv_tile = pid % N_TILES_KV
+        p = pid - N_DKDV
+        q_tile = p % N_TILES_Q
+        q_bh = p // N_TILES_Q
+    if is_dkdv:
         _dkdv_program(
-            pid % N_TILES_KV, pid // N_TILES_KV,
+            kv_tile, grp,
             Q, K, V, DO, DK, DV_, LSE, DELTA,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
@@ -470,9 +493,8 @@ def attn_bwd_kernel(
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
     else:
-        p = pid - N_DKDV
         _dq_program(
-            _reversed(p % N_TILES_Q, N_TILES_Q, REVERSE_M), p // N_TILES_Q,
+            _reversed(q_tile, N_TILES_Q, REVERSE_M), q_bh,
             Q, K, V, DO, DQ, LSE, DELTA,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
