@@ -48,6 +48,22 @@ def document_ids_from_position_ids(position_ids: torch.Tensor, batch_size: Optio
     return (step != 1).cumsum(-1, dtype=torch.int32)
 
 
+def _ids_and_spans(position_ids: torch.Tensor, batch_size: Optional[int]):
+    """(ids, spans) as document_ids_from_position_ids and mods.document_spans give them: one launch on
+    CUDA; spans None elsewhere (mods.document computes them)."""
+    ok = isinstance(position_ids, torch.Tensor) and not position_ids.dtype.is_floating_point and position_ids.dim() in (1, 2)
+    if not ok or position_ids.device.type != "cuda" or position_ids.shape[-1] == 0:
+        return document_ids_from_position_ids(position_ids, batch_size), None  # (its checks raise)
+    pos = position_ids if position_ids.dim() == 2 else position_ids[None]
+    from .kernels.document_tables import document_ids_kernel
+
+    if batch_size is not None:
+        pos = pos.expand(batch_size, -1)
+    if pos.stride(1) != 1:
+        pos = pos.contiguous()
+    return document_ids_kernel(pos, with_spans=True)
+
+
 def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """int32 [1, total] document ids from cumulative sequence lengths [n_docs + 1] (0 first).
 
@@ -160,13 +176,15 @@ def packed_block_mask(
             raise ValueError(f"packed_block_mask: window must be a positive int or None, got {window!r}")
         if not causal:
             raise ValueError("packed_block_mask: window needs causal=True (Transformers' sliding window is causal)")
+    spans = None
     if position_ids is not None:
-        ids = document_ids_from_position_ids(position_ids, batch_size)
+        ids, spans = _ids_and_spans(position_ids, batch_size)
     else:
         if seq_len is None:
             raise ValueError("packed_block_mask: with cu_seqlens, pass seq_len (the packed row's length)")
         ids = document_ids_from_cu_seqlens(cu_seqlens, seq_len)
     B, S = ids.shape
     parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window is not None else [])
-    mm = mods.and_masks(*parts, mods.document(ids, packed=True)) if parts else mods.document(ids, packed=True)
+    doc = mods.document(ids, packed=True, spans=spans)
+    mm = mods.and_masks(*parts, doc) if parts else doc
     return create_block_mask(mm, B, None, S, S, device=ids.device, BLOCK_SIZE=BLOCK_SIZE)

@@ -333,7 +333,7 @@ def _document_blocks(q_lo, q_hi, kv_lo, kv_hi, ids, meta, spans=None):
     return block_classes(nonempty, (q_first == kv_last) & (q_last == kv_first))
 
 
-def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None) -> MaskMod:
+def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None, spans: Optional[torch.Tensor] = None) -> MaskMod:
     """ids[b, q] == ids[b, kv]: packed samples attend only within their own document.
 
     Args:
@@ -342,6 +342,8 @@ def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None) -> MaskMod
             at the cost of one device-to-host sync; ``True`` is the caller's promise (ids from
             position_ids or cu_seqlens are, by construction; a false promise gives wrong blocks);
             ``False`` takes the generic builder.
+        spans: packed ids only, ``document_spans(doc_ids)`` computed already (the packed path gets it
+            from the launch that makes the ids); None computes it (one launch on CUDA).
 
     Packed ids give the mask a ``block_fn``: block masks are built from document boundaries in
     O(blocks); otherwise the generic builder runs.
@@ -355,13 +357,21 @@ def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None) -> MaskMod
     def twin(b, h, q, kv, ids, meta, spans=None):
         return _gather_rows(ids, b, q, -1) == _gather_rows(ids, b, kv, -2)
 
+    if spans is not None and (packed is False or not isinstance(spans, torch.Tensor) or spans.dtype != torch.int64
+                              or spans.shape != ids.shape or spans.device != ids.device):
+        raise ValueError("document: spans must be document_spans(doc_ids) (int64, doc_ids' shape and device) "
+                         "and needs packed ids")
     if packed is None:
         packed = _is_packed(ids)
     if not packed:
         return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", None, None)
+    if spans is None:
+        spans = document_spans(ids)
+    elif spans.stride() != ids.stride():
+        spans = spans.contiguous()  # the kernel reads both at the ids' row stride
     # packed: the kernels read each query's document span instead of the keys' ids (measured in
     # tests/benchmarks/NOTES.md: the keys' ids cost a load per key tile)
-    return MaskMod(_packed_document, twin, (ids, _row_meta(ids), document_spans(ids)), "document",
+    return MaskMod(_packed_document, twin, (ids, _row_meta(ids), spans), "document",
                    _document_blocks, ("packed_documents",))
 
 

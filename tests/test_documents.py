@@ -81,6 +81,10 @@ def test_ids_kernel(device, S):
     want = (step != 1).cumsum(-1, dtype=torch.int32)
     assert torch.equal(document_ids_kernel(pos.to(device)).cpu(), want)
     assert torch.equal(document_ids_kernel(pos[:1].to(device).expand(3, -1)).cpu(), want[:1].expand(3, -1))
+    # the same launch also gives the documents' spans (several chunks: the carries both ways)
+    for chunk in (16, 1024):
+        ids, spans = document_ids_kernel(pos.to(device), with_spans=True, chunk=chunk)
+        assert torch.equal(ids.cpu(), want) and torch.equal(spans.cpu(), mods.document_spans(want))
 
 
 @pytest.mark.parametrize("S", [1, 7, 70])
@@ -99,6 +103,18 @@ def test_spans_kernel(device, S):
     for chunk in (16, 1024):
         assert torch.equal(document_spans_kernel(ids.to(device), chunk=chunk).cpu(), want)
     assert torch.equal(document_spans_kernel(ids[:1].to(device).expand(3, -1)).cpu(), want[:1].expand(3, -1))
+
+
+def test_document_spans_argument():
+    """document(spans=...) takes precomputed spans of packed ids, and says what is wrong otherwise."""
+    ids = torch.tensor([[0, 0, 1, 1, 2]], dtype=torch.int32)
+    spans = mods.document_spans(ids)
+    assert mods.document(ids, packed=True, spans=spans).args[2] is spans
+    for bad in (spans.int(), spans[:, :4], spans.float()):
+        with pytest.raises(ValueError, match="spans"):
+            mods.document(ids, packed=True, spans=bad)
+    with pytest.raises(ValueError, match="spans"):
+        mods.document(ids, packed=False, spans=spans)
 
 
 def test_packed_document_mask_kinds():

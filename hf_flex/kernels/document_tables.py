@@ -129,32 +129,6 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
     )
 
 
-@triton.jit(do_not_specialize=["stride_pb", "stride_ob", "S"])
-def _ids_from_positions_kernel(POS, stride_pb, OUT, stride_ob, S, CHUNK: tl.constexpr):
-    # ids[p] = number of q in (0, p] where pos[q] != pos[q - 1] + 1: a running sum over the row, a
-    # chunk at a time, carried between chunks
-    b = tl.program_id(0)
-    row = POS + b * stride_pb
-    out = OUT + b * stride_ob
-    carry = tl.full((), 0, tl.int32)
-    for s in range(0, S, CHUNK):
-        o = s + tl.arange(0, CHUNK)
-        m = o < S
-        cur = tl.load(row + o, mask=m, other=0)
-        prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
-        start = ((o > 0) & (cur != prev + 1) & m).to(tl.int32)
-        tl.store(out + o, carry + tl.cumsum(start, 0), mask=m)
-        carry += tl.sum(start, 0)
-
-
-def document_ids_kernel(position_ids: torch.Tensor) -> torch.Tensor:
-    """int32 [B, S] document ids from integer position_ids [B, S] (any batch stride), one launch."""
-    B, S = position_ids.shape
-    out = torch.empty((B, S), dtype=torch.int32, device=position_ids.device)
-    _ids_from_positions_kernel[(B,)](position_ids, position_ids.stride(0), out, out.stride(0), S, CHUNK=1024)
-    return out
-
-
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -205,3 +179,55 @@ def document_spans_kernel(ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     out = torch.empty((B, S), dtype=torch.int64, device=ids.device)
     _spans_kernel[(B,)](ids, ids.stride(0), out, out.stride(0), S, CHUNK=chunk)
     return out
+
+
+@triton.jit(do_not_specialize=["stride_pb", "stride_ob", "stride_sb", "S"])
+def _ids_from_positions_kernel(POS, stride_pb, OUT, stride_ob, SPANS, stride_sb, S, CHUNK: tl.constexpr,
+                               WITH_SPANS: tl.constexpr):
+    # ids[p] = number of q in (0, p] where pos[q] != pos[q - 1] + 1: a running sum over the row, a
+    # chunk at a time, carried between chunks. WITH_SPANS: also SPANS[p] = lo | hi << 32 (the first and
+    # last position of p's document, mods.document_spans): lo a running max of starts in this pass,
+    # hi a running min of ends in a second pass from the right
+    b = tl.program_id(0)
+    row = POS + b * stride_pb
+    out = OUT + b * stride_ob
+    spans = SPANS + b * stride_sb
+    carry = tl.full((), 0, tl.int32)
+    carry_lo = tl.full((), 0, tl.int32)
+    for s in range(0, S, CHUNK):
+        o = s + tl.arange(0, CHUNK)
+        m = o < S
+        cur = tl.load(row + o, mask=m, other=0)
+        prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
+        start = ((o > 0) & (cur != prev + 1) & m).to(tl.int32)
+        tl.store(out + o, carry + tl.cumsum(start, 0), mask=m)
+        carry += tl.sum(start, 0)
+        if WITH_SPANS:
+            first = tl.where((start != 0) | (o == 0), o, 0)
+            tl.store(spans + o, tl.maximum(tl.associative_scan(first, 0, _max_combine), carry_lo).to(tl.int64), mask=m)
+            carry_lo = tl.maximum(carry_lo, tl.max(first, 0))
+    if WITH_SPANS:
+        tl.debug_barrier()  # the second pass reads what other threads of this program stored
+        carry_hi = S - 1
+        n = tl.cdiv(S, CHUNK)
+        for j in range(0, n):
+            o = (n - 1 - j) * CHUNK + tl.arange(0, CHUNK)
+            m = o < S
+            cur = tl.load(row + o, mask=m, other=0)
+            nxt = tl.load(row + o + 1, mask=m & (o + 1 < S), other=0)
+            last = tl.where(m & ((o == S - 1) | (nxt != cur + 1)), o, S)
+            hi = tl.minimum(tl.associative_scan(last, 0, _min_combine, reverse=True), carry_hi)
+            lo = tl.load(spans + o, mask=m, other=0)
+            tl.store(spans + o, lo | (hi.to(tl.int64) << 32), mask=m)
+            carry_hi = tl.minimum(carry_hi, tl.min(last, 0))
+
+
+def document_ids_kernel(position_ids: torch.Tensor, with_spans: bool = False, chunk: int = 1024):
+    """int32 [B, S] document ids from integer position_ids [B, S] (any batch stride), one launch.
+    ``with_spans``: (ids, spans), spans the int64 [B, S] of mods.document_spans(ids), same launch."""
+    B, S = position_ids.shape
+    out = torch.empty((B, S), dtype=torch.int32, device=position_ids.device)
+    spans = torch.empty((B, S), dtype=torch.int64, device=position_ids.device) if with_spans else out
+    _ids_from_positions_kernel[(B,)](position_ids, position_ids.stride(0), out, out.stride(0), spans, spans.stride(0),
+                                     S, CHUNK=chunk, WITH_SPANS=with_spans)
+    return (out, spans) if with_spans else out
