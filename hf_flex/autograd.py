@@ -41,7 +41,8 @@ class KernelSpec:
         sm = self.score_mod
         if sm is None or not sm.has_elementwise:
             return None
-        if sm.approx is not None and SCHEDULE["approx_mods"] and q.element_size() == 2 and not interpreted():
+        on_gpu = q.device.type == "cuda" and not interpreted()
+        if sm.approx is not None and SCHEDULE["approx_mods"] and q.element_size() == 2 and on_gpu:
             return sm.approx
         return sm
 

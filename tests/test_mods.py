@@ -18,6 +18,7 @@ import triton.language as tl
 import hf_flex
 from hf_flex import mods
 from hf_flex.dispatch import triton_runs_on
+from hf_flex.kernels import interpreted
 from helpers import check_attention, make_param, rand_qkv, random_doc_ids
 
 BQ, BK = 16, 32
@@ -506,8 +507,12 @@ def test_softcap_approx_form_and_its_choice():
     bm = hf_flex.create_block_mask(mods.causal(), None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
     spec = KernelSpec(bm, sc, 1.0)
     assert spec.elementwise(torch.zeros(1, dtype=torch.float32)) is sc  # fp32: exact
-    # 16-bit on the CPU runs under Triton's interpreter (or the PyTorch path): exact there too
+    # 16-bit on the CPU runs under Triton's interpreter (or the PyTorch path): exact there too, also on
+    # a machine with a GPU (this test once assumed CPU meant interpreted and failed there)
     assert spec.elementwise(torch.zeros(1, dtype=torch.bfloat16)) is sc
+    if torch.cuda.is_available() and not interpreted():
+        assert spec.elementwise(torch.zeros(1, dtype=torch.bfloat16, device="cuda")) is sc.approx
+        assert spec.elementwise(torch.zeros(1, dtype=torch.float32, device="cuda")) is sc
     two_args = ScoreMod(sc.triton_fn, sc.torch_fn, (1.0, 2.0), "two args")
     with pytest.raises(ValueError, match="approx"):
         ScoreMod(sc.triton_fn, sc.torch_fn, (1.0,), "bad", approx=two_args)
