@@ -11,7 +11,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, block_start, scores_tile
+from .forward import _reversed, block_start, kv_tiles, scores_tile
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -236,8 +236,6 @@ def _dq_inner(
 ):
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
@@ -246,22 +244,8 @@ def _dq_inner(
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
-        if KV_DIVISIBLE:  # every key of the tile is in range (full blocks of tail_partial tables)
-            kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
-            vT = tl.load(V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd, mask=offs_dv[:, None] < DV, other=0.0)
-            kv_idx = offs_n[None, :]
-        else:
-            kT = tl.load(
-                K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=kv_in[None, :] & (offs_d[:, None] < D),
-                other=0.0,
-            )
-            vT = tl.load(
-                V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                mask=kv_in[None, :] & (offs_dv[:, None] < DV),
-                other=0.0,
-            )
-            kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        kT, vT, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
+                                  D, DP, DV, DVP, not KV_DIVISIBLE, True)
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         s_in, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,

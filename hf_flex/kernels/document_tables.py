@@ -139,11 +139,43 @@ def _min_combine(a, b):
     return tl.minimum(a, b)
 
 
+@triton.jit
+def _store_lo(spans, o, m, first, carry):
+    """Pass 1 of a row's spans, one chunk: lo = the last document start at or before each position
+    (``first``: the position where a document starts, else 0), carried from earlier chunks."""
+    tl.store(spans + o, tl.maximum(tl.associative_scan(first, 0, _max_combine), carry).to(tl.int64), mask=m)
+    return tl.maximum(carry, tl.max(first, 0))
+
+
+@triton.jit
+def _add_hi(row, spans, S, CHUNK: tl.constexpr, POSITIONS: tl.constexpr):
+    """Pass 2 of a row's spans, right to left: hi = the first document end at or after each position,
+    or'ed into the lo that pass 1 stored. The row holds document ids, or positions (POSITIONS: a
+    document ends where the next position is not this one + 1)."""
+    tl.debug_barrier()  # this pass reads what other threads of the program stored in pass 1
+    carry = S - 1
+    n = tl.cdiv(S, CHUNK)
+    for j in range(0, n):
+        o = (n - 1 - j) * CHUNK + tl.arange(0, CHUNK)
+        m = o < S
+        cur = tl.load(row + o, mask=m, other=0)
+        nxt = tl.load(row + o + 1, mask=m & (o + 1 < S), other=0)
+        if POSITIONS:
+            ends = nxt != cur + 1
+        else:
+            ends = nxt != cur
+        last = tl.where(m & ((o == S - 1) | ends), o, S)
+        hi = tl.minimum(tl.associative_scan(last, 0, _min_combine, reverse=True), carry)
+        lo = tl.load(spans + o, mask=m, other=0)
+        tl.store(spans + o, lo | (hi.to(tl.int64) << 32), mask=m)
+        carry = tl.minimum(carry, tl.min(last, 0))
+
+
 @triton.jit(do_not_specialize=["stride_ib", "stride_ob", "S"])
 def _spans_kernel(IDS, stride_ib, OUT, stride_ob, S, CHUNK: tl.constexpr):
     # OUT[b, p] = lo | hi << 32, lo / hi the first / last position of p's document in a non-decreasing
-    # row: lo a running max of document starts (left to right), hi a running min of document ends
-    # (right to left), each carried between chunks
+    # row of ids: lo a running max of document starts (left to right), hi a running min of document
+    # ends (right to left), each carried between chunks
     b = tl.program_id(0)
     row = IDS + b * stride_ib
     out = OUT + b * stride_ob
@@ -153,23 +185,8 @@ def _spans_kernel(IDS, stride_ib, OUT, stride_ob, S, CHUNK: tl.constexpr):
         m = o < S
         cur = tl.load(row + o, mask=m, other=0)
         prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
-        start = tl.where(m & ((o == 0) | (cur != prev)), o, 0)
-        lo = tl.maximum(tl.associative_scan(start, 0, _max_combine), carry)
-        tl.store(out + o, lo.to(tl.int64), mask=m)
-        carry = tl.maximum(carry, tl.max(start, 0))
-    tl.debug_barrier()  # the second pass reads what other threads of this program stored
-    carry = S - 1
-    n = tl.cdiv(S, CHUNK)
-    for j in range(0, n):
-        o = (n - 1 - j) * CHUNK + tl.arange(0, CHUNK)
-        m = o < S
-        cur = tl.load(row + o, mask=m, other=0)
-        nxt = tl.load(row + o + 1, mask=m & (o + 1 < S), other=0)
-        end = tl.where(m & ((o == S - 1) | (cur != nxt)), o, S)
-        hi = tl.minimum(tl.associative_scan(end, 0, _min_combine, reverse=True), carry)
-        lo = tl.load(out + o, mask=m, other=0)
-        tl.store(out + o, lo | (hi.to(tl.int64) << 32), mask=m)
-        carry = tl.minimum(carry, tl.min(end, 0))
+        carry = _store_lo(out, o, m, tl.where(m & ((o == 0) | (cur != prev)), o, 0), carry)
+    _add_hi(row, out, S, CHUNK, False)
 
 
 def document_spans_kernel(ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -186,8 +203,7 @@ def _ids_from_positions_kernel(POS, stride_pb, OUT, stride_ob, SPANS, stride_sb,
                                WITH_SPANS: tl.constexpr):
     # ids[p] = number of q in (0, p] where pos[q] != pos[q - 1] + 1: a running sum over the row, a
     # chunk at a time, carried between chunks. WITH_SPANS: also SPANS[p] = lo | hi << 32 (the first and
-    # last position of p's document, mods.document_spans): lo a running max of starts in this pass,
-    # hi a running min of ends in a second pass from the right
+    # last position of p's document, mods.document_spans): lo in this pass, hi in a second one
     b = tl.program_id(0)
     row = POS + b * stride_pb
     out = OUT + b * stride_ob
@@ -203,23 +219,9 @@ def _ids_from_positions_kernel(POS, stride_pb, OUT, stride_ob, SPANS, stride_sb,
         tl.store(out + o, carry + tl.cumsum(start, 0), mask=m)
         carry += tl.sum(start, 0)
         if WITH_SPANS:
-            first = tl.where((start != 0) | (o == 0), o, 0)
-            tl.store(spans + o, tl.maximum(tl.associative_scan(first, 0, _max_combine), carry_lo).to(tl.int64), mask=m)
-            carry_lo = tl.maximum(carry_lo, tl.max(first, 0))
+            carry_lo = _store_lo(spans, o, m, tl.where((start != 0) | (o == 0), o, 0), carry_lo)
     if WITH_SPANS:
-        tl.debug_barrier()  # the second pass reads what other threads of this program stored
-        carry_hi = S - 1
-        n = tl.cdiv(S, CHUNK)
-        for j in range(0, n):
-            o = (n - 1 - j) * CHUNK + tl.arange(0, CHUNK)
-            m = o < S
-            cur = tl.load(row + o, mask=m, other=0)
-            nxt = tl.load(row + o + 1, mask=m & (o + 1 < S), other=0)
-            last = tl.where(m & ((o == S - 1) | (nxt != cur + 1)), o, S)
-            hi = tl.minimum(tl.associative_scan(last, 0, _min_combine, reverse=True), carry_hi)
-            lo = tl.load(spans + o, mask=m, other=0)
-            tl.store(spans + o, lo | (hi.to(tl.int64) << 32), mask=m)
-            carry_hi = tl.minimum(carry_hi, tl.min(last, 0))
+        _add_hi(row, spans, S, CHUNK, True)
 
 
 def document_ids_kernel(position_ids: torch.Tensor, with_spans: bool = False, chunk: int = 1024):

@@ -81,6 +81,38 @@ def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.const
 
 
 @triton.jit
+def kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
+             D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+             CHECK: tl.constexpr, V_T: tl.constexpr):
+    """K^T [DP, BLOCK_N], V [BLOCK_N, DVP] (V^T [DVP, BLOCK_N] when V_T) of keys ``offs_n`` [BLOCK_N],
+    and the key positions the mods see, [1, BLOCK_N]. CHECK: keys at or past KV_LEN load zeros and
+    their positions are clamped (mods never see positions past the end); without it every key is in
+    range and the loads carry no bounds checks."""
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    k_ptrs = K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if V_T:
+        v_ptrs = V_ptr + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
+        v_dims = offs_dv[:, None] < DV
+    else:
+        v_ptrs = V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        v_dims = offs_dv[None, :] < DV
+    if CHECK:
+        kv_in = offs_n < KV_LEN
+        kT = tl.load(k_ptrs, mask=kv_in[None, :] & (offs_d[:, None] < D), other=0.0)
+        if V_T:
+            v = tl.load(v_ptrs, mask=kv_in[None, :] & v_dims, other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=kv_in[:, None] & v_dims, other=0.0)
+        kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
+    else:
+        kT = tl.load(k_ptrs, mask=offs_d[:, None] < D, other=0.0)
+        v = tl.load(v_ptrs, mask=v_dims, other=0.0)
+        kv_idx = offs_n[None, :]
+    return kT, v, kv_idx
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -118,8 +150,6 @@ def _fwd_inner(
 ):
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     start = 0
     if INDEX_AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
@@ -128,22 +158,8 @@ def _fwd_inner(
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
-        if KV_DIVISIBLE:
-            kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=offs_d[:, None] < D, other=0.0)
-            v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=offs_dv[None, :] < DV, other=0.0)
-            kv_idx = offs_n[None, :]
-        else:
-            kT = tl.load(
-                K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=kv_in[None, :] & (offs_d[:, None] < D),
-                other=0.0,
-            )
-            v = tl.load(
-                V_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
-            kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        kT, v, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
+                                 D, DP, DV, DVP, not KV_DIVISIBLE, False)
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         _, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
