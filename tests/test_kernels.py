@@ -262,6 +262,15 @@ def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch)
         check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
 
 
+def test_index_ahead_value_checked(monkeypatch):
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "index_ahead", True)
+    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, dtype=torch.float32, device="cpu", seed=1)
+    with pytest.raises(ValueError, match="index_ahead"):
+        hf_flex.flex_attention(q, k, v)
+
+
 @pytest.mark.parametrize("one_variant", [True, False], ids=["one_variant", "divisible_variant"])
 @pytest.mark.parametrize("Sq,Skv", [(70, 50), (64, 96)])
 def test_tables_with_full_blocks_past_the_end(device, Sq, Skv, one_variant, monkeypatch):

@@ -146,15 +146,15 @@ def _fwd_inner(
     DV: tl.constexpr,
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    INDEX_AHEAD: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
-    if INDEX_AHEAD:
+    if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
     for i in range(0, n_blocks * SUB):
-        if not INDEX_AHEAD:
+        if not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
@@ -173,7 +173,7 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-        if INDEX_AHEAD:
+        if AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, True)
     return acc, l_i, m_i
 

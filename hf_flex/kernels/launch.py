@@ -170,6 +170,9 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
     """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
+    ahead = SCHEDULE["index_ahead"]
+    if ahead not in ("none", "full", "both"):
+        raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
     out = _out_like(q, DV)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
@@ -198,8 +201,8 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         DVP=DVP,
         DOT_PREC=_dot_prec(q.dtype),
         REVERSE_M=SCHEDULE["reverse_m"],
-        AHEAD_PARTIAL=SCHEDULE["index_ahead"] == "both",
-        AHEAD_FULL=SCHEDULE["index_ahead"] in ("both", "full"),
+        AHEAD_PARTIAL=ahead == "both",
+        AHEAD_FULL=ahead in ("both", "full"),
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
