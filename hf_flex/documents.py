@@ -1,9 +1,9 @@
 """Block masks for packed documents, from position_ids or cu_seqlens: the training fast path.
 
 Packed training batches change every step, so their block mask is rebuilt every step. Here it costs
-two launches on the GPU (one Triton kernel for the document ids, a running sum; one that classifies
-the blocks from the ids at block edges and writes all eight tables), reads O(blocks) values, never an
-S x S tensor, and never synchronises with the host::
+two launches on the GPU (one Triton kernel for the document ids, a running sum, and each position's
+document span; one that classifies the blocks from the ids at block edges and writes all eight
+tables), reads O(blocks) values, never an S x S tensor, and never synchronises with the host::
 
     bm = hf_flex.packed_block_mask(position_ids=pos)               # causal, documents restart at pos == 0
     bm = hf_flex.packed_block_mask(cu_seqlens=cu, window=4096)     # + sliding window (q - 4096 < kv)

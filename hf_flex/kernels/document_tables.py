@@ -1,5 +1,6 @@
-"""Triton kernels for packed documents: document ids from position_ids, and the eight block tables of
-causal / sliding-window / bidirectional masks over them.
+"""Triton kernels for packed documents: document ids from position_ids, each position's document span
+(first and last position, which the attention kernels read instead of the keys' ids), and the eight
+block tables of causal / sliding-window / bidirectional masks over them.
 
 One launch each, reading only the document ids at block edges: O(blocks), whatever the sequence
 length. The rows of ids must be non-decreasing (ids from position_ids or cu_seqlens are, by
