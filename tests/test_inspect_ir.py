@@ -34,3 +34,38 @@ TTGIR = """
 def test_loop_loads_per_loop():
     got = _module().loop_loads(TTGIR)
     assert got == [["sync", "async", "async"], ["async"]], got
+
+
+TORCH_MODULE = '''
+import triton
+import triton.language as tl
+
+from torch._inductor.runtime import triton_helpers, triton_heuristics
+from torch._inductor.runtime.hints import AutotuneHint, ReductionHint, TileHint, DeviceProperties
+
+@triton_heuristics.template(
+
+num_stages=3,
+num_warps=8,
+triton_meta={'signature': {'arg_Q': '*bf16', 'in_ptr9': '*i32', 'out_ptr0': '*bf16'}, 'device': None},
+inductor_meta={'kernel_name': 'triton_tem_fused_flex_attention_0', 'backend_hash': 'X'},
+
+)
+@triton.jit
+def triton_tem_fused_flex_attention_0(arg_Q, in_ptr9, out_ptr0):
+    pass
+'''
+
+
+def test_torch_module_stripped_of_inductor():
+    """scripts/inspect_torch_kernels.py: Inductor's decorator and imports go, its signature, warps,
+    stages and kernel name are read from it."""
+    spec = importlib.util.spec_from_file_location("inspect_torch_kernels",
+                                                  os.path.join(ROOT, "scripts", "inspect_torch_kernels.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src, sig, warps, stages, name = mod.strip_module(TORCH_MODULE)
+    assert sig == {"arg_Q": "*bf16", "in_ptr9": "*i32", "out_ptr0": "*bf16"}
+    assert (warps, stages, name) == (8, 3, "triton_tem_fused_flex_attention_0")
+    assert "triton_heuristics" not in src and "torch._inductor" not in src
+    assert "@triton.jit\ndef triton_tem_fused_flex_attention_0(arg_Q, in_ptr9, out_ptr0):" in src
