@@ -270,7 +270,11 @@ def _packed_document(b, h, q, kv, ids, meta, spans):
 
 def document_spans(ids: torch.Tensor) -> torch.Tensor:
     """int64 [B, S] ``lo | hi << 32``: the first (lo) and last (hi) position of each position's
-    document, for non-decreasing rows of ids [B, S] (contiguous). One Triton launch on CUDA."""
+    document, for non-decreasing rows of integer ids [B, S]. One Triton launch on CUDA."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError("document_spans: ids must be an integer tensor of shape [B, S]")
+    if ids.stride(-1) != 1:
+        ids = ids.contiguous()  # the kernel reads rows of consecutive ids
     B, S = ids.shape
     if ids.device.type == "cuda" and S > 0:
         from .kernels.document_tables import document_spans_kernel

@@ -103,6 +103,10 @@ def test_spans_kernel(device, S):
     for chunk in (16, 1024):
         assert torch.equal(document_spans_kernel(ids.to(device), chunk=chunk).cpu(), want)
     assert torch.equal(document_spans_kernel(ids[:1].to(device).expand(3, -1)).cpu(), want[:1].expand(3, -1))
+    # columns not contiguous (a transposed view): document_spans makes the rows contiguous first
+    assert torch.equal(mods.document_spans(ids.t().contiguous().t().to(device)).cpu(), want)
+    with pytest.raises(ValueError, match="ids"):
+        mods.document_spans(ids[0])
 
 
 def test_document_spans_argument():
