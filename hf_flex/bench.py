@@ -161,6 +161,20 @@ def _ms(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def case_flops(c: Case, density: float) -> float:
+    """Unmasked forward FLOPs of a case: 4 B Hq S^2 D times the allowed fraction (QK^T and PV)."""
+    return 4 * c.B * c.Hq * c.S * c.S * c.D * density
+
+
+def timed_tflops(f, q, k, v, do, flops: float):
+    """(forward, forward+backward) TFLOP/s of an attention ``f(q, k, v)`` over ``flops`` (forward+backward
+    counted 3.5x: two matmuls forward, five backward), each the median of triton's do_bench."""
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    fwd_ms = _ms(lambda: f(q, k, v))
+    fwdbwd_ms = _ms(lambda: f(qs, ks, vs).backward(do))
+    return flops / (fwd_ms * 1e-3) / 1e12, 3.5 * flops / (fwdbwd_ms * 1e-3) / 1e12
+
+
 def random_inputs(c: Case, seed: int):
     """bf16 q [B, Hq, S, D], k and v [B, Hkv, S, D] and an upstream gradient like q, on CUDA."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -204,7 +218,7 @@ def run_case(c: Case, do_sdpa=True):
             raise AssertionError(f"{c.name}: hf_flex {n} error vs float64 {e:.3e} > 2 x torch flex's {t:.3e} + 1e-3")
 
     dens = allowed_fraction(c, ids)
-    flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
+    flops = case_flops(c, dens)
     tf = lambda ms, mult=1.0: flops * mult / (ms * 1e-3) / 1e12  # noqa: E731
 
     def fwdbwd(f):

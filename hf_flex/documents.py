@@ -23,7 +23,8 @@ from . import mods
 from .block_mask import BlockMask, create_block_mask, table_buffers
 
 __all__ = [
-    "packed_block_mask", "packed_parts", "packed_tables", "document_ids_from_position_ids", "document_ids_from_cu_seqlens",
+    "packed_block_mask", "packed_parts", "packed_tables", "document_ids_from_position_ids",
+    "document_ids_and_spans_from_position_ids", "document_ids_from_cu_seqlens",
 ]
 
 
@@ -33,6 +34,17 @@ def document_ids_from_position_ids(position_ids: torch.Tensor, batch_size: Optio
     A new document wherever the position does not grow by exactly one: Transformers'
     ``find_packed_sequence_indices`` rule and its FlashAttention path's.
     """
+    return _ids_from_positions(position_ids, batch_size, with_spans=False)[0]
+
+
+def document_ids_and_spans_from_position_ids(position_ids: torch.Tensor, batch_size: Optional[int] = None):
+    """(ids, spans): :func:`document_ids_from_position_ids` and, on CUDA from the same launch,
+    ``mods.document_spans(ids)`` (None elsewhere: ``mods.document`` computes them), for
+    ``mods.document(ids, packed=True, spans=spans)``."""
+    return _ids_from_positions(position_ids, batch_size, with_spans=True)
+
+
+def _ids_from_positions(position_ids, batch_size, with_spans: bool):
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point or position_ids.dim() not in (1, 2):
         raise ValueError("position_ids must be an integer tensor of shape [B, S] or [S]")
     pos = position_ids if position_ids.dim() == 2 else position_ids[None]
@@ -43,25 +55,11 @@ def document_ids_from_position_ids(position_ids: torch.Tensor, batch_size: Optio
 
         if pos.stride(1) != 1:
             pos = pos.contiguous()
-        return document_ids_kernel(pos)  # one launch instead of four
+        if with_spans:
+            return document_ids_kernel(pos, with_spans=True)
+        return document_ids_kernel(pos), None  # one launch instead of four
     step = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
-    return (step != 1).cumsum(-1, dtype=torch.int32)
-
-
-def _ids_and_spans(position_ids: torch.Tensor, batch_size: Optional[int]):
-    """(ids, spans) as document_ids_from_position_ids and mods.document_spans give them: one launch on
-    CUDA; spans None elsewhere (mods.document computes them)."""
-    ok = isinstance(position_ids, torch.Tensor) and not position_ids.dtype.is_floating_point and position_ids.dim() in (1, 2)
-    if not ok or position_ids.device.type != "cuda" or position_ids.shape[-1] == 0:
-        return document_ids_from_position_ids(position_ids, batch_size), None  # (its checks raise)
-    pos = position_ids if position_ids.dim() == 2 else position_ids[None]
-    from .kernels.document_tables import document_ids_kernel
-
-    if batch_size is not None:
-        pos = pos.expand(batch_size, -1)
-    if pos.stride(1) != 1:
-        pos = pos.contiguous()
-    return document_ids_kernel(pos, with_spans=True)
+    return (step != 1).cumsum(-1, dtype=torch.int32), None
 
 
 def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -178,7 +176,7 @@ def packed_block_mask(
             raise ValueError("packed_block_mask: window needs causal=True (Transformers' sliding window is causal)")
     spans = None
     if position_ids is not None:
-        ids, spans = _ids_and_spans(position_ids, batch_size)
+        ids, spans = document_ids_and_spans_from_position_ids(position_ids, batch_size)
     else:
         if seq_len is None:
             raise ValueError("packed_block_mask: with cu_seqlens, pass seq_len (the packed row's length)")

@@ -122,13 +122,11 @@ def main():
         tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
         t_flex_c = torch.compile(t_flex, dynamic=False)
         dens = bench.allowed_fraction(c, ids)
-        flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
-        tf = lambda ms, mult=1.0: round(flops * mult / (ms * 1e-3) / 1e12, 1)  # noqa: E731
+        flops = bench.case_flops(c, dens)
         causal_tables, full_only = _variant_masks(bm)
 
         def timed(f):
-            qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-            return tf(bench._ms(lambda: f(q, k, v))), tf(bench._ms(lambda: f(qs, ks, vs).backward(do)), 3.5)
+            return tuple(round(x, 1) for x in bench.timed_tflops(f, q, k, v, do, flops))
 
         row = dict(case=c.name, density=round(dens, 4), tflops={})
         row["tflops"]["torch flex"] = timed(

@@ -72,14 +72,10 @@ def run(c: bench.Case, variants, do_torch=True):
     t_err = bench.slice_errors(theirs, q, k, v, do, ref, b, hk, group) if do_torch else None
 
     dens = bench.allowed_fraction(c, ids)
-    flops = 4 * c.B * c.Hq * c.S * c.S * c.D * dens
-    tf = lambda ms, mult=1.0: flops * mult / (ms * 1e-3) / 1e12  # noqa: E731
+    flops = bench.case_flops(c, dens)
 
     def timed(f):
-        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-        fwd = tf(bench._ms(lambda: f(q, k, v)))
-        fb = tf(bench._ms(lambda: f(qs, ks, vs).backward(do)), 3.5)
-        return fwd, fb
+        return bench.timed_tflops(f, q, k, v, do, flops)
 
     row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
                torch_err=t_err, variants={})

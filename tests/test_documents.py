@@ -131,6 +131,21 @@ def test_packed_document_mask_kinds():
     assert packed_parts(mods.and_masks(mods.causal(), packed)) is not None
 
 
+def test_ids_and_spans_from_position_ids(device):
+    """The packed paths' (ids, spans): the ids of document_ids_from_position_ids and, on CUDA from
+    the same launch, their document_spans (None elsewhere: mods.document computes them)."""
+    from hf_flex.documents import document_ids_and_spans_from_position_ids
+
+    pos = random_positions(2, 70, seed=5, max_len=20).to(device)
+    ids, spans = document_ids_and_spans_from_position_ids(pos[:1], batch_size=2)
+    assert torch.equal(ids.cpu(), document_ids_from_position_ids(pos[:1], batch_size=2).cpu())
+    if device == "cuda":
+        assert torch.equal(spans.cpu(), mods.document_spans(ids.cpu()))
+    else:
+        assert spans is None
+    assert mods.document(ids, packed=True, spans=spans).args[2].shape == ids.shape
+
+
 def test_ids_from_cu_seqlens():
     cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32)
     assert document_ids_from_cu_seqlens(cu, 9).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]

@@ -58,14 +58,14 @@ OVERRIDES: dict = {}
 #   the block (H200, NOTES.md): worth it for a fixed length that divides 128. Full-block loops never
 #   check where the tables list a ragged last block partial (MaskTables.tail_partial, every builder of
 #   this package).
-# bwd_interleave: the fused backward launches, per (batch, key head), its dK/dV programs then its dQ
-#   programs (torch flex's order) instead of every dK/dV program first. Measured in NOTES.md.
 # approx_mods: 16-bit inputs on the GPU run a score mod's approximate form where it has one
 #   (ScoreMod.approx; softcap: tanh.approx.f32), with errors within 16-bit rounding (NOTES.md).
 # index_ahead: "none" | "full" | "both": which forward loops (full blocks, or partial ones too) load the
 #   next key block's index at the end of each iteration (as torch flex does) instead of at the start of
 #   the iteration that needs it. bwd_index_ahead: the same for the backward's full-block loops. Measured
 #   in NOTES.md.
+# bwd_interleave: the fused backward launches, per (batch, key head), its dK/dV programs then its dQ
+#   programs (torch flex's order) instead of every dK/dV program first. Measured in NOTES.md.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False,

@@ -22,7 +22,7 @@ import patches
 from .. import mods
 from ..attention import flex_attention
 from ..block_mask import BlockMask, create_block_mask
-from ..documents import document_ids_from_cu_seqlens, document_ids_from_position_ids
+from ..documents import document_ids_and_spans_from_position_ids, document_ids_from_cu_seqlens
 from .masks import FlexMask, SeveralDocuments, dense_mask_mod
 
 __all__ = ["flex_attention_forward"]
@@ -36,17 +36,20 @@ def _batch_key(t: torch.Tensor):
 
 def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
     """(cache key, build) for a packed batch without cache offset, else None; ``build()`` gives
-    (doc_ids [B, S], positions in documents [B, S]). Every layer asks; only a cache miss (the first
-    layer of a batch) builds, so the ids cost their launches once per batch."""
+    (doc_ids [B, S], positions in documents [B, S], the documents' spans or None: see
+    mods.document). Every layer asks; only a cache miss (the first layer of a batch) builds, so the
+    ids cost their launches once per batch."""
     if q_len != kv_len:
         return None  # decoding after a cache: the keys' documents are not in this call's position_ids
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = kwargs.get("hf_flex_position_ids")  # forwarded by a family patch (patches/llama4.py)
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == q_len:
-        return ("pos",) + _batch_key(pos), lambda: (
-            document_ids_from_position_ids(pos, batch_size), pos.expand(batch_size, -1)
-        )
+        def build_from_positions():
+            ids, spans = document_ids_and_spans_from_position_ids(pos, batch_size)  # one launch on CUDA
+            return ids, pos.expand(batch_size, -1), spans
+
+        return ("pos",) + _batch_key(pos), build_from_positions
     cu = kwargs.get("cu_seq_lens_q")
     # cu_seqlens[-1] is not checked against q_len (a host sync per layer): positions past it would
     # form one more document, which is what "documents" means there
@@ -54,7 +57,7 @@ def _documents(kwargs, batch_size, q_len, kv_len) -> Optional[tuple]:
         def build():
             ids = document_ids_from_cu_seqlens(cu, q_len)
             starts = cu[:-1].to(torch.int64)[ids[0].long()]
-            return ids, (torch.arange(q_len, device=cu.device) - starts)[None]
+            return ids, (torch.arange(q_len, device=cu.device) - starts)[None], None
 
         return ("cu",) + _batch_key(cu), build
     return None
@@ -106,8 +109,8 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
     hit = _fallback_cache.get(key)
     if hit is None:
         if docs is not None:
-            ids, _ = docs[1]()
-            mm = mods.and_masks(base, mods.document(ids, packed=True))
+            ids, _, spans = docs[1]()
+            mm = mods.and_masks(base, mods.document(ids, packed=True, spans=spans))
             hit = (create_block_mask(mm, batch_size, None, q_len, kv_len, device=device), SeveralDocuments(ids))
         else:
             hit = (create_block_mask(base, None, None, q_len, kv_len, device=device), False)

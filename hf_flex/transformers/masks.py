@@ -83,15 +83,17 @@ class FlexMask:
         """(BlockMask, packed) for this mask AND "same document", built once per ``key`` (one batch)
         and shared by the layers; packed (a :class:`SeveralDocuments`) = some row holds several
         documents. ``build()`` gives (doc_ids [B, q_len], non-decreasing rows from position_ids or
-        cu_seqlens; positions in documents [B, q_len]) and runs on a cache miss only."""
+        cu_seqlens; positions in documents [B, q_len]; the documents' spans or None, see
+        mods.document) and runs on a cache miss only."""
         hit = self._derived.get(key)
         if hit is None:
-            doc_ids, positions = build()
+            doc_ids, positions, spans = build()
+            doc = mods.document(doc_ids, packed=True, spans=spans)
             if self.positional is not None:
                 parts = [mods.remap(self.positional, positions)] + ([self.padding] if self.padding is not None else [])
-                mm = mods.and_masks(*parts, mods.document(doc_ids, packed=True))
+                mm = mods.and_masks(*parts, doc)
             else:
-                mm = mods.and_masks(self.mask_mod, mods.document(doc_ids, packed=True))
+                mm = mods.and_masks(self.mask_mod, doc)
             bm = create_block_mask(mm, doc_ids.shape[0], None, self.q_len, self.kv_len, device=self.device)
             hit = (bm, SeveralDocuments(doc_ids))
             self._derived.clear()  # one batch at a time
