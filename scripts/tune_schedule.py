@@ -36,6 +36,11 @@ SCHEDULES = {
     "fwd64x64w4": {"tiles": {"fwd": launch.Tiles(64, 64, 4, 3, 128)}},
     "fwd128x64w4": {"tiles": {"fwd": launch.Tiles(128, 64, 4, 3, 64)}},
     "bwd_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
+    # one pass at 3 stages: the passes no longer share warps and stages, so two launches
+    "bwd_dkdv_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 2)}},
+    "bwd_dq_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 3)}},
+    "bwd_stages3_ahead": {"bwd_index_ahead": True,
+                          "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
     "bwd_dkdv128x128": {"tiles": {"dkdv": launch.Tiles(128, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 2)}},
     "index_ahead": {"index_ahead": "both"},
     "ahead_full": {"index_ahead": "full"},
