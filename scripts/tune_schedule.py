@@ -41,6 +41,12 @@ SCHEDULES = {
     "bwd_dq_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 3)}},
     "bwd_stages3_ahead": {"bwd_index_ahead": True,
                           "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
+    # dQ added by the dK/dV programs with float32 atomics (no dQ pass), at the default tiles, with
+    # 32-query sub-tiles (fewer registers for the dS and dQ tiles), at 3 stages
+    "atomic_dq": {"atomic_dq": True},
+    "atomic_dq_m32": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(32, 128, 8, 2)}},
+    "atomic_dq_s3": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3)}},
+    "atomic_dq_m32s3": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(32, 128, 8, 3)}},
     "bwd_dkdv128x128": {"tiles": {"dkdv": launch.Tiles(128, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 2)}},
     "index_ahead": {"index_ahead": "both"},
     "ahead_full": {"index_ahead": "full"},

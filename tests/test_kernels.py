@@ -262,6 +262,48 @@ def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch)
         check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel in hf_flex.kernels.launch: records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_atomic_dq(device, fused, monkeypatch):
+    """SCHEDULE["atomic_dq"]: dQ added by the dK/dV programs with float32 atomics, no dQ pass. The same
+    answers (ragged lengths, several query heads per key head, a score mod's derivative, 128-key
+    blocks in several tiles, empty rows); the dQ pass still runs for learnable score-mod tensors and
+    under torch.use_deterministic_algorithms."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "atomic_dq", True)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    dkdv = _LaunchSpy(launch.attn_bwd_dkdv_kernel)
+    monkeypatch.setattr(launch, "attn_bwd_dkdv_kernel", dkdv)
+    for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=51)
+        bm = _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=53)
+        check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
+    assert [c.get("ATOMIC_DQ") for c in dkdv.calls] == [True, True]
+
+    dkdv.calls.clear()
+    q, k, v = rand_qkv(2, 4, 2, 70, 70, 16, dtype=torch.float32, device=device, seed=55)
+    slopes = make_param((4,), 32, 0.2, device, "slopes")
+    bm = _block_mask("causal&document", 2, 4, 70, 70, device, (32, 16), seed=57)
+    check_attention(q, k, v, mods.alibi(slopes), bm, enable_gqa=True, params=(slopes,))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
+    assert not any(c.get("ATOMIC_DQ") for c in dkdv.calls)
+
+
 def test_index_ahead_value_checked(monkeypatch):
     from hf_flex.kernels import launch
 

@@ -1,7 +1,8 @@
 """Backward kernels: Delta = rowsum(dO * O), then dK/dV (key-major tables) and dQ (query-major tables),
-as two launches or as one (attn_bwd_kernel).
+as two launches or as one (attn_bwd_kernel); or dK/dV programs alone that also add dQ with float32
+atomics (ATOMIC_DQ: five tile products per tile pair instead of seven, not deterministic).
 
-No atomics on dQ, dK or dV, so they are deterministic. GQA: one dK/dV program owns one key head and
+Without ATOMIC_DQ there are no atomics on dQ, dK or dV, so they are deterministic. GQA: one dK/dV program owns one key head and
 sums over the GROUP query heads that read it, in order. Learnable score-mod tensors (relative bias
 tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's float32 atomics.
 
@@ -56,9 +57,11 @@ def _dkdv_inner(
     stride_qm, stride_qd, stride_dom, stride_dod,
     idx_ptr, n_blocks, b, h, mb, mh, kv_idx, kv_in,
     Q_LEN, sm_scale, mask_args, score_args,
+    DQ_ptr, stride_dqm, stride_dqd,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     APPLY_MASK: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr,
@@ -115,7 +118,16 @@ def _dkdv_inner(
         dsT = pT * (dpT - delta[None, :])
         if SCORE_GRAD is not None:
             dsT = SCORE_GRAD(s_inT, dsT, b, h, q_idx, kv_idx, score_args)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dsT_lp = dsT.to(qT.dtype)
+        dk = tl.dot(dsT_lp, tl.trans(qT), dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            # this key tile's share of dQ = dS K, added into the float32 accumulator (no dQ pass)
+            dq = tl.dot(tl.trans(dsT_lp), k, input_precision=DOT_PREC) * sm_scale
+            dq_ptrs = DQ_ptr + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+            if Q_DIVISIBLE:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < D), sem="relaxed")
         if AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, True)
     return dk, dv
@@ -136,9 +148,11 @@ def _dkdv_program(
     stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
+    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr,
     TAIL_PARTIAL: tl.constexpr,
@@ -153,7 +167,10 @@ def _dkdv_program(
     DOT_PREC: tl.constexpr,
     AHEAD_FULL: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass."""
+    """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
+
+    ATOMIC_DQ: also adds these keys' share of dQ (times sm_scale) into DQ, a float32 [B, Hq, Sq, D]
+    accumulator, so no dQ pass runs (two of the seven tile products fewer; not deterministic)."""
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -183,20 +200,21 @@ def _dkdv_program(
         DO_ptr = DO + b * stride_dob + h * stride_doh
         LSE_ptr = LSE + b * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
+        DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
         num_off = b * stride_nb + h * stride_nh + col
         idx_off = b * stride_ib + h * stride_ih + col * stride_ik
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, False,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE or TAIL_PARTIAL, KV_DIVISIBLE or TAIL_PARTIAL,
+            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL, KV_DIVISIBLE or TAIL_PARTIAL,
             SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
@@ -364,10 +382,12 @@ def attn_bwd_dkdv_kernel(
     stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
+    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = False,
 ):
     _dkdv_program(
         tl.program_id(0), tl.program_id(1),
@@ -378,7 +398,8 @@ def attn_bwd_dkdv_kernel(
         stride_lb, stride_lh,
         Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
 
@@ -473,7 +494,8 @@ def attn_bwd_kernel(
             stride_lb, stride_lh,
             Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
+            DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
     else:

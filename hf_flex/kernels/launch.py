@@ -66,9 +66,13 @@ OVERRIDES: dict = {}
 #   in NOTES.md.
 # bwd_interleave: the fused backward launches, per (batch, key head), its dK/dV programs then its dQ
 #   programs (torch flex's order) instead of every dK/dV program first. Measured in NOTES.md.
+# atomic_dq: the dK/dV programs also add dQ into a float32 accumulator with atomics, and no dQ pass
+#   runs (five tile products per tile pair instead of seven; dQ's summation order, hence its last
+#   bits, then varies between runs). Never while torch.use_deterministic_algorithms(True) holds, nor
+#   for score mods with learnable tensors (their gradients come from the dQ pass).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
-    "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False,
+    "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
 }
 
 
@@ -235,6 +239,8 @@ def flex_backward(
         delta = delta - dlse.float()
     if lse.stride() != delta.stride():
         lse = lse.contiguous()
+    atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
+              and not torch.are_deterministic_algorithms_enabled())
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -251,6 +257,17 @@ def flex_backward(
         AHEAD_FULL=SCHEDULE["bwd_index_ahead"],
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    if atomic:
+        dq_acc = torch.zeros((B, HQ, SQ, D), dtype=torch.float32, device=q.device)
+        attn_bwd_dkdv_kernel[(n_kv, B * HKV)](
+            q, k, v, dout, dk, dv, lse, delta,
+            *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
+            bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
+            SQ, SKV, HKV, HQ // HKV, sm_scale,
+            mask_args, score_args, dq_acc, *dq_acc.stride(),
+            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=True, **common,
+        )
+        return dq.copy_(dq_acc), dk, dv, delta
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
         n_dkdv = n_kv * B * HKV
         attn_bwd_kernel[(n_dkdv + n_q * B * HQ,)](
@@ -271,7 +288,7 @@ def flex_backward(
         *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
         bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
         SQ, SKV, HKV, HQ // HKV, sm_scale,
-        mask_args, score_args,
+        mask_args, score_args, dq, *dq.stride(),  # dq unused here (ATOMIC_DQ off)
         Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, **common,
     )
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
