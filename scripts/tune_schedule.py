@@ -47,6 +47,10 @@ SCHEDULES = {
     "atomic_dq_m32": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(32, 128, 8, 2)}},
     "atomic_dq_s3": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3)}},
     "atomic_dq_m32s3": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(32, 128, 8, 3)}},
+    # K/V tiles of the forward through tensor descriptors (TMA): full-block loop, both loops
+    "tma_full": {"tma": "full"},
+    "tma_both": {"tma": "both"},
+    "tma_full_stages4": {"tma": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 4, 128)}},
     "bwd_dkdv128x128": {"tiles": {"dkdv": launch.Tiles(128, 128, 8, 2), "dq": launch.Tiles(128, 64, 8, 2)}},
     "index_ahead": {"index_ahead": "both"},
     "ahead_full": {"index_ahead": "full"},

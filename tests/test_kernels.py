@@ -304,6 +304,37 @@ def test_atomic_dq(device, fused, monkeypatch):
     assert not any(c.get("ATOMIC_DQ") for c in dkdv.calls)
 
 
+@pytest.mark.parametrize("tma", ["full", "both"])
+def test_tma_loads(device, tma, monkeypatch):
+    """SCHEDULE["tma"]: the forward's K/V tiles through tensor descriptors (TMA on Hopper, emulated by
+    Triton's interpreter): the same answers with ragged lengths (rows past the end arrive as zeros),
+    GQA, a transposed [B, S, H, D] layout, 128-key blocks in several tiles and empty rows; tensors TMA
+    cannot take (a head dim that is not a power of two) take the pointer loads."""
+    from hf_flex.kernels import launch
+
+    if device == "cuda" and not launch.has_tma(torch.device("cuda")):
+        pytest.skip("no TMA before compute capability 9")
+    monkeypatch.setitem(launch.SCHEDULE, "tma", tma)
+    for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=61)
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # Transformers' layout
+        bm = _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=63)
+        check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
+    assert launch._tma_descriptors(k, v, 16, 16, 16, 16, 32)[0] is not None
+    q, k, v = rand_qkv(1, 2, 2, 40, 40, 24, dtype=torch.float32, device=device, seed=65)
+    assert launch._tma_descriptors(k, v, 24, 32, 24, 32, 32) == (None, None)
+    check_attention(q, k, v, None, _block_mask("causal", 1, 2, 40, 40, device, (16, 16)))
+
+
+def test_tma_value_checked(monkeypatch):
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "tma", True)
+    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, dtype=torch.float32, device="cpu", seed=1)
+    with pytest.raises(ValueError, match="tma"):
+        hf_flex.flex_attention(q, k, v)
+
+
 def test_index_ahead_value_checked(monkeypatch):
     from hf_flex.kernels import launch
 

@@ -113,6 +113,16 @@ def kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, K
 
 
 @triton.jit
+def kv_tiles_tma(K_DESC, V_DESC, b, hk, start_n, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """K^T [D, BLOCK_N] and V [BLOCK_N, DV] of keys start_n .. start_n + BLOCK_N of (b, hk), by the
+    Hopper tensor-memory accelerator: descriptors over the [B, Hkv, S, D] tensors with [1, 1, BLOCK_N,
+    D] boxes; no per-thread addresses, and rows past the end arrive as zeros."""
+    k = tl.reshape(K_DESC.load([b, hk, start_n, 0]), (BLOCK_N, D))
+    v = tl.reshape(V_DESC.load([b, hk, start_n, 0]), (BLOCK_N, DV))
+    return tl.trans(k), v
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -147,6 +157,9 @@ def _fwd_inner(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     AHEAD: tl.constexpr,
+    K_DESC=None,
+    V_DESC=None,
+    hk=0,
 ):
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -158,8 +171,12 @@ def _fwd_inner(
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
-        kT, v, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
-                                 D, DP, DV, DVP, not KV_DIVISIBLE, False)
+        if K_DESC is not None:
+            kT, v = kv_tiles_tma(K_DESC, V_DESC, b, hk, start + (i % SUB) * BLOCK_N, BLOCK_N, DP, DVP)
+            kv_idx = offs_n[None, :] if KV_DIVISIBLE else tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        else:
+            kT, v, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
+                                     D, DP, DV, DVP, not KV_DIVISIBLE, False)
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         _, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
@@ -212,6 +229,10 @@ def attn_fwd_kernel(
     REVERSE_M: tl.constexpr,
     AHEAD_PARTIAL: tl.constexpr = False,
     AHEAD_FULL: tl.constexpr = False,
+    K_DESC=None,  # with V_DESC: tensor descriptors the full-block loop loads K/V tiles through (TMA)
+    V_DESC=None,
+    K_DESC_PARTIAL=None,  # the same for the partial-block loop (BLOCK_N-key boxes)
+    V_DESC_PARTIAL=None,
 ):
     pid_m = _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M)
     pid_bh = tl.program_id(1)
@@ -246,11 +267,13 @@ def attn_fwd_kernel(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
         MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_PARTIAL,
+        K_DESC_PARTIAL, V_DESC_PARTIAL, hk,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
         MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+        K_DESC, V_DESC, hk,
     )
 
     if HAS_SINK:

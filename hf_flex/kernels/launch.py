@@ -70,9 +70,13 @@ OVERRIDES: dict = {}
 #   runs (five tile products per tile pair instead of seven; dQ's summation order, hence its last
 #   bits, then varies between runs). Never while torch.use_deterministic_algorithms(True) holds, nor
 #   for score mods with learnable tensors (their gradients come from the dQ pass).
+# tma: "none" | "full" | "both": on Hopper and later, which forward loops (full blocks, or partial
+#   ones too) load their K/V tiles through tensor descriptors (the tensor-memory accelerator), where
+#   the tensors allow (_tma_descriptors).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
+    "tma": "none",
 }
 
 
@@ -170,6 +174,32 @@ def _out_like(q: torch.Tensor, dv: int) -> torch.Tensor:
     return torch.empty((B, H, S, dv), dtype=q.dtype, device=q.device)
 
 
+def has_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can load through tensor descriptors: CUDA of compute capability 9
+    (Hopper) or later, or Triton's interpreter (CPU tensors), which emulates them."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    from . import interpreted
+
+    return interpreted()
+
+
+def _tma_descriptors(k, v, d, dp, dv, dvp, block_n):
+    """(K, V) tensor descriptors with [1, 1, block_n, D] boxes, or (None, None) where TMA does not apply:
+    not a device with TMA (has_tma), head dims that are not already a power of two, or strides TMA
+    cannot take (last not 1, others not positive multiples of 16 bytes, base not 16-byte aligned)."""
+    if d != dp or dv != dvp or not has_tma(k.device):
+        return None, None
+    for t in (k, v):
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or (s * es) % 16 for s in t.stride()[:-1]):
+            return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, d]),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, dv]))
+
+
 def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale):
     """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
@@ -181,6 +211,14 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
     out = _out_like(q, DV)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
+    tma = SCHEDULE["tma"]
+    if tma not in ("none", "full", "both"):
+        raise ValueError(f'SCHEDULE["tma"] must be "none", "full" or "both", got {tma!r}')
+    k_desc = v_desc = k_desc_p = v_desc_p = None
+    if tma != "none":
+        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
+    if tma == "both" and k_desc is not None:
+        k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
     grid = (triton.cdiv(SQ, t.block_m), B * HQ)
     attn_fwd_kernel[grid](
         q, k, v, out, lse, sink if sink is not None else lse,
@@ -207,6 +245,10 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         REVERSE_M=SCHEDULE["reverse_m"],
         AHEAD_PARTIAL=ahead == "both",
         AHEAD_FULL=ahead in ("both", "full"),
+        K_DESC=k_desc,
+        V_DESC=v_desc,
+        K_DESC_PARTIAL=k_desc_p,
+        V_DESC_PARTIAL=v_desc_p,
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
