@@ -304,10 +304,12 @@ def test_atomic_dq(device, fused, monkeypatch):
     assert not any(c.get("ATOMIC_DQ") for c in dkdv.calls)
 
 
-@pytest.mark.parametrize("tma", ["full", "both"])
-def test_tma_loads(device, tma, monkeypatch):
-    """SCHEDULE["tma"]: the forward's K/V tiles through tensor descriptors (TMA on Hopper, emulated by
-    Triton's interpreter): the same answers with ragged lengths (rows past the end arrive as zeros),
+@pytest.mark.parametrize("tma,bwd_tma", [("full", False), ("both", True)])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):
+    """SCHEDULE["tma"] / ["bwd_tma"]: the forward's K/V tiles, the dK/dV pass's Q/dO tiles and the dQ
+    pass's K/V tiles through tensor descriptors (TMA on Hopper, emulated by Triton's interpreter): the
+    same answers and gradients with ragged lengths (rows past the end arrive as zeros),
     GQA, a transposed [B, S, H, D] layout, 128-key blocks in several tiles and empty rows; tensors TMA
     cannot take (a head dim that is not a power of two) take the pointer loads."""
     from hf_flex.kernels import launch
@@ -315,6 +317,8 @@ def test_tma_loads(device, tma, monkeypatch):
     if device == "cuda" and not launch.has_tma(torch.device("cuda")):
         pytest.skip("no TMA before compute capability 9")
     monkeypatch.setitem(launch.SCHEDULE, "tma", tma)
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_tma", bwd_tma)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=61)
         k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # Transformers' layout

@@ -12,7 +12,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, block_start, kv_tiles, scores_tile
+from .forward import _reversed, block_start, kv_tiles, tma_tiles, scores_tile
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -57,7 +57,7 @@ def _dkdv_inner(
     stride_qm, stride_qd, stride_dom, stride_dod,
     idx_ptr, n_blocks, b, h, mb, mh, kv_idx, kv_in,
     Q_LEN, sm_scale, mask_args, score_args,
-    DQ_ptr, stride_dqm, stride_dqd,
+    DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, hq,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
@@ -85,7 +85,16 @@ def _dkdv_inner(
         if not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
         offs_m = start + (i % SUB) * BLOCK_M + offs_m0
-        if Q_DIVISIBLE:  # every query of the tile is in range
+        if Q_DESC is not None:  # TMA: rows past the end arrive as zeros (LSE +inf: they add nothing)
+            qT, do = tma_tiles(Q_DESC, DO_DESC, b, hq, start + (i % SUB) * BLOCK_M, BLOCK_M, DP, DVP)
+            lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
+            if Q_DIVISIBLE:
+                delta = tl.load(DELTA_ptr + offs_m)
+                q_idx = offs_m[None, :]
+            else:
+                delta = tl.load(DELTA_ptr + offs_m, mask=offs_m < Q_LEN, other=0.0)
+                q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
+        elif Q_DIVISIBLE:  # every query of the tile is in range
             qT = tl.load(Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=offs_d[:, None] < D, other=0.0)
             do = tl.load(DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask=offs_dv[None, :] < DV, other=0.0)
             lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
@@ -148,7 +157,7 @@ def _dkdv_program(
     stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
-    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
@@ -206,14 +215,14 @@ def _dkdv_program(
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd,
+            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, False,
         )
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd,
+            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL, KV_DIVISIBLE or TAIL_PARTIAL,
             SPARSE_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
@@ -236,7 +245,7 @@ def _dq_inner(
     dq, q, do, lse2, delta,
     K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
     idx_ptr, n_blocks, b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-    mask_args, score_args, score_grads,
+    mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
@@ -262,8 +271,13 @@ def _dq_inner(
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
-        kT, vT, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
-                                  D, DP, DV, DVP, not KV_DIVISIBLE, True)
+        if K_DESC is not None:  # TMA: keys past the end arrive as zeros
+            kT, v = tma_tiles(K_DESC, V_DESC, b, hk, start + (i % SUB) * BLOCK_N, BLOCK_N, DP, DVP)
+            vT = tl.trans(v)
+            kv_idx = offs_n[None, :] if KV_DIVISIBLE else tl.minimum(offs_n, KV_LEN - 1)[None, :]
+        else:
+            kT, vT, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
+                                      D, DP, DV, DVP, not KV_DIVISIBLE, True)
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         s_in, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
@@ -295,7 +309,7 @@ def _dq_program(
     KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
     stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
     Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
-    mask_args, score_args, score_grads,
+    mask_args, score_args, score_grads, K_DESC, V_DESC,
     MASK_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     SCORE_GRAD: tl.constexpr,
@@ -346,14 +360,14 @@ def _dq_program(
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-        mask_args, score_args, score_grads,
+        mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, False,
     )
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-        mask_args, score_args, score_grads,
+        mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
@@ -388,6 +402,7 @@ def attn_bwd_dkdv_kernel(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
     ATOMIC_DQ: tl.constexpr = False,
+    Q_DESC=None, DO_DESC=None,  # tensor descriptors of Q and dO (TMA), or pointer loads
 ):
     _dkdv_program(
         tl.program_id(0), tl.program_id(1),
@@ -398,7 +413,7 @@ def attn_bwd_dkdv_kernel(
         stride_lb, stride_lh,
         Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-        DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
@@ -422,6 +437,7 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
+    K_DESC=None, V_DESC=None,  # tensor descriptors of K and V (TMA), or pointer loads
 ):
     _dq_program(
         _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M), tl.program_id(1),
@@ -430,7 +446,7 @@ def attn_bwd_dq_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
         KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
-        Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
+        Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
     )
@@ -464,6 +480,7 @@ def attn_bwd_kernel(
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
+    Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
     # per (batch, key head) its dK/dV programs then the dQ programs of its query heads
@@ -494,7 +511,7 @@ def attn_bwd_kernel(
             stride_lb, stride_lh,
             Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
-            DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+            DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
@@ -506,7 +523,7 @@ def attn_bwd_kernel(
             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
             stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
             KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
-            Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads,
+            Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
             DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )

@@ -113,10 +113,11 @@ def kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, K
 
 
 @triton.jit
-def kv_tiles_tma(K_DESC, V_DESC, b, hk, start_n, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
-    """K^T [D, BLOCK_N] and V [BLOCK_N, DV] of keys start_n .. start_n + BLOCK_N of (b, hk), by the
-    Hopper tensor-memory accelerator: descriptors over the [B, Hkv, S, D] tensors with [1, 1, BLOCK_N,
-    D] boxes; no per-thread addresses, and rows past the end arrive as zeros."""
+def tma_tiles(K_DESC, V_DESC, b, hk, start_n, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """K^T [D, BLOCK_N] and V [BLOCK_N, DV] of rows start_n .. start_n + BLOCK_N of (b, hk), by the
+    Hopper tensor-memory accelerator: descriptors over [B, H, S, D] tensors with [1, 1, BLOCK_N, D]
+    boxes; no per-thread addresses, and rows past the end arrive as zeros. The backward reads its
+    Q^T and dO tiles this way too."""
     k = tl.reshape(K_DESC.load([b, hk, start_n, 0]), (BLOCK_N, D))
     v = tl.reshape(V_DESC.load([b, hk, start_n, 0]), (BLOCK_N, DV))
     return tl.trans(k), v
@@ -172,7 +173,7 @@ def _fwd_inner(
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         if K_DESC is not None:
-            kT, v = kv_tiles_tma(K_DESC, V_DESC, b, hk, start + (i % SUB) * BLOCK_N, BLOCK_N, DP, DVP)
+            kT, v = tma_tiles(K_DESC, V_DESC, b, hk, start + (i % SUB) * BLOCK_N, BLOCK_N, DP, DVP)
             kv_idx = offs_n[None, :] if KV_DIVISIBLE else tl.minimum(offs_n, KV_LEN - 1)[None, :]
         else:
             kT, v, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,

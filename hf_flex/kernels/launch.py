@@ -72,11 +72,12 @@ OVERRIDES: dict = {}
 #   for score mods with learnable tensors (their gradients come from the dQ pass).
 # tma: "none" | "full" | "both": on Hopper and later, which forward loops (full blocks, or partial
 #   ones too) load their K/V tiles through tensor descriptors (the tensor-memory accelerator), where
-#   the tensors allow (_tma_descriptors).
+#   the tensors allow (_tma_descriptors). bwd_tma: the same for the backward's loops (Q/dO tiles of
+#   the dK/dV pass, K/V tiles of the dQ pass).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
-    "tma": "none",
+    "tma": "none", "bwd_tma": False,
 }
 
 
@@ -283,6 +284,10 @@ def flex_backward(
         lse = lse.contiguous()
     atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
               and not torch.are_deterministic_algorithms_enabled())
+    q_desc = do_desc = k_desc = v_desc = None
+    if SCHEDULE["bwd_tma"]:
+        q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
+        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -307,7 +312,8 @@ def flex_backward(
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
             SQ, SKV, HKV, HQ // HKV, sm_scale,
             mask_args, score_args, dq_acc, *dq_acc.stride(),
-            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=True, **common,
+            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=True,
+            Q_DESC=q_desc, DO_DESC=do_desc, **common,
         )
         return dq.copy_(dq_acc), dk, dv, delta
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
@@ -322,7 +328,8 @@ def flex_backward(
             mask_args, score_args, score_grads,
             SCORE_PARAM_GRAD=score_param_grad_fn, Q_DIVISIBLE=_divides(SQ, sq),
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
-            REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], **common,
+            REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"],
+            Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, **common,
         )
         return dq, dk, dv, delta
     attn_bwd_dkdv_kernel[(n_kv, B * HKV)](
@@ -331,7 +338,7 @@ def flex_backward(
         bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
         SQ, SKV, HKV, HQ // HKV, sm_scale,
         mask_args, score_args, dq, *dq.stride(),  # dq unused here (ATOMIC_DQ off)
-        Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, **common,
+        Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, Q_DESC=q_desc, DO_DESC=do_desc, **common,
     )
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
     attn_bwd_dq_kernel[(n_q, B * HQ)](
@@ -341,7 +348,7 @@ def flex_backward(
         SQ, SKV, HQ, HQ // HKV, sm_scale,
         mask_args, score_args, score_grads,
         SCORE_PARAM_GRAD=score_param_grad_fn, BLOCK_M=t2.block_m, BLOCK_N=t2.block_n,
-        REVERSE_M=SCHEDULE["reverse_m"], **common,
+        REVERSE_M=SCHEDULE["reverse_m"], K_DESC=k_desc, V_DESC=v_desc, **common,
     )
     return dq, dk, dv, delta
 
