@@ -30,6 +30,7 @@ packed-document ids are non-decreasing in position, so a block's first and last 
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -257,9 +258,10 @@ def _document(b, h, q, kv, ids, meta):
 
 
 @triton.jit
-def _packed_document(b, h, q, kv, ids, meta, spans):
+def _packed_document(b, h, q, kv, starts, meta, spans):
     # the same predicate for non-decreasing ids, from q's document span [lo, hi]: kv in it. Only the
-    # query side is read, so a loop over key tiles (forward, dQ) loads nothing per tile
+    # query side is read, so a loop over key tiles (forward, dQ) loads nothing per tile. meta: the
+    # spans' row stride and length
     stride_b = tl.load(meta)
     S = tl.load(meta + 1)
     sp = tl.load(spans + b * stride_b + q, mask=q < S, other=1)  # past the row: lo 1 > hi 0, no key
@@ -371,12 +373,22 @@ def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None, spans: Opt
         return MaskMod(_document, twin, (ids, _row_meta(ids)), "document", None, None)
     if spans is None:
         spans = document_spans(ids)
-    elif spans.stride() != ids.stride():
-        spans = spans.contiguous()  # the kernel reads both at the ids' row stride
+    elif spans.stride(-1) != 1:
+        spans = spans.contiguous()  # the kernel reads rows of consecutive spans
     # packed: the kernels read each query's document span instead of the keys' ids (measured in
-    # tests/benchmarks/NOTES.md: the keys' ids cost a load per key tile)
-    return MaskMod(_packed_document, twin, (ids, _row_meta(ids), spans), "document",
+    # tests/benchmarks/NOTES.md: the keys' ids cost a load per key tile). The mask holds the spans
+    # alone: the first position of each position's document (lo, a view of the spans) stands for its
+    # id wherever ids are compared (same document, same lo; non-decreasing), so the caller's ids are
+    # not kept alive through a training step next to the spans (measured: its peak memory, NOTES.md)
+    return MaskMod(_packed_document, twin, (_span_starts(spans), _row_meta(spans), spans), "document",
                    _document_blocks, ("packed_documents",))
+
+
+def _span_starts(spans: torch.Tensor) -> torch.Tensor:
+    """int32 [B, S]: lo of each ``lo | hi << 32`` in spans [B, S], as a view where the byte order allows."""
+    if sys.byteorder == "little":
+        return spans.view(torch.int32)[:, 0::2]
+    return (spans & 0xFFFFFFFF).to(torch.int32)
 
 
 @triton.jit

@@ -122,12 +122,17 @@ def test_document_spans_argument():
 
 
 def test_packed_document_mask_kinds():
-    """Packed ids take the span form, the others the ids' form; both read the ids as their first
-    argument (packed_parts relies on it)."""
+    """Packed ids take the span form, the others the ids' form. The first argument identifies the
+    documents (packed_parts relies on it): the ids themselves, or for the span form each position's
+    document start, a view of the spans, so the caller's ids are not held."""
     ids = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]], dtype=torch.int32)
     packed, unpacked = mods.document(ids), mods.document(ids.flip(1))
     assert packed.triton_fn is mods._packed_document and unpacked.triton_fn is mods._document
-    assert torch.equal(packed.args[0], ids) and torch.equal(unpacked.args[0], ids.flip(1))
+    assert torch.equal(unpacked.args[0], ids.flip(1))
+    assert packed.args[0].tolist() == [[0, 0, 2, 2, 4], [0, 1, 1, 1, 1]]
+    spans = packed.args[2]
+    assert packed.args[0].untyped_storage().data_ptr() == spans.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() != ids.untyped_storage().data_ptr() for t in packed.tensors())
     assert packed_parts(mods.and_masks(mods.causal(), packed)) is not None
 
 
@@ -182,7 +187,7 @@ def test_packed_parts():
     assert packed_parts(mods.and_masks(mods.causal(), doc))[1:] == (True, None)
     nested = mods.and_masks(mods.and_masks(mods.causal(), mods.sliding_window(4)), mods.sliding_window(6), doc)
     got = packed_parts(nested)
-    assert got[0] is ids and got[1:] == (True, 4)
+    assert got[0] is doc.args[0] and got[1:] == (True, 4)  # the mask's document ids (starts, all 0 here)
     # not packed (checked: decreasing), not an "and", a second document, a window without causal,
     # an offset, a mask of one's own named like a built-in one: all left to the other builders
     assert packed_parts(mods.and_masks(mods.causal(), mods.document(torch.tensor([[1, 0]])))) is None
@@ -343,7 +348,8 @@ def test_structure_follows_moved_args(device):
     mm = mods.and_masks(mods.sliding_window(50), mods.and_masks(mods.causal(), mods.document(ids, packed=True)))
     moved = dataclasses.replace(mm, args=tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in mm.args))
     got = packed_parts(moved)
-    assert got[0].device.type == torch.device(device).type and torch.equal(got[0].cpu(), ids)
+    starts = (mods.document_spans(ids) & 0xFFFFFFFF).to(torch.int32)  # the packed form's document ids
+    assert got[0].device.type == torch.device(device).type and torch.equal(got[0].cpu(), starts)
     assert got[1:] == (True, 50)
     bm = hf_flex.create_block_mask(moved, 1, None, 120, 120, device=device, BLOCK_SIZE=16)
     ref = hf_flex.create_block_mask(dataclasses.replace(mm, structure=None), 1, None, 120, 120, device="cpu",

@@ -304,12 +304,13 @@ def test_atomic_dq(device, fused, monkeypatch):
     assert not any(c.get("ATOMIC_DQ") for c in dkdv.calls)
 
 
-@pytest.mark.parametrize("tma,bwd_tma", [("full", False), ("both", True)])
+@pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):
     """SCHEDULE["tma"] / ["bwd_tma"]: the forward's K/V tiles, the dK/dV pass's Q/dO tiles and the dQ
-    pass's K/V tiles through tensor descriptors (TMA on Hopper, emulated by Triton's interpreter): the
-    same answers and gradients with ragged lengths (rows past the end arrive as zeros),
+    pass's K/V tiles through tensor descriptors (TMA on Hopper, emulated by Triton's interpreter; the
+    default, so most tests run it) or pointer loads (GPUs before Hopper): the same answers and
+    gradients with ragged lengths (rows past the end arrive as zeros),
     GQA, a transposed [B, S, H, D] layout, 128-key blocks in several tiles and empty rows; tensors TMA
     cannot take (a head dim that is not a power of two) take the pointer loads."""
     from hf_flex.kernels import launch
@@ -330,20 +331,20 @@ def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):
     check_attention(q, k, v, None, _block_mask("causal", 1, 2, 40, 40, device, (16, 16)))
 
 
-def test_tma_value_checked(monkeypatch):
+def test_tma_value_checked(device, monkeypatch):
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "tma", True)
-    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, dtype=torch.float32, device="cpu", seed=1)
+    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, dtype=torch.float32, device=device, seed=1)
     with pytest.raises(ValueError, match="tma"):
         hf_flex.flex_attention(q, k, v)
 
 
-def test_index_ahead_value_checked(monkeypatch):
+def test_index_ahead_value_checked(device, monkeypatch):
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "index_ahead", True)
-    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, dtype=torch.float32, device="cpu", seed=1)
+    q, k, v = rand_qkv(1, 1, 1, 16, 16, 16, dtype=torch.float32, device=device, seed=1)
     with pytest.raises(ValueError, match="index_ahead"):
         hf_flex.flex_attention(q, k, v)
 

@@ -32,11 +32,12 @@ def _document_class(dq_lo, dq_hi, q_lo, q_hi, dk_lo, dk_hi, kv_lo, kv_hi, WINDOW
     return tl.where(full, 2, tl.where(visited, 1, 0))
 
 
-@triton.jit(do_not_specialize=["stride_b", "NQ", "NKV", "Q_LEN", "KV_LEN", "TAIL_Q", "TAIL_KV", "WINDOW",
+@triton.jit(do_not_specialize=["stride_b", "stride_s", "NQ", "NKV", "Q_LEN", "KV_LEN", "TAIL_Q", "TAIL_KV", "WINDOW",
                                "kvn_half", "kvi_half", "qn_half", "qi_half"])
 def _document_tables_kernel(
     IDS,  # int32 [B, S], S >= max(Q_LEN, KV_LEN), rows non-decreasing
     stride_b,
+    stride_s,
     NQ,
     NKV,
     Q_LEN,
@@ -70,8 +71,8 @@ def _document_tables_kernel(
     own_len = tl.where(is_row, Q_LEN, KV_LEN)
     lo = c * own_block
     hi = tl.minimum(lo + own_block - 1, own_len - 1)
-    d_lo = tl.load(row + lo)
-    d_hi = tl.load(row + hi)
+    d_lo = tl.load(row + lo * stride_s)
+    d_hi = tl.load(row + hi * stride_s)
     L = tl.where(is_row, NKV, NQ)
     num, idx, num_half, idx_half, own_is_tail, other_tail = list_destinations(
         is_row, b, c, NQ, NKV, TAIL_Q, TAIL_KV, KV_NUM, KV_IDX, Q_NUM, Q_IDX, kvn_half, kvi_half, qn_half, qi_half
@@ -89,14 +90,14 @@ def _document_tables_kernel(
             if is_row:
                 k_lo = o * KV_BLOCK
                 k_hi = tl.minimum(k_lo + KV_BLOCK - 1, KV_LEN - 1)
-                dk_lo = tl.load(row + k_lo, mask=m, other=0)
-                dk_hi = tl.load(row + k_hi, mask=m, other=0)
+                dk_lo = tl.load(row + k_lo * stride_s, mask=m, other=0)
+                dk_hi = tl.load(row + k_hi * stride_s, mask=m, other=0)
                 cls = _document_class(d_lo, d_hi, lo, hi, dk_lo, dk_hi, k_lo, k_hi, WINDOW, CAUSAL, HAS_WINDOW)
             else:
                 q_lo = o * Q_BLOCK
                 q_hi = tl.minimum(q_lo + Q_BLOCK - 1, Q_LEN - 1)
-                dq_lo = tl.load(row + q_lo, mask=m, other=0)
-                dq_hi = tl.load(row + q_hi, mask=m, other=0)
+                dq_lo = tl.load(row + q_lo * stride_s, mask=m, other=0)
+                dq_hi = tl.load(row + q_hi * stride_s, mask=m, other=0)
                 cls = _document_class(dq_lo, dq_hi, q_lo, q_hi, d_lo, d_hi, lo, hi, WINDOW, CAUSAL, HAS_WINDOW)
             cls = demote_ragged(cls, own_is_tail, o, other_tail)
             n_p, n_f, sel_p, oth_p, sel_f, oth_f = count_or_list(
@@ -110,7 +111,8 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
                     window, kv_num, kv_idx, q_num, q_idx) -> None:
     """Fill the eight block tables (as :func:`~hf_flex.kernels.block_tables.tables_from_classes` lays
     them out, Hm = 1) of "same document" AND (``causal``: kv <= q) AND (``window``: q - window < kv),
-    for int32 ids [B, S] with non-decreasing rows, in one launch.
+    for int32 ids [B, S] with non-decreasing rows (any strides: the packed document mask's ids are a
+    view of its spans), in one launch.
 
     Classes are exact where blocks have one size: empty and full always (the kernels skip an empty
     block and do not evaluate the mask in a full one); with a query block smaller than the key block,
@@ -121,7 +123,7 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
     B = ids.shape[0]
     nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
     _document_tables_kernel[(nq + nkv, B)](
-        ids, ids.stride(0), nq, nkv, q_len, kv_len, ragged_tail(q_len, q_block), ragged_tail(kv_len, kv_block),
+        ids, ids.stride(0), ids.stride(1), nq, nkv, q_len, kv_len, ragged_tail(q_len, q_block), ragged_tail(kv_len, kv_block),
         int(window or 0),
         kv_num, kv_idx, q_num, q_idx,
         kv_num.stride(0), kv_idx.stride(0), q_num.stride(0), q_idx.stride(0),

@@ -25,6 +25,8 @@ class Tiles:
     block_n_full: int = 0  # forward only: the key tile of full blocks (0 = block_n)
     # register cap per thread (ptxas .maxnreg), 0 = none: 128 keeps two 8-warp programs on an SM
     maxnreg: int = 0
+    # K/V (forward, dQ) or Q/dO (dK/dV) tiles through tensor descriptors where SCHEDULE allows TMA
+    tma: bool = True
 
 
 def _pow2(x: int) -> int:
@@ -40,6 +42,7 @@ def _fit(t: Tiles, sparse_q: int, sparse_kv: int) -> Tiles:
         t.num_stages,
         min(t.block_n_full or t.block_n, sparse_kv),
         t.maxnreg,
+        t.tma,
     )
 
 
@@ -70,14 +73,15 @@ OVERRIDES: dict = {}
 #   runs (five tile products per tile pair instead of seven; dQ's summation order, hence its last
 #   bits, then varies between runs). Never while torch.use_deterministic_algorithms(True) holds, nor
 #   for score mods with learnable tensors (their gradients come from the dQ pass).
-# tma: "none" | "full" | "both": on Hopper and later, which forward loops (full blocks, or partial
-#   ones too) load their K/V tiles through tensor descriptors (the tensor-memory accelerator), where
-#   the tensors allow (_tma_descriptors). bwd_tma: the same for the backward's loops (Q/dO tiles of
-#   the dK/dV pass, K/V tiles of the dQ pass).
+# tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
+#   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
+#   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
+#   bwd_tma: the same for the backward's loops (Q/dO tiles of the dK/dV pass, K/V tiles of the dQ
+#   pass). Measured in NOTES.md.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
-    "tma": "none", "bwd_tma": False,
+    "tma": "both", "bwd_tma": True,
 }
 
 
@@ -88,8 +92,9 @@ def _divides(n: int, block: int) -> bool:
 _TABLE = {
     # (d <= 64, 2-byte):   fwd                 dkdv (block_m = query sub-tile, block_n = keys)   dq
     # fwd: the variant that checks keys past the end needs 131 registers, one program per SM instead
-    # of two (-33 % on the H200, NOTES.md): capped at 128
-    (64, 2): (Tiles(128, 64, 8, 3, 0, 128), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3)),
+    # of two (-33 % on the H200, NOTES.md): capped at 128. Its K/V tiles through TMA measured 1-2 %
+    # slower (H100, NOTES.md): pointer loads
+    (64, 2): (Tiles(128, 64, 8, 3, 0, 128, False), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3)),
     # fwd: 128-key tiles pay off in full blocks (399 vs 376 TFLOP/s causal) but not where the mask is
     # evaluated (document masks: 150 vs 191), hence 64 there
     (128, 2): (Tiles(128, 64, 8, 3, 128), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
@@ -216,7 +221,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
     if tma not in ("none", "full", "both"):
         raise ValueError(f'SCHEDULE["tma"] must be "none", "full" or "both", got {tma!r}')
     k_desc = v_desc = k_desc_p = v_desc_p = None
-    if tma != "none":
+    if tma != "none" and t.tma:
         k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
     if tma == "both" and k_desc is not None:
         k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
@@ -285,8 +290,9 @@ def flex_backward(
     atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
               and not torch.are_deterministic_algorithms_enabled())
     q_desc = do_desc = k_desc = v_desc = None
-    if SCHEDULE["bwd_tma"]:
+    if SCHEDULE["bwd_tma"] and t.tma:
         q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
+    if SCHEDULE["bwd_tma"] and t2.tma:
         k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

@@ -110,8 +110,9 @@ def _block_mask_for(module, attention_mask, batch_size, q_len, kv_len, device, k
     if hit is None:
         if docs is not None:
             ids, _, spans = docs[1]()
-            mm = mods.and_masks(base, mods.document(ids, packed=True, spans=spans))
-            hit = (create_block_mask(mm, batch_size, None, q_len, kv_len, device=device), SeveralDocuments(ids))
+            doc = mods.document(ids, packed=True, spans=spans)
+            mm = mods.and_masks(base, doc)
+            hit = (create_block_mask(mm, batch_size, None, q_len, kv_len, device=device), SeveralDocuments(doc.args[0]))
         else:
             hit = (create_block_mask(base, None, None, q_len, kv_len, device=device), False)
         _fallback_cache.clear()

@@ -22,7 +22,8 @@ __all__ = ["FlexMask", "flex_mask", "dense_mask_mod"]
 
 
 class SeveralDocuments:
-    """Truthy when some row of doc_ids [B, S] (non-decreasing from 0) holds several documents.
+    """Truthy when some row of doc_ids [B, S] holds several documents: rows non-decreasing from 0,
+    document ids or each position's document start (the packed document mask's ``args[0]``).
 
     Evaluated on first use only (a device-to-host sync), and once: only family patches ask.
     """
@@ -95,7 +96,8 @@ class FlexMask:
             else:
                 mm = mods.and_masks(self.mask_mod, doc)
             bm = create_block_mask(mm, doc_ids.shape[0], None, self.q_len, self.kv_len, device=self.device)
-            hit = (bm, SeveralDocuments(doc_ids))
+            # the mask's own view of its documents (mods.document keeps the spans, not doc_ids)
+            hit = (bm, SeveralDocuments(doc.args[0]))
             self._derived.clear()  # one batch at a time
             self._derived[key] = hit
         return hit

@@ -1,0 +1,133 @@
+"""What is alive at the peak of one training step, per attention implementation (CUDA).
+
+    python scripts/trace_peak.py [--S 4096] [--variants hf_flex,flex_attention] [--json out.json]
+
+Each variant runs in a fresh subprocess: the end-to-end benchmark's model and packed row
+(hf_flex.bench_e2e: 0.67B Llama-shaped, bf16, one packed row of S tokens), two warm-up steps, then one
+step under torch.cuda.memory._record_memory_history. The recorded trace is replayed
+(:func:`peak_breakdown`) to find the step's peak of allocated bytes and the blocks alive at it, grouped
+by where they were allocated (the innermost frame in hf_flex, transformers or the benchmark, else the
+innermost frame). The parent prints each variant's peak (max_memory_allocated) and the groups whose
+bytes differ between the first variant and the others, largest difference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+_OURS = ("hf_flex", "transformers", "bench_e2e", "trace_peak")
+
+
+def _site(frames) -> str:
+    """'file:line name' of the innermost frame in our code or Transformers', else of the innermost frame."""
+    if not frames:
+        return "<no python frame>"
+    pick = next((f for f in frames if any(k in f.get("filename", "") for k in _OURS)), frames[0])
+    path = pick.get("filename", "?")
+    parts = path.replace("\\", "/").split("/")
+    short = "/".join(parts[-2:])
+    return f"{short}:{pick.get('line', '?')} {pick.get('name', '?')}"
+
+
+def peak_breakdown(events, start_bytes: int = 0) -> dict:
+    """Replay allocator events (a snapshot's ``device_traces[d]``: dicts with action, addr, size, frames)
+    and return {"peak_bytes", "groups": {site: [bytes, count]}} for the blocks alive at the peak.
+
+    ``alloc`` makes a block alive, ``free_requested`` ends it (the allocated-bytes statistic drops
+    there); blocks alive before the trace began are outside it and count only in ``start_bytes``.
+    """
+    live, cur = {}, start_bytes
+    peak, at_peak = start_bytes, {}
+    for e in events:
+        act = e.get("action")
+        if act == "alloc":
+            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+            cur += e["size"]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif act == "free_requested" and e["addr"] in live:
+            cur -= live.pop(e["addr"])[0]
+    groups: dict = {}
+    for size, site in at_peak.values():
+        g = groups.setdefault(site, [0, 0])
+        g[0] += size
+        g[1] += 1
+    return {"peak_bytes": peak, "groups": groups}
+
+
+def _worker(variant: str, S: int) -> dict:
+    import torch
+
+    from hf_flex import bench_e2e as e2e
+
+    if variant == "hf_flex":
+        import hf_flex  # noqa: F401  (registers attn_implementation="flex")
+    device = torch.device("cuda")
+    ids, pos, labels, _ = e2e.packed_row(S, 0, e2e.BIG["vocab_size"], e2e.DOC_RANGE)
+    ids, pos, labels = ids.to(device), pos.to(device), labels.to(device)
+    model = e2e._build_model(e2e.BIG, e2e.ATTN[variant], device, torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    res = peak_breakdown(snap["device_traces"][torch.cuda.current_device()], start)
+    res.update(variant=variant, S=S, start_bytes=start, max_memory_allocated=torch.cuda.max_memory_allocated())
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, default=4096)
+    ap.add_argument("--variants", default="hf_flex,flex_attention")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(_worker(a.worker, a.S)), flush=True)
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = []
+    for v in a.variants.split(","):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--S", str(a.S)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{v} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        out.append(json.loads(line[7:]))
+    if a.json:
+        json.dump(out, open(a.json, "w"), indent=1)
+    base = out[0]
+    for r in out:
+        print(f"{r['variant']:16s} S={r['S']} max_memory_allocated {r['max_memory_allocated']} "
+              f"(replayed peak {r['peak_bytes']}, {r['start_bytes']} alive before the step)")
+    for r in out[1:]:
+        print(f"\nalive at the peak: {base['variant']} minus {r['variant']} (bytes, blocks), by allocation site")
+        sites = set(base["groups"]) | set(r["groups"])
+        rows = [(base["groups"].get(s, [0, 0]), r["groups"].get(s, [0, 0]), s) for s in sites]
+        rows.sort(key=lambda x: -abs(x[0][0] - x[1][0]))
+        for a_, b_, s in rows[:25]:
+            if a_[0] != b_[0]:
+                print(f"  {a_[0] - b_[0]:+14d}  ({a_[1]} vs {b_[1]})  {s}")
+
+
+if __name__ == "__main__":
+    main()
