@@ -6,7 +6,8 @@ launchers and hands back gradients: dq, dk, dv, the sink logits' and the learnab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -53,6 +54,42 @@ class KernelSpec:
         return sm.kernel_fn, sm.args
 
 
+_TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def _hollow(spec: KernelSpec):
+    """(tensors, hollow spec): the block mask's tables and its mask_mod's tensors, and a spec holding
+    neither (their places empty) for :func:`_fill`. The tensors go through save_for_backward: autograd
+    frees them after the backward, as it does q, k, v, while a spec kept on ctx would keep the tables
+    and the mask's per-token tensors (document spans) alive as long as the graph's outputs are, e.g.
+    through the next step's forward when a training loop keeps the last step's output."""
+    bm, mm = spec.block_mask, spec.block_mask.mask_mod
+    where = tuple(i for i, a in enumerate(mm.args) if isinstance(a, torch.Tensor))
+    tensors = [getattr(bm, n) for n in _TABLES] + [mm.args[i] for i in where]
+    hollow_mm = copy.copy(mm)
+    object.__setattr__(hollow_mm, "args", tuple(None if i in where else a for i, a in enumerate(mm.args)))
+    hollow_bm = copy.copy(bm)
+    for n in _TABLES:
+        setattr(hollow_bm, n, None)
+    hollow_bm.mask_mod = hollow_mm
+    return tensors, (replace(spec, block_mask=hollow_bm), where)
+
+
+def _fill(hollow, tensors) -> KernelSpec:
+    """The spec :func:`_hollow` emptied, with its tensors back."""
+    spec, where = hollow
+    bm = copy.copy(spec.block_mask)
+    for n, t in zip(_TABLES, tensors):
+        setattr(bm, n, t)
+    args = list(bm.mask_mod.args)
+    for i, t in zip(where, tensors[len(_TABLES):]):
+        args[i] = t
+    bm.mask_mod = copy.copy(bm.mask_mod)
+    object.__setattr__(bm.mask_mod, "args", tuple(args))
+    return replace(spec, block_mask=bm)
+
+
 class FlexAttentionFunction(torch.autograd.Function):
     """forward(q, k, v, sink, spec, *learnables) -> (out, lse).
 
@@ -68,16 +105,16 @@ class FlexAttentionFunction(torch.autograd.Function):
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
             sink, spec.scale,
         )
-        ctx.save_for_backward(q, k, v, out, lse, sink)
-        ctx.spec = spec
+        spec_tensors, ctx.hollow_spec = _hollow(spec)
+        ctx.save_for_backward(q, k, v, out, lse, sink, *spec_tensors)
         ctx.n_learnables = len(learnables)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sink = ctx.saved_tensors
-        spec: KernelSpec = ctx.spec
+        q, k, v, out, lse, sink, *spec_tensors = ctx.saved_tensors
+        spec = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)
         if dout is None and dlse is None:
             return none

@@ -1,10 +1,11 @@
 """What is alive at the peak of one training step, per attention implementation (CUDA).
 
-    python scripts/trace_peak.py [--S 4096] [--variants hf_flex,flex_attention] [--json out.json]
+    python scripts/trace_peak.py [--S 4096] [--warm 2] [--variants hf_flex,flex_attention] [--json out.json]
 
 Each variant runs in a fresh subprocess: the end-to-end benchmark's model and packed row
-(hf_flex.bench_e2e: 0.67B Llama-shaped, bf16, one packed row of S tokens), two warm-up steps, then one
-step under torch.cuda.memory._record_memory_history. The recorded trace is replayed
+(hf_flex.bench_e2e: 0.67B Llama-shaped, bf16, one packed row of S tokens), ``--warm`` steps (0: the
+traced step is the first, with compilation and the optimizer's state allocation), then one step under
+torch.cuda.memory._record_memory_history. The recorded trace is replayed
 (:func:`peak_breakdown`) to find the step's peak of allocated bytes and the blocks alive at it, grouped
 by where they were allocated (the innermost frame in hf_flex, transformers or the benchmark, else the
 innermost frame). The parent prints each variant's peak (max_memory_allocated) and the groups whose
@@ -59,7 +60,7 @@ def peak_breakdown(events, start_bytes: int = 0) -> dict:
     return {"peak_bytes": peak, "groups": groups}
 
 
-def _worker(variant: str, S: int) -> dict:
+def _worker(variant: str, S: int, warm: int, seed: int) -> dict:
     import torch
 
     from hf_flex import bench_e2e as e2e
@@ -67,7 +68,7 @@ def _worker(variant: str, S: int) -> dict:
     if variant == "hf_flex":
         import hf_flex  # noqa: F401  (registers attn_implementation="flex")
     device = torch.device("cuda")
-    ids, pos, labels, _ = e2e.packed_row(S, 0, e2e.BIG["vocab_size"], e2e.DOC_RANGE)
+    ids, pos, labels, _ = e2e.packed_row(S, seed, e2e.BIG["vocab_size"], e2e.DOC_RANGE)
     ids, pos, labels = ids.to(device), pos.to(device), labels.to(device)
     model = e2e._build_model(e2e.BIG, e2e.ATTN[variant], device, torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -78,7 +79,7 @@ def _worker(variant: str, S: int) -> dict:
         model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss.backward()
         opt.step()
 
-    for _ in range(2):
+    for _ in range(warm):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -89,25 +90,28 @@ def _worker(variant: str, S: int) -> dict:
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     res = peak_breakdown(snap["device_traces"][torch.cuda.current_device()], start)
-    res.update(variant=variant, S=S, start_bytes=start, max_memory_allocated=torch.cuda.max_memory_allocated())
+    res.update(variant=variant, S=S, warm=warm, seed=seed, start_bytes=start, max_memory_allocated=torch.cuda.max_memory_allocated())
     return res
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, default=4096)
+    ap.add_argument("--warm", type=int, default=2, help="untraced steps before the traced one")
+    ap.add_argument("--seed", type=int, default=None, help="the packed row's seed (default S, as the benchmark's)")
     ap.add_argument("--variants", default="hf_flex,flex_attention")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        print("RESULT " + json.dumps(_worker(a.worker, a.S)), flush=True)
+        print("RESULT " + json.dumps(_worker(a.worker, a.S, a.warm, a.S if a.seed is None else a.seed)), flush=True)
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = []
     for v in a.variants.split(","):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--S", str(a.S)],
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--S", str(a.S),
+                            "--warm", str(a.warm)] + ([] if a.seed is None else ["--seed", str(a.seed)]),
                            capture_output=True, text=True, env=env, timeout=600)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

@@ -340,6 +340,36 @@ def test_tma_value_checked(device, monkeypatch):
         hf_flex.flex_attention(q, k, v)
 
 
+def test_backward_frees_the_block_mask(device):
+    """The graph holds the block mask's tables and its mask's tensors (document spans: per token) only
+    until its backward ran, as it holds q, k, v (save_for_backward): a training loop that keeps the last
+    step's output must not keep them through the next step. retain_graph=True keeps them for a second
+    backward, which then gives the same gradients."""
+    import gc
+    import weakref
+
+    ids = random_doc_ids(1, 100, seed=71, max_docs=4).to(device)
+    q, k, v = rand_qkv(1, 2, 2, 100, 100, 16, dtype=torch.float32, device=device, seed=73)
+    bm = hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(ids, packed=True)), 1, None, 100, 100,
+                                   device=device, BLOCK_SIZE=32)
+    per_token = [t for t in bm.mask_mod.tensors() if t.dim() == 2]  # spans and their starts (not the shared meta)
+    assert len(per_token) == 2
+    held = [weakref.ref(t) for t in [bm.kv_indices, bm.full_q_indices] + per_token]
+    del per_token
+    out = hf_flex.flex_attention(q, k, v, block_mask=bm)
+    del bm
+    out.sum().backward(retain_graph=True)
+    first = [t.grad.clone() for t in (q, k, v)]
+    gc.collect()
+    assert all(r() is not None for r in held)  # retained for another backward
+    for t in (q, k, v):
+        t.grad = None
+    out.sum().backward()
+    assert all(torch.equal(t.grad, g) for t, g in zip((q, k, v), first))
+    gc.collect()
+    assert out.grad_fn is not None and all(r() is None for r in held)
+
+
 def test_index_ahead_value_checked(device, monkeypatch):
     from hf_flex.kernels import launch
 
