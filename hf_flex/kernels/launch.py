@@ -190,20 +190,21 @@ def has_tma(device: torch.device) -> bool:
     return interpreted()
 
 
-def _tma_descriptors(k, v, d, dp, dv, dvp, block_n):
-    """(K, V) tensor descriptors with [1, 1, block_n, D] boxes, or (None, None) where TMA does not apply:
-    not a device with TMA (has_tma), head dims that are not already a power of two, or strides TMA
-    cannot take (last not 1, others not positive multiples of 16 bytes, base not 16-byte aligned)."""
-    if d != dp or dv != dvp or not has_tma(k.device):
+def _tma_descriptors(a, b, d, dp, db, dbp, rows):
+    """Tensor descriptors of a [B, H, S, d] and b [B, H, S, db] (K and V, or Q and dO) with
+    [1, 1, rows, head dim] boxes, or (None, None) where TMA does not apply: not a device with TMA
+    (has_tma), head dims that are not already a power of two, or strides TMA cannot take (last not 1,
+    others not positive multiples of 16 bytes, base not 16-byte aligned)."""
+    if d != dp or db != dbp or not has_tma(a.device):
         return None, None
-    for t in (k, v):
+    for t in (a, b):
         es = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or (s * es) % 16 for s in t.stride()[:-1]):
             return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, d]),
-            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, dv]))
+    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1, rows, d]),
+            TensorDescriptor(b, list(b.shape), list(b.stride()), [1, 1, rows, db]))
 
 
 def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale):
@@ -310,17 +311,22 @@ def flex_backward(
         AHEAD_FULL=SCHEDULE["bwd_index_ahead"],
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    if atomic:
-        dq_acc = torch.zeros((B, HQ, SQ, D), dtype=torch.float32, device=q.device)
+
+    def dkdv_pass(dq_out, atomic_dq: bool):
+        # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
         attn_bwd_dkdv_kernel[(n_kv, B * HKV)](
             q, k, v, dout, dk, dv, lse, delta,
             *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
             SQ, SKV, HKV, HQ // HKV, sm_scale,
-            mask_args, score_args, dq_acc, *dq_acc.stride(),
-            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=True,
+            mask_args, score_args, dq_out, *dq_out.stride(),
+            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq,
             Q_DESC=q_desc, DO_DESC=do_desc, **common,
         )
+
+    if atomic:
+        dq_acc = torch.zeros((B, HQ, SQ, D), dtype=torch.float32, device=q.device)
+        dkdv_pass(dq_acc, True)
         return dq.copy_(dq_acc), dk, dv, delta
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
         n_dkdv = n_kv * B * HKV
@@ -338,14 +344,7 @@ def flex_backward(
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, **common,
         )
         return dq, dk, dv, delta
-    attn_bwd_dkdv_kernel[(n_kv, B * HKV)](
-        q, k, v, dout, dk, dv, lse, delta,
-        *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
-        bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
-        SQ, SKV, HKV, HQ // HKV, sm_scale,
-        mask_args, score_args, dq, *dq.stride(),  # dq unused here (ATOMIC_DQ off)
-        Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, Q_DESC=q_desc, DO_DESC=do_desc, **common,
-    )
+    dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
     attn_bwd_dq_kernel[(n_q, B * HQ)](
         q, k, v, dout, dq, lse, delta,
