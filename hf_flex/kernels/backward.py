@@ -12,7 +12,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, block_start, kv_tiles, tma_tiles, scores_tile
+from .forward import _reversed, block_start, kv_tiles, scores_tile, tile_positions, tma_tiles
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -77,7 +77,6 @@ def _dkdv_inner(
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_Q, True)
@@ -85,36 +84,19 @@ def _dkdv_inner(
         if not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
         offs_m = start + (i % SUB) * BLOCK_M + offs_m0
-        if Q_DESC is not None:  # TMA: rows past the end arrive as zeros (LSE +inf: they add nothing)
+        # Q^T [DP, BLOCK_M] and dO [BLOCK_M, DVP]; queries past the end (not Q_DIVISIBLE) load zeros
+        # and LSE +inf: they add nothing to dK, dV
+        if Q_DESC is not None:  # TMA
             qT, do = tma_tiles(Q_DESC, DO_DESC, b, hq, start + (i % SUB) * BLOCK_M, BLOCK_M, DP, DVP)
-            lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
-            if Q_DIVISIBLE:
-                delta = tl.load(DELTA_ptr + offs_m)
-                q_idx = offs_m[None, :]
-            else:
-                delta = tl.load(DELTA_ptr + offs_m, mask=offs_m < Q_LEN, other=0.0)
-                q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
-        elif Q_DIVISIBLE:  # every query of the tile is in range
-            qT = tl.load(Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=offs_d[:, None] < D, other=0.0)
-            do = tl.load(DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask=offs_dv[None, :] < DV, other=0.0)
-            lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
+            q_idx = tile_positions(offs_m, Q_LEN, not Q_DIVISIBLE)
+        else:
+            qT, do, q_idx = kv_tiles(Q_ptr, DO_ptr, offs_m, stride_qm, stride_qd, stride_dom, stride_dod, Q_LEN,
+                                     D, DP, DV, DVP, not Q_DIVISIBLE, False)
+        lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
+        if Q_DIVISIBLE:
             delta = tl.load(DELTA_ptr + offs_m)
-            q_idx = offs_m[None, :]
-        else:  # queries past the end load zeros (and LSE +inf): they add nothing to dK, dV
-            q_in = offs_m < Q_LEN
-            qT = tl.load(
-                Q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                mask=q_in[None, :] & (offs_d[:, None] < D),
-                other=0.0,
-            )
-            do = tl.load(
-                DO_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                mask=q_in[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
-            lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
-            delta = tl.load(DELTA_ptr + offs_m, mask=q_in, other=0.0)
-            q_idx = tl.minimum(offs_m, Q_LEN - 1)[None, :]
+        else:
+            delta = tl.load(DELTA_ptr + offs_m, mask=offs_m < Q_LEN, other=0.0)
         # transposed tile: rows are keys, columns are queries
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
@@ -274,7 +256,7 @@ def _dq_inner(
         if K_DESC is not None:  # TMA: keys past the end arrive as zeros
             kT, v = tma_tiles(K_DESC, V_DESC, b, hk, start + (i % SUB) * BLOCK_N, BLOCK_N, DP, DVP)
             vT = tl.trans(v)
-            kv_idx = offs_n[None, :] if KV_DIVISIBLE else tl.minimum(offs_n, KV_LEN - 1)[None, :]
+            kv_idx = tile_positions(offs_n, KV_LEN, not KV_DIVISIBLE)
         else:
             kT, vT, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
                                       D, DP, DV, DVP, not KV_DIVISIBLE, True)

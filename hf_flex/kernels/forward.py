@@ -81,11 +81,21 @@ def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.const
 
 
 @triton.jit
+def tile_positions(offs, LEN, CHECK: tl.constexpr):
+    """[1, n] positions the mods see for rows ``offs`` [n]: clamped to LEN - 1 when CHECK (rows past
+    the end exist), so a mod never reads past its tensors."""
+    if CHECK:
+        return tl.minimum(offs, LEN - 1)[None, :]
+    return offs[None, :]
+
+
+@triton.jit
 def kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
              D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
              CHECK: tl.constexpr, V_T: tl.constexpr):
     """K^T [DP, BLOCK_N], V [BLOCK_N, DVP] (V^T [DVP, BLOCK_N] when V_T) of keys ``offs_n`` [BLOCK_N],
-    and the key positions the mods see, [1, BLOCK_N]. CHECK: keys at or past KV_LEN load zeros and
+    and the key positions the mods see (tile_positions). The backward's dK/dV pass loads its Q^T and dO
+    tiles with it too. CHECK: keys at or past KV_LEN load zeros and
     their positions are clamped (mods never see positions past the end); without it every key is in
     range and the loads carry no bounds checks."""
     offs_d = tl.arange(0, DP)
@@ -104,12 +114,10 @@ def kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, K
             v = tl.load(v_ptrs, mask=kv_in[None, :] & v_dims, other=0.0)
         else:
             v = tl.load(v_ptrs, mask=kv_in[:, None] & v_dims, other=0.0)
-        kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
     else:
         kT = tl.load(k_ptrs, mask=offs_d[:, None] < D, other=0.0)
         v = tl.load(v_ptrs, mask=v_dims, other=0.0)
-        kv_idx = offs_n[None, :]
-    return kT, v, kv_idx
+    return kT, v, tile_positions(offs_n, KV_LEN, CHECK)
 
 
 @triton.jit
@@ -174,7 +182,7 @@ def _fwd_inner(
         kv_in = offs_n < KV_LEN
         if K_DESC is not None:
             kT, v = tma_tiles(K_DESC, V_DESC, b, hk, start + (i % SUB) * BLOCK_N, BLOCK_N, DP, DVP)
-            kv_idx = offs_n[None, :] if KV_DIVISIBLE else tl.minimum(offs_n, KV_LEN - 1)[None, :]
+            kv_idx = tile_positions(offs_n, KV_LEN, not KV_DIVISIBLE)
         else:
             kT, v, kv_idx = kv_tiles(K_ptr, V_ptr, offs_n, stride_kn, stride_kd, stride_vn, stride_vd, KV_LEN,
                                      D, DP, DV, DVP, not KV_DIVISIBLE, False)
