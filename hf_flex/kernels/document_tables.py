@@ -143,9 +143,23 @@ def _min_combine(a, b):
 
 
 @triton.jit
+def _starts(row, o, m, POSITIONS: tl.constexpr):
+    """Where a document starts after the row's first position, for positions ``o`` (in range: ``m``)
+    of a row of document ids, or of positions (POSITIONS: where a position is not the previous + 1)."""
+    cur = tl.load(row + o, mask=m, other=0)
+    prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
+    if POSITIONS:
+        new = cur != prev + 1
+    else:
+        new = cur != prev
+    return (o > 0) & new & m
+
+
+@triton.jit
 def _store_lo(spans, o, m, first, carry):
     """Pass 1 of a row's spans, one chunk: lo = the last document start at or before each position
-    (``first``: the position where a document starts, else 0), carried from earlier chunks."""
+    (``first``: the position where a document starts, else 0; position 0 starts one either way),
+    carried from earlier chunks."""
     tl.store(spans + o, tl.maximum(tl.associative_scan(first, 0, _max_combine), carry).to(tl.int64), mask=m)
     return tl.maximum(carry, tl.max(first, 0))
 
@@ -186,9 +200,7 @@ def _spans_kernel(IDS, stride_ib, OUT, stride_ob, S, CHUNK: tl.constexpr):
     for s in range(0, S, CHUNK):
         o = s + tl.arange(0, CHUNK)
         m = o < S
-        cur = tl.load(row + o, mask=m, other=0)
-        prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
-        carry = _store_lo(out, o, m, tl.where(m & ((o == 0) | (cur != prev)), o, 0), carry)
+        carry = _store_lo(out, o, m, tl.where(_starts(row, o, m, False), o, 0), carry)
     _add_hi(row, out, S, CHUNK, False)
 
 
@@ -216,13 +228,11 @@ def _ids_from_positions_kernel(POS, stride_pb, OUT, stride_ob, SPANS, stride_sb,
     for s in range(0, S, CHUNK):
         o = s + tl.arange(0, CHUNK)
         m = o < S
-        cur = tl.load(row + o, mask=m, other=0)
-        prev = tl.load(row + o - 1, mask=m & (o > 0), other=0)
-        start = ((o > 0) & (cur != prev + 1) & m).to(tl.int32)
-        tl.store(out + o, carry + tl.cumsum(start, 0), mask=m)
-        carry += tl.sum(start, 0)
+        start = _starts(row, o, m, True)
+        tl.store(out + o, carry + tl.cumsum(start.to(tl.int32), 0), mask=m)
+        carry += tl.sum(start.to(tl.int32), 0)
         if WITH_SPANS:
-            carry_lo = _store_lo(spans, o, m, tl.where((start != 0) | (o == 0), o, 0), carry_lo)
+            carry_lo = _store_lo(spans, o, m, tl.where(start, o, 0), carry_lo)
     if WITH_SPANS:
         _add_hi(row, spans, S, CHUNK, True)
 
