@@ -65,14 +65,21 @@ def _hollow(spec: KernelSpec):
     and the mask's per-token tensors (document spans) alive as long as the graph's outputs are, e.g.
     through the next step's forward when a training loop keeps the last step's output."""
     bm, mm = spec.block_mask, spec.block_mask.mask_mod
-    where = tuple(i for i, a in enumerate(mm.args) if isinstance(a, torch.Tensor))
+    # every layer of a batch shares one block mask: its hollow copy is made once, on the first layer
+    key = (mm, bm.seq_lengths, bm.BLOCK_SIZE, bm.tail_partial)
+    cached = bm.__dict__.get("_hollow")
+    if cached is None or cached[0] != key:
+        where = tuple(i for i, a in enumerate(mm.args) if isinstance(a, torch.Tensor))
+        hollow_mm = copy.copy(mm)
+        object.__setattr__(hollow_mm, "args", tuple(None if i in where else a for i, a in enumerate(mm.args)))
+        hollow_bm = copy.copy(bm)
+        hollow_bm.__dict__.pop("_hollow", None)
+        for n in _TABLES:
+            setattr(hollow_bm, n, None)
+        hollow_bm.mask_mod = hollow_mm
+        cached = bm._hollow = (key, hollow_bm, where)
+    _, hollow_bm, where = cached
     tensors = [getattr(bm, n) for n in _TABLES] + [mm.args[i] for i in where]
-    hollow_mm = copy.copy(mm)
-    object.__setattr__(hollow_mm, "args", tuple(None if i in where else a for i, a in enumerate(mm.args)))
-    hollow_bm = copy.copy(bm)
-    for n in _TABLES:
-        setattr(hollow_bm, n, None)
-    hollow_bm.mask_mod = hollow_mm
     return tensors, (replace(spec, block_mask=hollow_bm), where)
 
 
