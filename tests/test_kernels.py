@@ -331,6 +331,23 @@ def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):
     check_attention(q, k, v, None, _block_mask("causal", 1, 2, 40, 40, device, (16, 16)))
 
 
+def test_has_tma_per_device(monkeypatch):
+    """TMA from compute capability 9, asked once per CUDA device (the answer is cached); a device
+    without an index means the current one."""
+    from hf_flex.kernels import launch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or ((9, 0) if i == 0 else (8, 0)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    launch._cuda_major.cache_clear()
+    try:
+        assert launch.has_tma(torch.device("cuda", 0)) and launch.has_tma(torch.device("cuda", 0))
+        assert not launch.has_tma(torch.device("cuda", 1)) and not launch.has_tma(torch.device("cuda"))
+        assert asked == [0, 1]
+    finally:
+        launch._cuda_major.cache_clear()
+
+
 def test_tma_value_checked(device, monkeypatch):
     from hf_flex.kernels import launch
 

@@ -7,6 +7,7 @@ lse / delta [B, Hq, Sq] float32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -180,11 +181,17 @@ def _out_like(q: torch.Tensor, dv: int) -> torch.Tensor:
     return torch.empty((B, H, S, dv), dtype=q.dtype, device=q.device)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    # asked by every launch (a few per layer): the answer never changes for a device
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can load through tensor descriptors: CUDA of compute capability 9
     (Hopper) or later, or Triton's interpreter (CPU tensors), which emulates them."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9
+        return _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
     from . import interpreted
 
     return interpreted()
