@@ -252,3 +252,22 @@ def random_doc_ids(B, S, seed, max_docs=5, same_rows=False):
             ids[c:] += 1
         rows.append(ids)
     return torch.stack(rows)
+
+
+def run_bounded(cmd, timeout: float, **kw):
+    """subprocess.run(cmd, capture_output=True, text=True) in a session of its own, so that on timeout
+    the whole process group (a launcher's workers too, not just the launcher) is killed and the test
+    fails with what the command printed, instead of leaving orphans or waiting on their pipes."""
+    import os
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"{cmd[:4]}... still running after {timeout:.0f} s (killed)\n--- stdout\n"
+                             f"{(out or '')[-3000:]}\n--- stderr\n{(err or '')[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

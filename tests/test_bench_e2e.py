@@ -3,8 +3,9 @@
 
 import json
 import os
-import subprocess
 import sys
+
+from helpers import run_bounded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def test_bench_tiny_json(tmp_path):
     env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU self-check also on a GPU machine (the GPU run is the real bench)
     cmd = [sys.executable, "-m", "hf_flex.bench", "--tiny", "--e2e-S", "128", "--e2e-steps", "1",
            "--recompile-steps", "2", "--json", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = run_bounded(cmd, 300, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in ("device", "torch", "triton", "transformers", "date", "kernel", "e2e", "recompiles_over_50_lengths"):

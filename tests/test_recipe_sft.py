@@ -13,11 +13,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_bounded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -39,7 +39,8 @@ TINY = [
 
 def _env():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="",
-               TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1")
+               TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1",
+               GLOO_SOCKET_IFNAME="lo")  # gloo on loopback: a host name need not resolve to a usable interface
     env.pop("ACCELERATE_USE_CPU", None)
     return env
 
@@ -47,7 +48,7 @@ def _env():
 def _run(args, launcher=None, check=True, extra_env=None):
     cmd = (launcher or [sys.executable]) + [SFT] + args
     env = dict(_env(), **(extra_env or {}))
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = run_bounded(cmd, 300, cwd=ROOT, env=env)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
     return p

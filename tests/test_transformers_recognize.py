@@ -6,7 +6,6 @@ arguments. Compared: the element-level mask of the rebuilt MaskMod (its PyTorch 
 tables (no allowed element in an empty block, no disallowed element in a full block).
 """
 
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from transformers import masking_utils as mu
 
 import hf_flex
+from helpers import run_bounded
 from hf_flex.transformers.masks import FlexMask, flex_mask
 from hf_flex.transformers.recognize import KINDS, _kinds, closure_cells, recognize
 
@@ -243,7 +243,7 @@ def test_fresh_process_needs_the_import():
         "m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation='flex')\n"
         "print(m.config._attn_implementation)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = run_bounded([sys.executable, "-c", code], 300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["refused", "flex"], out.stdout
 

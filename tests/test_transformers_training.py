@@ -7,8 +7,11 @@ through Triton's interpreter on CPU.
 """
 
 import copy
+import datetime
 import os
 import socket
+import time
+import warnings
 
 import pytest
 import torch
@@ -61,13 +64,14 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, shards, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # gloo on loopback: the machine's host name need not resolve to an interface the ranks can reach
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch.distributed as dist
 
     import hf_flex  # noqa: F401  (a worker imports the package itself, as every worker must)
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model("flex"))
         docs = shards[rank]
@@ -78,7 +82,8 @@ def _ddp_worker(rank, world, port, shards, path):
         loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
         loss.backward()
         if rank == 0:
-            torch.save({n: p.grad for n, p in model.module.named_parameters()}, path)
+            torch.save({n: p.grad for n, p in model.module.named_parameters()}, path + ".part")
+            os.replace(path + ".part", path)  # whole or absent, should the parent have to kill this process
     finally:
         dist.destroy_process_group()
 
@@ -87,7 +92,19 @@ def test_ddp_workers(tmp_path):
     docs = _samples(6, seed=2)
     shards = [docs[:3], docs[3:]]
     path = str(tmp_path / "grads.pt")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, path), nprocs=2, join=True, start_method="spawn")
+    workers = mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, path), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 300  # a stuck rendezvous or collective fails the test, not the whole run
+    while not workers.join(timeout=5):  # join raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            if not os.path.exists(path):
+                pytest.fail("DDP workers still running after 300 s, no gradients written (killed)")
+            # the work is done (rank 0 saved after both backwards): a process stuck on its way out (gloo's
+            # teardown) is the platform's, and the gradients below are still checked
+            warnings.warn("DDP workers wrote their gradients but had not exited after 300 s (killed)")
+            break
     got = torch.load(path)
 
     # one eager process: each shard's loss (a mean over its own tokens), the two averaged, as DDP does
