@@ -8,7 +8,9 @@ traced step is the first, with compilation and the optimizer's state allocation)
 torch.cuda.memory._record_memory_history. The recorded trace is replayed
 (:func:`peak_breakdown`) to find the step's peak of allocated bytes and the blocks alive at it, grouped
 by where they were allocated (the innermost frame in hf_flex, transformers or the benchmark, else the
-innermost frame). The parent prints each variant's peak (max_memory_allocated) and the groups whose
+innermost frame). ``--keep-output``: the loop keeps each step's output (hence its graph) until the next
+step, as the benchmark's loop does, and the recording starts before the first step, so that what the
+kept output holds is named by its allocation site too; the peak is then the whole run's. The parent prints each variant's peak (max_memory_allocated) and the groups whose
 bytes differ between the first variant and the others, largest difference first.
 """
 
@@ -60,7 +62,7 @@ def peak_breakdown(events, start_bytes: int = 0) -> dict:
     return {"peak_bytes": peak, "groups": groups}
 
 
-def _worker(variant: str, S: int, warm: int, seed: int) -> dict:
+def _worker(variant: str, S: int, warm: int, seed: int, keep_output: bool = False) -> dict:
     import torch
 
     from hf_flex import bench_e2e as e2e
@@ -76,21 +78,34 @@ def _worker(variant: str, S: int, warm: int, seed: int) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss.backward()
+        out = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+        out.loss.backward()
         opt.step()
+        return out
 
-    for _ in range(warm):
+    def record():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        return torch.cuda.memory_allocated()
+
+    kept = None
+    if keep_output:  # the benchmark's loop: the last output lives on through the next step
+        start = record()
+        for _ in range(warm + 1):
+            kept = step()
+    else:
+        for _ in range(warm):
+            step()
+        start = record()
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-    step()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     res = peak_breakdown(snap["device_traces"][torch.cuda.current_device()], start)
-    res.update(variant=variant, S=S, warm=warm, seed=seed, start_bytes=start, max_memory_allocated=torch.cuda.max_memory_allocated())
+    res.update(variant=variant, S=S, warm=warm, seed=seed, start_bytes=start, keep_output=keep_output,
+               max_memory_allocated=torch.cuda.max_memory_allocated())
+    del kept
     return res
 
 
@@ -100,18 +115,22 @@ def main():
     ap.add_argument("--warm", type=int, default=2, help="untraced steps before the traced one")
     ap.add_argument("--seed", type=int, default=None, help="the packed row's seed (default S, as the benchmark's)")
     ap.add_argument("--variants", default="hf_flex,flex_attention")
+    ap.add_argument("--keep-output", action="store_true",
+                    help="keep each step's output until the next step (the benchmark's loop); record from the first step")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        print("RESULT " + json.dumps(_worker(a.worker, a.S, a.warm, a.S if a.seed is None else a.seed)), flush=True)
+        res = _worker(a.worker, a.S, a.warm, a.S if a.seed is None else a.seed, a.keep_output)
+        print("RESULT " + json.dumps(res), flush=True)
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = []
     for v in a.variants.split(","):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--S", str(a.S),
-                            "--warm", str(a.warm)] + ([] if a.seed is None else ["--seed", str(a.seed)]),
+                            "--warm", str(a.warm)] + ([] if a.seed is None else ["--seed", str(a.seed)])
+                           + (["--keep-output"] if a.keep_output else []),
                            capture_output=True, text=True, env=env, timeout=600)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

@@ -66,6 +66,17 @@ SCHEDULES = {
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},
     "fwd_full64_ahead": {"index_ahead": "both", "tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},
     "fwd_stages2": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
+    # sixth round, D=128 forward: 128-key tiles where the mask is evaluated too (the span form of
+    # document masks made evaluation cheap since 64 was chosen); 4 stages now that K/V come by TMA
+    "fwd_part128": {"tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
+    "fwd_stages4": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 4, 128)}},
+    # D=64 forward (the default: Tiles(128, 64, 8, 3, 0, 128, False)): TMA, 128-key full tiles, 4 warps,
+    # 4 stages; only meaningful on D=64 cases (OVERRIDES apply to every head dim)
+    "d64_tma": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 0, 128, True)}},
+    "d64_full128": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 128, 128, False)}},
+    "d64_full128_tma": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 128, 0, True)}},
+    "d64_w4": {"tiles": {"fwd": launch.Tiles(128, 64, 4, 3, 0, 0, False)}},
+    "d64_stages4": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 4, 0, 128, False)}},
 }
 
 
