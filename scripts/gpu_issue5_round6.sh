@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
-# Device-machine call (one GPU) for issue 5, sixth round: (1) peak memory in the benchmark's own loop
-# (each step's output kept through the next step), traced from the first step; (2) forward tile
-# variants on the sliding, document and D=64 cases, side by side with torch flex.
+# Device-machine call (one GPU) for issue 5, sixth round. STAGES (comma list, in this order):
+#   trace   peak memory in the benchmark's own loop (each step's output kept through the next step),
+#           recorded from the first step (scripts/trace_peak.py --keep-output), S=$TRACE_S
+#   profile where the time goes, hf_flex against torch flex: kernels per forward+backward, host
+#           enqueue time, the old accumulating timing (scripts/profile_kernels.py, cases $PCASES)
+#   tune    forward tile variants side by side with torch flex (scripts/tune_schedule.py)
+#   ncu     Nsight Compute on both libraries' attention kernels (torch's: its triton_tem templates) of
+#           case $NCASE, forward and backward (clocks left alone)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=${STAGES:-trace,profile,tune}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-if [ "${TRACE:-1}" = 1 ]; then
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+if has trace; then
   python3 scripts/trace_peak.py --S ${TRACE_S:-4096} --warm 1 --keep-output --json "$OUT/trace_keep_${TRACE_S:-4096}.json" 2>&1 | tail -30
 fi
-python3 scripts/tune_schedule.py --budget-s ${BUDGET:-300} --cases ${CASES:-6,4,1} \
-  --variants ${VARIANTS:-main,fwd_part128,fwd_stages4} --json "$OUT/schedule.json" 2>&1 | tail -24
-if [ -n "${CASES64:-}" ]; then
-  python3 scripts/tune_schedule.py --budget-s ${BUDGET64:-150} --cases $CASES64 \
-    --variants ${VARIANTS64:-main,d64_tma,d64_full128,d64_full128_tma,d64_w4,d64_stages4} --json "$OUT/schedule_d64.json" 2>&1 | tail -12
+if has profile; then
+  python3 scripts/profile_kernels.py --cases ${PCASES:-4,1,5} --json "$OUT/profile.json" 2>&1 | tail -60
+fi
+if has tune; then
+  python3 scripts/tune_schedule.py --budget-s ${BUDGET:-240} --cases ${CASES:-6,4,1} \
+    --variants ${VARIANTS:-main,fwd_part128,fwd_stages4} --json "$OUT/schedule.json" 2>&1 | tail -24
+  if [ -n "${CASES64:-}" ]; then
+    python3 scripts/tune_schedule.py --budget-s ${BUDGET64:-150} --cases $CASES64 \
+      --variants ${VARIANTS64:-main,d64_tma,d64_full128,d64_full128_tma,d64_w4,d64_stages4} --json "$OUT/schedule_d64.json" 2>&1 | tail -12
+  fi
+fi
+if has ncu; then
+  ncu --clock-control none --kernel-name regex:'attn_fwd_kernel|attn_bwd_kernel|triton_tem' --launch-count 16 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    python3 scripts/profile_kernels.py --cases ${NCASE:-4} --ncu > "$OUT/ncu_bwd.txt" 2>&1
+  grep -E "attn_fwd_kernel|attn_bwd_kernel|triton_tem|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible" "$OUT/ncu_bwd.txt" | head -80
 fi

@@ -1,0 +1,153 @@
+"""Where the time of one anchor case goes, hf_flex against torch's compiled flex_attention (CUDA).
+
+    python scripts/profile_kernels.py [--cases 4,1] [--json out.json]
+    ncu --clock-control none --kernel-name regex:'attn_fwd_kernel|attn_bwd_kernel|triton_tem' \\
+        --launch-count 16 --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+        python scripts/profile_kernels.py --cases 4 --ncu
+
+Per case (hf_flex.bench.ANCHORS, by index), after checking both libraries' output and gradients
+against each other (relative errors under 1e-2 / 2e-2, as hf_flex.bench does; the bench itself checks
+both against float64):
+
+- forward and forward+backward times, median of triton's do_bench (the bench's numbers), and the
+  forward+backward as the bench timed it before the sixth round (``.backward()`` adding into the
+  leaves' .grad: three elementwise kernels more per call);
+- the same calls enqueued back to back behind a sleeping GPU (bench._gpu_and_host_ms): the kernels'
+  own GPU time without launch gaps, and the host's time to enqueue one call. A host time near or
+  above the GPU time means do_bench measured the host, not the kernels;
+- each GPU kernel's time in one forward+backward (torch.profiler, averaged over a few calls), so a
+  difference between the libraries lands on a kernel (forward, backward, the backward's delta
+  pre-pass, copies) rather than on the whole call.
+
+``--ncu``: no timing; each library's forward+backward runs three times (the first compiles), for
+Nsight Compute to read the kernels it selects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def _kernel_times(fn, calls: int = 5) -> dict:
+    """{kernel name: microseconds per call of fn} over ``calls`` calls (device time, torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out[e.name[:90]] += e.device_time / calls
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def profile_case(index: int, ncu: bool = False) -> dict:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+    from torch.nn.attention.flex_attention import flex_attention as t_flex
+
+    import hf_flex
+    from hf_flex import bench
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    t_flex_c = torch.compile(t_flex, dynamic=False)
+    c = bench.ANCHORS[index]
+    mm, sm, Bm, t_mask, t_score, _, ids = bench.build(c)
+    gqa = c.Hq != c.Hkv
+    q, k, v, do = bench.random_inputs(c, seed=0)
+    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
+    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
+    libs = {
+        "hf_flex": lambda a, b, c_: hf_flex.flex_attention(a, b, c_, sm, bm, enable_gqa=gqa),
+        "torch_flex": lambda a, b, c_: t_flex_c(a, b, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa),
+    }
+    leaves = {n: tuple(t.detach().requires_grad_() for t in (q, k, v)) for n in libs}
+
+    def fwd(n):
+        return lambda: libs[n](q, k, v)
+
+    def fwdbwd(n):
+        return bench.fwdbwd_call(libs[n], q, k, v, do)
+
+    # correctness first: the two libraries agree on out, dq, dk, dv
+    outs = {n: libs[n](*leaves[n]) for n in libs}
+    grads = {n: torch.autograd.grad(outs[n], leaves[n], do) for n in libs}
+    errs = {}
+    for name, a, b in [("out", outs["hf_flex"], outs["torch_flex"])] + [
+            (f"d{x}", ga, gb) for x, ga, gb in zip("qkv", grads["hf_flex"], grads["torch_flex"])]:
+        errs[name] = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        if not errs[name] < (1e-2 if name == "out" else 2e-2):
+            raise AssertionError(f"{c.name}: hf_flex {name} disagrees with torch flex (rel err {errs[name]:.3e})")
+    del outs, grads
+    if ncu:
+        for n in libs:
+            for _ in range(3):
+                fwdbwd(n)()
+        torch.cuda.synchronize()
+        return {"case": c.name, "rel_err_vs_torch_flex": errs}
+
+    flops = bench.case_flops(c, bench.allowed_fraction(c, ids))
+    row = {"case": c.name, "index": index, "B": c.B, "Hq": c.Hq, "Hkv": c.Hkv, "S": c.S, "D": c.D,
+           "rel_err_vs_torch_flex": errs}
+    def accumulating(n):  # the bench's timing before the sixth round: .backward() into the leaves' .grad
+        qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+        return lambda: libs[n](qs, ks, vs).backward(do)
+
+    for n in libs:
+        f_ms, fb_ms = bench._ms(fwd(n)), bench._ms(fwdbwd(n))
+        acc_ms = bench._ms(accumulating(n))
+        f_gpu, f_host = bench._gpu_and_host_ms(fwd(n))
+        fb_gpu, fb_host = bench._gpu_and_host_ms(fwdbwd(n))
+        row[n] = {
+            "fwd_ms": f_ms, "fwdbwd_ms": fb_ms, "fwdbwd_accumulating_grads_ms": acc_ms,
+            "fwd_tflops": flops / (f_ms * 1e-3) / 1e12, "fwdbwd_tflops": 3.5 * flops / (fb_ms * 1e-3) / 1e12,
+            "fwd_gpu_ms_back_to_back": f_gpu, "fwd_host_ms": f_host,
+            "fwdbwd_gpu_ms_back_to_back": fb_gpu, "fwdbwd_host_ms": fb_host,
+            "fwdbwd_kernels_us": _kernel_times(fwdbwd(n)),
+        }
+    return row
+
+
+def _print(row: dict) -> None:
+    print(f"\n== {row['case']} (B{row['B']} Hq{row['Hq']} Hkv{row['Hkv']} S{row['S']} D{row['D']}); "
+          f"rel err vs torch flex {row['rel_err_vs_torch_flex']}")
+    print(f"{'':12s} {'fwd ms':>8s} {'f+b ms':>8s} {'+.grad':>8s} {'fwd TF':>7s} {'f+b TF':>7s} | back to back: "
+          f"{'fwd GPU':>8s} {'host':>6s} {'f+b GPU':>8s} {'host':>6s}")
+    for n in ("hf_flex", "torch_flex"):
+        r = row[n]
+        print(f"{n:12s} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f} {r['fwdbwd_accumulating_grads_ms']:8.3f} "
+              f"{r['fwd_tflops']:7.1f} {r['fwdbwd_tflops']:7.1f} | "
+              f"{'':13s} {r['fwd_gpu_ms_back_to_back']:8.3f} {r['fwd_host_ms']:6.3f} "
+              f"{r['fwdbwd_gpu_ms_back_to_back']:8.3f} {r['fwdbwd_host_ms']:6.3f}")
+    for n in ("hf_flex", "torch_flex"):
+        print(f"  {n} kernels in one forward+backward (us):")
+        for name, us in list(row[n]["fwdbwd_kernels_us"].items())[:8]:
+            print(f"    {us:9.1f}  {name}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="4,1", help="indices into hf_flex.bench.ANCHORS")
+    ap.add_argument("--ncu", action="store_true", help="no timing: three forward+backward calls per library")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    rows = []
+    for i in (int(x) for x in a.cases.split(",")):
+        row = profile_case(i, a.ncu)
+        rows.append(row)
+        if not a.ncu:
+            _print(row)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
