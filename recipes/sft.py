@@ -761,6 +761,10 @@ def main(argv=None):
     if main_proc:
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+    # the prepared (DDP / FSDP) model goes before the process group: torn down after
+    # destroy_process_group, DDP's reducer can hang the process on its way out (seen with gloo)
+    del model, opt
+    acc.free_memory()
     acc.end_training()
     return summary
 
