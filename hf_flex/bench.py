@@ -57,8 +57,8 @@ ANCHORS = [
 QUICK = [ANCHORS[1], ANCHORS[4], ANCHORS[6], ANCHORS[7]]
 
 
-def doc_ids(B, S, n_docs, seed=0):
-    """Random cut points, uniform: [B, S] int32 document ids on CUDA."""
+def doc_ids(B, S, n_docs, seed=0, device="cuda"):
+    """Random cut points, uniform: [B, S] int32 document ids on ``device``."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(B):
@@ -66,7 +66,7 @@ def doc_ids(B, S, n_docs, seed=0):
         r = torch.zeros(S, dtype=torch.int32)
         r[cuts] = 1
         rows.append(torch.cumsum(r, 0))
-    return torch.stack(rows).cuda().to(torch.int32)
+    return torch.stack(rows).to(device=device, dtype=torch.int32)
 
 
 def allowed_fraction(c: Case, ids=None) -> float:
@@ -85,7 +85,7 @@ def allowed_fraction(c: Case, ids=None) -> float:
     raise ValueError(c.kind)
 
 
-def build(c: Case):
+def build(c: Case, device="cuda"):
     """(our mask_mod, our score_mod, Bm, torch mask_mod, torch score_mod, sdpa kwargs or None, ids)."""
     ids = None
     if c.kind == "causal":
@@ -113,7 +113,7 @@ def build(c: Case):
             None,
         )
     if c.kind == "doc":
-        ids = doc_ids(c.B, c.S, c.param)
+        ids = doc_ids(c.B, c.S, c.param, device=device)
         return (
             mods.and_masks(mods.causal(), mods.document(ids)),
             None,
@@ -184,30 +184,71 @@ def timed_tflops(f, q, k, v, do, flops: float):
     return flops / (fwd_ms * 1e-3) / 1e12, 3.5 * flops / (fwdbwd_ms * 1e-3) / 1e12
 
 
-def random_inputs(c: Case, seed: int):
-    """bf16 q [B, Hq, S, D], k and v [B, Hkv, S, D] and an upstream gradient like q, on CUDA."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(c.B, c.Hq, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(c.B, c.Hkv, c.S, c.D, device="cuda", dtype=torch.bfloat16, generator=g)
+def random_inputs(c: Case, seed: int, device="cuda", dtype=torch.bfloat16):
+    """q [B, Hq, S, D], k and v [B, Hkv, S, D] and an upstream gradient like q (bf16, on CUDA)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(c.B, c.Hq, c.S, c.D, device=device, dtype=dtype, generator=g)
+    k = torch.randn(c.B, c.Hkv, c.S, c.D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(c.B, c.Hkv, c.S, c.D, device=device, dtype=dtype, generator=g)
     return q, k, v, torch.randn_like(q)
+
+
+@dataclass
+class Setup:
+    """One case made ready for both libraries: its mods (:func:`build`), random inputs, hf_flex's
+    block mask and torch's; ``ours(q, k, v)`` / ``theirs(q, k, v)`` run hf_flex and torch flex on them."""
+
+    case: Case
+    mm: object
+    sm: object
+    Bm: object
+    t_mask: object
+    t_score: object
+    sdpa_kw: object
+    ids: object
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    bm: object
+    tbm: object
+    t_flex: object
+
+    @property
+    def gqa(self) -> bool:
+        return self.case.Hq != self.case.Hkv
+
+    def ours(self, q, k, v):
+        return hf_flex.flex_attention(q, k, v, self.sm, self.bm, enable_gqa=self.gqa)
+
+    def theirs(self, q, k, v):
+        return self.t_flex(q, k, v, score_mod=self.t_score, block_mask=self.tbm, enable_gqa=self.gqa)
+
+
+def setup(c: Case, seed: int = 0, device="cuda", dtype=torch.bfloat16, compiled: bool = True) -> Setup:
+    """:class:`Setup` of case ``c``: torch flex compiled (``dynamic=False``, dynamo's recompile limit
+    raised so that a run of many cases never falls back to the unfused path) unless ``compiled`` is False
+    (its eager form, for CPU tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
+    from torch.nn.attention.flex_attention import flex_attention as t_flex
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    mm, sm, Bm, t_mask, t_score, sdpa_kw, ids = build(c, device)
+    q, k, v, do = random_inputs(c, seed, device, dtype)
+    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S, device=device)
+    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device=device)
+    return Setup(c, mm, sm, Bm, t_mask, t_score, sdpa_kw, ids, q, k, v, do, bm, tbm,
+                 torch.compile(t_flex, dynamic=False) if compiled else t_flex)
 
 
 def run_case(c: Case, do_sdpa=True):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
-    from torch.nn.attention.flex_attention import flex_attention as t_flex
 
-    # one compiled variant per case: raise dynamo's limit so it never falls back to the unfused path
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    t_flex_c = torch.compile(t_flex, dynamic=False)
-    mm, sm, Bm, t_mask, t_score, sdpa_kw, ids = build(c)
-    gqa = c.Hq != c.Hkv
-    q, k, v, do = random_inputs(c, seed=0)
-
-    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
-    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
-    ours_f = lambda: hf_flex.flex_attention(q, k, v, sm, bm, enable_gqa=gqa)  # noqa: E731
-    torch_f = lambda: t_flex_c(q, k, v, score_mod=t_score, block_mask=tbm, enable_gqa=gqa)  # noqa: E731
+    st = setup(c, seed=0)
+    mm, Bm, t_mask, sdpa_kw, ids, bm = st.mm, st.Bm, st.t_mask, st.sdpa_kw, st.ids, st.bm
+    q, k, v, do = st.q, st.k, st.v, st.do
+    ours_f = lambda: st.ours(q, k, v)  # noqa: E731
+    torch_f = lambda: st.theirs(q, k, v)  # noqa: E731
 
     # correctness first: ours vs torch flex, both bf16 kernels with fp32 accumulation
     o1, o2 = ours_f(), torch_f()
@@ -219,8 +260,8 @@ def run_case(c: Case, do_sdpa=True):
     dense = bm.materialize()[sb if Bm else 0, 0].bool()
     ref = reference_slice(q, k, v, do, dense, reference_score_fn(c), sb, hk, group)
     del dense
-    ours_err = slice_errors(lambda a, b2, c2: hf_flex.flex_attention(a, b2, c2, sm, bm, enable_gqa=gqa), q, k, v, do, ref, sb, hk, group)
-    torch_err = slice_errors(lambda a, b2, c2: t_flex_c(a, b2, c2, score_mod=t_score, block_mask=tbm, enable_gqa=gqa), q, k, v, do, ref, sb, hk, group)
+    ours_err = slice_errors(st.ours, q, k, v, do, ref, sb, hk, group)
+    torch_err = slice_errors(st.theirs, q, k, v, do, ref, sb, hk, group)
     del ref
     for n, e, t in zip(("out", "dq", "dk", "dv"), ours_err, torch_err):
         if not e <= 2 * t + 1e-3:
@@ -230,9 +271,8 @@ def run_case(c: Case, do_sdpa=True):
     flops = case_flops(c, dens)
     tf = lambda ms, mult=1.0: flops * mult / (ms * 1e-3) / 1e12  # noqa: E731
 
-    ours_fb = fwdbwd_call(lambda a, b_, c_: hf_flex.flex_attention(a, b_, c_, sm, bm, enable_gqa=gqa), q, k, v, do)
-    torch_fb = fwdbwd_call(lambda a, b_, c_: t_flex_c(a, b_, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa),
-                           q, k, v, do)
+    ours_fb = fwdbwd_call(st.ours, q, k, v, do)
+    torch_fb = fwdbwd_call(st.theirs, q, k, v, do)
     # gradient check (relative to torch flex) before timing
     for n, a, b_ in zip("qkv", ours_fb(), torch_fb()):
         e = ((a.float() - b_.float()).norm() / b_.float().norm()).item()
@@ -249,8 +289,8 @@ def run_case(c: Case, do_sdpa=True):
         sdpa_fwdbwd_tflops=None,
     )
     if do_sdpa and sdpa_kw is not None:
-        kk = k.repeat_interleave(c.Hq // c.Hkv, 1) if gqa else k
-        vv = v.repeat_interleave(c.Hq // c.Hkv, 1) if gqa else v
+        kk = k.repeat_interleave(c.Hq // c.Hkv, 1) if st.gqa else k
+        vv = v.repeat_interleave(c.Hq // c.Hkv, 1) if st.gqa else v
         if sdpa_kw == "dense":
             dense = bm.materialize() if c.B * c.S * c.S <= 2**31 else None
             kw = {"attn_mask": dense} if dense is not None else None

@@ -109,18 +109,12 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "diag_out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
-    from torch.nn.attention.flex_attention import flex_attention as t_flex
-
     report = []
     for i in (int(x) for x in args.cases.split(",")):
         c = bench.ANCHORS[i]
-        mm, sm, Bm, t_mask, t_score, _, ids = bench.build(c)
-        gqa = c.Hq != c.Hkv
-        q, k, v, do = bench.random_inputs(c, seed=1)
-        bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
-        tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
-        t_flex_c = torch.compile(t_flex, dynamic=False)
+        st = bench.setup(c, seed=1)
+        sm, ids, bm, tbm, gqa = st.sm, st.ids, st.bm, st.tbm, st.gqa
+        q, k, v, do = st.q, st.k, st.v, st.do
         dens = bench.allowed_fraction(c, ids)
         flops = bench.case_flops(c, dens)
         causal_tables, full_only = _variant_masks(bm)
@@ -129,8 +123,7 @@ def main():
             return tuple(round(x, 1) for x in bench.timed_tflops(f, q, k, v, do, flops))
 
         row = dict(case=c.name, density=round(dens, 4), tflops={})
-        row["tflops"]["torch flex"] = timed(
-            lambda a, b_, c_: t_flex_c(a, b_, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa))
+        row["tflops"]["torch flex"] = timed(st.theirs)
         for name, m in (("hf_flex", bm), ("same tables, causal mask (diagnostic)", causal_tables),
                         ("full only (diagnostic)", full_only)):
             row["tflops"][name] = timed(lambda a, b_, c_, m=m: hf_flex.flex_attention(a, b_, c_, sm, m, enable_gqa=gqa))

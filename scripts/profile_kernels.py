@@ -50,24 +50,13 @@ def _kernel_times(fn, calls: int = 5) -> dict:
 
 def profile_case(index: int, ncu: bool = False) -> dict:
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
-    from torch.nn.attention.flex_attention import flex_attention as t_flex
 
-    import hf_flex
     from hf_flex import bench
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    t_flex_c = torch.compile(t_flex, dynamic=False)
     c = bench.ANCHORS[index]
-    mm, sm, Bm, t_mask, t_score, _, ids = bench.build(c)
-    gqa = c.Hq != c.Hkv
-    q, k, v, do = bench.random_inputs(c, seed=0)
-    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
-    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
-    libs = {
-        "hf_flex": lambda a, b, c_: hf_flex.flex_attention(a, b, c_, sm, bm, enable_gqa=gqa),
-        "torch_flex": lambda a, b, c_: t_flex_c(a, b, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa),
-    }
+    st = bench.setup(c, seed=0)
+    q, k, v, do, ids = st.q, st.k, st.v, st.do, st.ids
+    libs = {"hf_flex": st.ours, "torch_flex": st.theirs}
     leaves = {n: tuple(t.detach().requires_grad_() for t in (q, k, v)) for n in libs}
 
     def fwd(n):

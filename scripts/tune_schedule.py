@@ -22,9 +22,6 @@ import dataclasses
 import json
 import time
 
-import torch
-
-import hf_flex
 from hf_flex import bench
 from hf_flex.kernels import launch
 
@@ -81,18 +78,10 @@ SCHEDULES = {
 
 
 def run(c: bench.Case, variants, do_torch=True):
-    from torch.nn.attention.flex_attention import create_block_mask as t_cbm
-    from torch.nn.attention.flex_attention import flex_attention as t_flex
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    t_flex_c = torch.compile(t_flex, dynamic=False)
-    mm, sm, Bm, t_mask, t_score, _, ids = bench.build(c)
-    gqa, group = c.Hq != c.Hkv, c.Hq // c.Hkv
-    q, k, v, do = bench.random_inputs(c, seed=1)
-    bm = hf_flex.create_block_mask(mm, Bm, None, c.S, c.S)
-    tbm = t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda")
-    ours = lambda a, b_, c_: hf_flex.flex_attention(a, b_, c_, sm, bm, enable_gqa=gqa)  # noqa: E731
-    theirs = lambda a, b_, c_: t_flex_c(a, b_, c_, score_mod=t_score, block_mask=tbm, enable_gqa=gqa)  # noqa: E731
+    st = bench.setup(c, seed=1)
+    Bm, ids, bm, group = st.Bm, st.ids, st.bm, c.Hq // c.Hkv
+    q, k, v, do = st.q, st.k, st.v, st.do
+    ours, theirs = st.ours, st.theirs
 
     b, hk = c.B - 1, c.Hkv - 1  # the last slice: the one a wrong batch/head offset would get wrong
     dense = bm.materialize()[b if Bm else 0, 0].bool()

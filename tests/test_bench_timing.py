@@ -1,5 +1,6 @@
 """hf_flex.bench's timed calls, on the CPU (the timings themselves run on the device machine)."""
 
+import pytest
 import torch
 
 from hf_flex import bench
@@ -19,3 +20,15 @@ def test_fwdbwd_call_leaves_no_gradients_behind():
         torch.testing.assert_close(a, w)
         torch.testing.assert_close(b, w)
     assert all(t.grad is None for t in (q, k, v))
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")  # torch flex's eager form, meant
+@pytest.mark.parametrize("kind,param", [("causal", 0), ("doc", 3), ("sliding", 40), ("softcap", 20)])
+def test_setup_gives_both_libraries_the_same_case(kind, param):
+    """bench.setup (what bench, tune_schedule, diagnose_docs and profile_kernels time) on the CPU, torch
+    flex in its eager form: both libraries see the same mask and score mod on the same inputs (GQA,
+    a length that does not divide the block). hf_flex runs through Triton's interpreter."""
+    c = bench.Case(kind, 2, 4, 2, 200, 16, kind, param)
+    st = bench.setup(c, seed=5, device="cpu", dtype=torch.float32, compiled=False)
+    assert st.gqa and st.q.shape == (2, 4, 200, 16) and st.k.shape == (2, 2, 200, 16)
+    torch.testing.assert_close(st.ours(st.q, st.k, st.v), st.theirs(st.q, st.k, st.v), rtol=2e-5, atol=2e-5)
