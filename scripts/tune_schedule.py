@@ -74,6 +74,10 @@ SCHEDULES = {
     "d64_full128_tma": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 128, 0, True)}},
     "d64_w4": {"tiles": {"fwd": launch.Tiles(128, 64, 4, 3, 0, 0, False)}},
     "d64_stages4": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 4, 0, 128, False)}},
+    # backward: partial and full blocks in one loop per program (one pipeline fill and drain per head)
+    "bwd_one_loop": {"bwd_one_loop": True},
+    "bwd_one_loop_s3": {"bwd_one_loop": True,
+                        "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
 }
 
 

@@ -262,6 +262,25 @@ def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch)
         check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_bwd_one_loop(device, fused, monkeypatch):
+    """SCHEDULE["bwd_one_loop"]: every backward program walks its partial, then its full blocks in one
+    loop. The same answers: ragged lengths and lengths that divide the blocks, GQA, 128-key blocks
+    walked in several tiles, empty rows and rows with only partial or only full blocks, a learnable
+    score-mod tensor and a mod's derivative."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_one_loop", True)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    cases = ((113, 70, (32, 16), "causal&document"), (64, 96, (32, 16), "causal&document"),
+             (50, 300, (32, 128), "causal&sliding"), (96, 96, (32, 32), "causal"))
+    for Sq, Skv, bs, mask in cases:
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=61)
+        slopes = make_param((4,), 62, 0.2, device, "slopes")
+        bm = _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=63)
+        check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel in hf_flex.kernels.launch: records each launch's keyword arguments."""
 

@@ -44,6 +44,17 @@ def attn_bwd_delta_kernel(
 
 
 @triton.jit
+def two_tables_start(idx_ptr, n_first, IDX2, i, SUB: tl.constexpr, SPARSE: tl.constexpr):
+    """First position of the block tile ``i`` of a one-loop walk lies in: the ``i // SUB``-th entry of
+    the first table's ``n_first`` blocks, then of the second table's (both loads masked: one reads)."""
+    j = i // SUB
+    first = j < n_first
+    a = tl.load(idx_ptr + j, mask=first, other=0)
+    b = tl.load(IDX2 + (j - n_first), mask=j >= n_first, other=0)
+    return tl.where(first, a, b) * SPARSE
+
+
+@triton.jit
 def _load_lse2(LSE_ptr, offs, LEN):
     lse = tl.load(LSE_ptr + offs, mask=offs < LEN, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: P = 0
@@ -73,15 +84,22 @@ def _dkdv_inner(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     AHEAD: tl.constexpr,
+    IDX2=None,
+    n_blocks2=0,
 ):
+    """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
+    over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
+    ones second, and the mask and position checks apply to both."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_Q, True)
-    for i in range(0, n_blocks * SUB):
-        if not AHEAD:
+    for i in range(0, (n_blocks + n_blocks2) * SUB):
+        if IDX2 is not None:
+            start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_Q)
+        elif not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
         offs_m = start + (i % SUB) * BLOCK_M + offs_m0
         # Q^T [DP, BLOCK_M] and dO [BLOCK_M, DVP]; queries past the end (not Q_DIVISIBLE) load zeros
@@ -157,11 +175,14 @@ def _dkdv_program(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     AHEAD_FULL: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
 
     ATOMIC_DQ: also adds these keys' share of dQ (times sm_scale) into DQ, a float32 [B, Hq, Sq, D]
-    accumulator, so no dQ pass runs (two of the seven tile products fewer; not deterministic)."""
+    accumulator, so no dQ pass runs (two of the seven tile products fewer; not deterministic).
+    ONE_LOOP: partial and full query blocks in one pipelined loop (the mask evaluated in both), instead
+    of a loop each: one pipeline fill and drain per query head where rows list few blocks."""
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -194,21 +215,30 @@ def _dkdv_program(
         DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
         num_off = b * stride_nb + h * stride_nh + col
         idx_off = b * stride_ib + h * stride_ih + col * stride_ik
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC, False,
-        )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL, KV_DIVISIBLE or TAIL_PARTIAL,
-            SPARSE_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
-        )
+        if ONE_LOOP:
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+                Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, False, FQ_IDX + idx_off, tl.load(FQ_NUM + num_off),
+            )
+        else:
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+                Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, False,
+            )
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+                Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
+                KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+            )
     dk = dk * sm_scale
     tl.store(
         DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -242,14 +272,20 @@ def _dq_inner(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     AHEAD: tl.constexpr,
+    IDX2=None,
+    n_blocks2=0,
 ):
+    """dQ accumulated over the key blocks ``idx_ptr[:n_blocks]`` lists, then (IDX2, one loop) over
+    ``IDX2[:n_blocks2]`` in the same loop, as in :func:`_dkdv_inner`."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
-    for i in range(0, n_blocks * SUB):
-        if not AHEAD:
+    for i in range(0, (n_blocks + n_blocks2) * SUB):
+        if IDX2 is not None:
+            start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
+        elif not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
@@ -308,8 +344,10 @@ def _dq_program(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     AHEAD_FULL: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,
 ):
-    """dQ of BLOCK_M queries of one (batch, query head): program (pid_m, pid_bh) of the dQ pass."""
+    """dQ of BLOCK_M queries of one (batch, query head): program (pid_m, pid_bh) of the dQ pass.
+    ONE_LOOP: partial and full key blocks in one loop, as in :func:`_dkdv_program`."""
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -339,20 +377,29 @@ def _dq_program(
     mh = tl.where(stride_nh != 0, h, 0)
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
-    dq = _dq_inner(
-        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-        mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, False,
-    )
-    dq = _dq_inner(
-        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-        mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
-    )
+    if ONE_LOOP:
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
+            mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+            D, DP, DV, DVP, DOT_PREC, False, FKV_IDX + idx_off, tl.load(FKV_NUM + num_off),
+        )
+    else:
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
+            mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+            D, DP, DV, DVP, DOT_PREC, False,
+        )
+        dq = _dq_inner(
+            dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
+            mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV,
+            BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+        )
     dq = dq * sm_scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -383,7 +430,7 @@ def attn_bwd_dkdv_kernel(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
-    ATOMIC_DQ: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None,  # tensor descriptors of Q and dO (TMA), or pointer loads
 ):
     _dkdv_program(
@@ -397,7 +444,7 @@ def attn_bwd_dkdv_kernel(
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
         DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
     )
 
 
@@ -418,7 +465,7 @@ def attn_bwd_dq_kernel(
     KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
-    REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
+    REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
     K_DESC=None, V_DESC=None,  # tensor descriptors of K and V (TMA), or pointer loads
 ):
     _dq_program(
@@ -430,7 +477,7 @@ def attn_bwd_dq_kernel(
         KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
         Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
     )
 
 
@@ -462,6 +509,7 @@ def attn_bwd_kernel(
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
@@ -495,7 +543,7 @@ def attn_bwd_kernel(
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
             DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
-            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
         )
     else:
         _dq_program(
@@ -507,5 +555,5 @@ def attn_bwd_kernel(
             KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
             Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
-            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
         )

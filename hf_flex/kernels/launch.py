@@ -79,10 +79,13 @@ OVERRIDES: dict = {}
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
 #   bwd_tma: the same for the backward's loops (Q/dO tiles of the dK/dV pass, K/V tiles of the dQ
 #   pass). Measured in NOTES.md.
+# bwd_one_loop: each backward program walks its partial and full blocks in one pipelined loop (the mask
+#   evaluated in both) instead of a loop each: one pipeline fill and drain instead of two per query
+#   head, for masks whose rows list few blocks (packed documents). Not measured yet (NOTES.md).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
-    "tma": "both", "bwd_tma": True,
+    "tma": "both", "bwd_tma": True, "bwd_one_loop": False,
 }
 
 
@@ -315,7 +318,7 @@ def flex_backward(
         # both tables come from one BlockMask: full blocks past the end in neither or both
         TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
-        AHEAD_FULL=SCHEDULE["bwd_index_ahead"],
+        AHEAD_FULL=SCHEDULE["bwd_index_ahead"], ONE_LOOP=SCHEDULE["bwd_one_loop"],
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
 
