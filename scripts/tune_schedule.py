@@ -78,6 +78,10 @@ SCHEDULES = {
     "bwd_one_loop": {"bwd_one_loop": True},
     "bwd_one_loop_s3": {"bwd_one_loop": True,
                         "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
+    # the forward in one loop: in the partial blocks' 64-key tiles, or in 128-key tiles throughout
+    "fwd_one_loop": {"fwd_one_loop": True},
+    "fwd_one_loop128": {"fwd_one_loop": True, "tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
+    "one_loop_both": {"fwd_one_loop": True, "bwd_one_loop": True},
 }
 
 

@@ -262,15 +262,16 @@ def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch)
         check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
-def test_bwd_one_loop(device, fused, monkeypatch):
-    """SCHEDULE["bwd_one_loop"]: every backward program walks its partial, then its full blocks in one
-    loop. The same answers: ragged lengths and lengths that divide the blocks, GQA, 128-key blocks
-    walked in several tiles, empty rows and rows with only partial or only full blocks, a learnable
-    score-mod tensor and a mod's derivative."""
+@pytest.mark.parametrize("knob,fused", [("bwd_one_loop", True), ("bwd_one_loop", False), ("fwd_one_loop", True)],
+                         ids=["bwd_fused", "bwd_two_launches", "fwd"])
+def test_one_loop(device, knob, fused, monkeypatch):
+    """SCHEDULE["bwd_one_loop"] / ["fwd_one_loop"]: every backward (forward) program walks its partial,
+    then its full blocks in one loop. The same answers: ragged lengths and lengths that divide the
+    blocks, GQA, 128-key blocks walked in several tiles, empty rows and rows with only partial or only
+    full blocks, a learnable score-mod tensor and a mod's derivative."""
     from hf_flex.kernels import launch
 
-    monkeypatch.setitem(launch.SCHEDULE, "bwd_one_loop", True)
+    monkeypatch.setitem(launch.SCHEDULE, knob, True)
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     cases = ((113, 70, (32, 16), "causal&document"), (64, 96, (32, 16), "causal&document"),
              (50, 300, (32, 128), "causal&sliding"), (96, 96, (32, 32), "causal"))

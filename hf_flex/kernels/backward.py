@@ -12,7 +12,7 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, block_start, kv_tiles, scores_tile, tile_positions, tma_tiles
+from .forward import _reversed, block_start, kv_tiles, scores_tile, tile_positions, tma_tiles, two_tables_start
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -41,17 +41,6 @@ def attn_bwd_delta_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=msk, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < Q_LEN)
-
-
-@triton.jit
-def two_tables_start(idx_ptr, n_first, IDX2, i, SUB: tl.constexpr, SPARSE: tl.constexpr):
-    """First position of the block tile ``i`` of a one-loop walk lies in: the ``i // SUB``-th entry of
-    the first table's ``n_first`` blocks, then of the second table's (both loads masked: one reads)."""
-    j = i // SUB
-    first = j < n_first
-    a = tl.load(idx_ptr + j, mask=first, other=0)
-    b = tl.load(IDX2 + (j - n_first), mask=j >= n_first, other=0)
-    return tl.where(first, a, b) * SPARSE
 
 
 @triton.jit

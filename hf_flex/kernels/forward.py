@@ -81,6 +81,17 @@ def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.const
 
 
 @triton.jit
+def two_tables_start(idx_ptr, n_first, IDX2, i, SUB: tl.constexpr, SPARSE: tl.constexpr):
+    """First position of the block tile ``i`` of a one-loop walk lies in: the ``i // SUB``-th entry of
+    the first table's ``n_first`` blocks, then of the second table's (both loads masked: one reads)."""
+    j = i // SUB
+    first = j < n_first
+    a = tl.load(idx_ptr + j, mask=first, other=0)
+    b = tl.load(IDX2 + (j - n_first), mask=j >= n_first, other=0)
+    return tl.where(first, a, b) * SPARSE
+
+
+@triton.jit
 def tile_positions(offs, LEN, CHECK: tl.constexpr):
     """[1, n] positions the mods see for rows ``offs`` [n]: clamped to LEN - 1 when CHECK (rows past
     the end exist), so a mod never reads past its tensors."""
@@ -169,14 +180,21 @@ def _fwd_inner(
     K_DESC=None,
     V_DESC=None,
     hk=0,
+    IDX2=None,
+    n_blocks2=0,
 ):
+    """The online softmax over the key blocks ``idx_ptr[:n_blocks]`` lists; with IDX2 (one loop), then
+    over ``IDX2[:n_blocks2]`` in the same loop (the caller passes partial blocks first, full ones
+    second; the mask and position checks then apply to both)."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
-    for i in range(0, n_blocks * SUB):
-        if not AHEAD:
+    for i in range(0, (n_blocks + n_blocks2) * SUB):
+        if IDX2 is not None:
+            start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
+        elif not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
@@ -242,6 +260,7 @@ def attn_fwd_kernel(
     V_DESC=None,
     K_DESC_PARTIAL=None,  # the same for the partial-block loop (BLOCK_N-key boxes)
     V_DESC_PARTIAL=None,
+    ONE_LOOP: tl.constexpr = False,  # partial and full blocks in one loop of BLOCK_N-key tiles
 ):
     pid_m = _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M)
     pid_bh = tl.program_id(1)
@@ -272,18 +291,26 @@ def attn_fwd_kernel(
 
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_PARTIAL,
-        K_DESC_PARTIAL, V_DESC_PARTIAL, hk,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args, score_args,
-        MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N_FULL, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
-        K_DESC, V_DESC, hk,
-    )
+    if ONE_LOOP:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
+            score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+            False, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, FKV_IDX + idx_off, tl.load(FKV_NUM + num_off),
+        )
+    else:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
+            score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+            AHEAD_PARTIAL, K_DESC_PARTIAL, V_DESC_PARTIAL, hk,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
+            score_args, MASK_MOD, SCORE_MOD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV, BLOCK_N_FULL, D, DP,
+            DV, DVP, DOT_PREC, AHEAD_FULL, K_DESC, V_DESC, hk,
+        )
 
     if HAS_SINK:
         sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634

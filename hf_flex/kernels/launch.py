@@ -81,11 +81,12 @@ OVERRIDES: dict = {}
 #   pass). Measured in NOTES.md.
 # bwd_one_loop: each backward program walks its partial and full blocks in one pipelined loop (the mask
 #   evaluated in both) instead of a loop each: one pipeline fill and drain instead of two per query
-#   head, for masks whose rows list few blocks (packed documents). Not measured yet (NOTES.md).
+#   head, for masks whose rows list few blocks (packed documents). fwd_one_loop: the same for the
+#   forward, in the partial blocks' key tiles (Tiles.block_n). Not measured yet (NOTES.md).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
-    "tma": "both", "bwd_tma": True, "bwd_one_loop": False,
+    "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False,
 }
 
 
@@ -266,6 +267,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         V_DESC=v_desc,
         K_DESC_PARTIAL=k_desc_p,
         V_DESC_PARTIAL=v_desc_p,
+        ONE_LOOP=SCHEDULE["fwd_one_loop"],
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
