@@ -209,7 +209,7 @@ def _dense_from_q_tables(bm):
     col = torch.arange(nq)
     for num, idx, code in ((bm.q_num_blocks, bm.q_indices, 1), (bm.full_q_num_blocks, bm.full_q_indices, 2)):
         listed = col < num[..., None]
-        out.scatter_(-1, torch.where(listed, idx, 0).long(), torch.where(listed, code, 0).to(torch.int8), reduce="add")
+        out.scatter_add_(-1, torch.where(listed, idx, 0).long(), torch.where(listed, code, 0).to(torch.int8))
     return out.transpose(-1, -2)
 
 
