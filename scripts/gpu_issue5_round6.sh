@@ -4,7 +4,8 @@
 #           recorded from the first step (scripts/trace_peak.py --keep-output), S=$TRACE_S
 #   profile where the time goes, hf_flex against torch flex: kernels per forward+backward, host
 #           enqueue time, the old accumulating timing (scripts/profile_kernels.py, cases $PCASES)
-#   tune    one loop per program (bwd_one_loop, fwd_one_loop) and forward tile variants, side by side with torch
+#   tune    longest-first grids (heads_first), one loop per program (bwd_one_loop, fwd_one_loop) and
+#           forward tile variants, side by side with torch
 #           flex (scripts/tune_schedule.py)
 #   ncu     Nsight Compute on both libraries' attention kernels (torch's: its triton_tem templates) of
 #           case $NCASE, forward and backward (clocks left alone)
@@ -22,8 +23,8 @@ if has profile; then
   python3 scripts/profile_kernels.py --cases ${PCASES:-4,1,5} --json "$OUT/profile.json" 2>&1 | tail -60
 fi
 if has tune; then
-  python3 scripts/tune_schedule.py --budget-s ${BUDGET:-240} --cases ${CASES:-4,5,1,6} \
-    --variants ${VARIANTS:-main,bwd_one_loop,fwd_one_loop,fwd_one_loop128,fwd_part128,bwd_one_loop_s3} --json "$OUT/schedule.json" 2>&1 | tail -24
+  python3 scripts/tune_schedule.py --budget-s ${BUDGET:-240} --cases ${CASES:-0,4,1,5,6} \
+    --variants ${VARIANTS:-main,heads_first,bwd_one_loop,fwd_one_loop,fwd_one_loop128,fwd_part128} --json "$OUT/schedule.json" 2>&1 | tail -24
   if [ -n "${CASES64:-}" ]; then
     python3 scripts/tune_schedule.py --budget-s ${BUDGET64:-150} --cases $CASES64 \
       --variants ${VARIANTS64:-main,fwd_one_loop,d64_tma,d64_full128,d64_full128_tma,d64_w4,d64_stages4} --json "$OUT/schedule_d64.json" 2>&1 | tail -12

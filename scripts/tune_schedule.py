@@ -82,6 +82,8 @@ SCHEDULES = {
     "fwd_one_loop": {"fwd_one_loop": True},
     "fwd_one_loop128": {"fwd_one_loop": True, "tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
     "one_loop_both": {"fwd_one_loop": True, "bwd_one_loop": True},
+    # longest-first across heads: grids (B * H, tiles)
+    "heads_first": {"heads_first": True},
 }
 
 

@@ -282,6 +282,23 @@ def test_one_loop(device, knob, fused, monkeypatch):
         check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 
+@pytest.mark.parametrize("fused,reverse", [(True, True), (False, True), (True, False)],
+                         ids=["fused_reverse_m", "two_launches_reverse_m", "fused_forward_m"])
+def test_heads_first(device, fused, reverse, monkeypatch):
+    """SCHEDULE["heads_first"]: grids (B * H, tiles), every head's tile t before any head's next tile,
+    in the forward and both backward forms. Every (tile, batch, head) still runs exactly once: the
+    same answers with GQA, two batch rows of different documents, ragged lengths and Sq != Skv."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "heads_first", True)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    monkeypatch.setitem(launch.SCHEDULE, "reverse_m", reverse)
+    for Sq, Skv, bs in ((113, 70, (32, 16)), (50, 300, (32, 128))):
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=71)
+        bm = _block_mask("causal&document", 2, 4, Sq, Skv, device, bs, seed=73)
+        check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel in hf_flex.kernels.launch: records each launch's keyword arguments."""
 

@@ -12,7 +12,9 @@ LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf s
 import triton
 import triton.language as tl
 
-from .forward import _reversed, block_start, kv_tiles, scores_tile, tile_positions, tma_tiles, two_tables_start
+from .forward import (
+    _reversed, block_start, kv_tiles, scores_tile, tile_and_head, tile_positions, tma_tiles, two_tables_start,
+)
 
 
 # lengths and the strides that grow with them are run-time values: no variant per length
@@ -419,11 +421,12 @@ def attn_bwd_dkdv_kernel(
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
-    ATOMIC_DQ: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = False, ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None,  # tensor descriptors of Q and dO (TMA), or pointer loads
 ):
+    pid_n, pid_bh = tile_and_head(HEADS_FIRST, False)  # key tile 0 first: the longest under causal masks
     _dkdv_program(
-        tl.program_id(0), tl.program_id(1),
+        pid_n, pid_bh,
         Q, K, V, DO, DK, DV_, LSE, DELTA,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
@@ -455,10 +458,12 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
+    HEADS_FIRST: tl.constexpr = False,
     K_DESC=None, V_DESC=None,  # tensor descriptors of K and V (TMA), or pointer loads
 ):
+    pid_m, pid_bh = tile_and_head(HEADS_FIRST, REVERSE_M)
     _dq_program(
-        _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M), tl.program_id(1),
+        pid_m, pid_bh,
         Q, K, V, DO, DQ, LSE, DELTA,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
@@ -498,13 +503,23 @@ def attn_bwd_kernel(
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
-    # per (batch, key head) its dK/dV programs then the dQ programs of its query heads
+    # per (batch, key head) its dK/dV programs then the dQ programs of its query heads. Within a pass,
+    # tiles of one head after another, or (HEADS_FIRST) every head's tile t before any head's next
+    # tile (key tile 0 and, with REVERSE_M, the last query tile first: the longest under causal masks)
     pid = tl.program_id(0)
-    if INTERLEAVE:
+    if HEADS_FIRST and not INTERLEAVE:
+        n_kv_heads = N_DKDV // N_TILES_KV  # B * HKV
+        is_dkdv = pid < N_DKDV
+        grp = pid % n_kv_heads
+        kv_tile = pid // n_kv_heads
+        p = pid - N_DKDV
+        q_bh = p % (n_kv_heads * GROUP)
+        q_tile = p // (n_kv_heads * GROUP)
+    elif INTERLEAVE:
         per = N_TILES_KV + GROUP * N_TILES_Q
         grp = pid // per
         r = pid % per

@@ -67,6 +67,16 @@ def _reversed(pid, n, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def tile_and_head(HEADS_FIRST: tl.constexpr, REVERSE: tl.constexpr):
+    """(tile, batch * heads index) of this program of a 2-D grid: (tiles, B * H), or (B * H, tiles) when
+    HEADS_FIRST, so that programs start every head's tile t before any head's next tile: with
+    REVERSE and causal masks, the longest programs of all heads first (longest-first scheduling)."""
+    if HEADS_FIRST:
+        return _reversed(tl.program_id(1), tl.num_programs(1), REVERSE), tl.program_id(0)
+    return _reversed(tl.program_id(0), tl.num_programs(0), REVERSE), tl.program_id(1)
+
+
+@triton.jit
 def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr):
     """First position of the table block that tile ``i`` of a loop lies in (SUB tiles per block).
 
@@ -261,9 +271,9 @@ def attn_fwd_kernel(
     K_DESC_PARTIAL=None,  # the same for the partial-block loop (BLOCK_N-key boxes)
     V_DESC_PARTIAL=None,
     ONE_LOOP: tl.constexpr = False,  # partial and full blocks in one loop of BLOCK_N-key tiles
+    HEADS_FIRST: tl.constexpr = False,  # grid (B * HQ, query tiles): see tile_and_head
 ):
-    pid_m = _reversed(tl.program_id(0), tl.num_programs(0), REVERSE_M)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = tile_and_head(HEADS_FIRST, REVERSE_M)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP

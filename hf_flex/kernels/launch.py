@@ -83,10 +83,13 @@ OVERRIDES: dict = {}
 #   evaluated in both) instead of a loop each: one pipeline fill and drain instead of two per query
 #   head, for masks whose rows list few blocks (packed documents). fwd_one_loop: the same for the
 #   forward, in the partial blocks' key tiles (Tiles.block_n). Not measured yet (NOTES.md).
+# heads_first: programs start every (batch, head)'s tile t before any head's next tile (grids
+#   (B * H, tiles)), so with reverse_m the longest programs of causal masks run first across all heads
+#   (longest-first scheduling), not head by head. Not measured yet (NOTES.md).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
-    "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False,
+    "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": False,
 }
 
 
@@ -237,7 +240,8 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
     if tma == "both" and k_desc is not None:
         k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
-    grid = (triton.cdiv(SQ, t.block_m), B * HQ)
+    heads_first = SCHEDULE["heads_first"]
+    grid = (B * HQ, triton.cdiv(SQ, t.block_m)) if heads_first else (triton.cdiv(SQ, t.block_m), B * HQ)
     attn_fwd_kernel[grid](
         q, k, v, out, lse, sink if sink is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
@@ -268,6 +272,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
         K_DESC_PARTIAL=k_desc_p,
         V_DESC_PARTIAL=v_desc_p,
         ONE_LOOP=SCHEDULE["fwd_one_loop"],
+        HEADS_FIRST=heads_first,
         num_warps=t.num_warps,
         num_stages=t.num_stages,
         **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
@@ -321,12 +326,17 @@ def flex_backward(
         TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
         AHEAD_FULL=SCHEDULE["bwd_index_ahead"], ONE_LOOP=SCHEDULE["bwd_one_loop"],
+        HEADS_FIRST=SCHEDULE["heads_first"],
     )
+    heads_first = SCHEDULE["heads_first"]
+
+    def grid2(tiles, heads):  # the two-launch form's grids (tile_and_head)
+        return (heads, tiles) if heads_first else (tiles, heads)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
 
     def dkdv_pass(dq_out, atomic_dq: bool):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
-        attn_bwd_dkdv_kernel[(n_kv, B * HKV)](
+        attn_bwd_dkdv_kernel[grid2(n_kv, B * HKV)](
             q, k, v, dout, dk, dv, lse, delta,
             *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
@@ -358,7 +368,7 @@ def flex_backward(
         return dq, dk, dv, delta
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
-    attn_bwd_dq_kernel[(n_q, B * HQ)](
+    attn_bwd_dq_kernel[grid2(n_q, B * HQ)](
         q, k, v, dout, dq, lse, delta,
         *strides, *dq.stride(), lse.stride(0), lse.stride(1),
         fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
