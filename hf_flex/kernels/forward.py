@@ -11,7 +11,6 @@ BlockMask.tail_partial). Sequence lengths, batch and head counts, and every tens
 run-time values: new lengths never recompile.
 """
 
-import torch
 import triton
 import triton.language as tl
 
