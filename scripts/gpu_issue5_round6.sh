@@ -9,6 +9,9 @@
 #           flex (scripts/tune_schedule.py)
 #   ncu     Nsight Compute on both libraries' attention kernels (torch's: its triton_tem templates) of
 #           case $NCASE, forward and backward (clocks left alone)
+# Calls of at most 10 minutes: e.g. STAGES=trace,profile PCASES=4,1 (about 5 min: two fresh processes
+# for the trace, torch flex compiles per case), then STAGES=tune BUDGET=420, then STAGES=ncu NCASE=4
+# together with the CUDA tests or the bench (python -m hf_flex.bench --e2e --json ...).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
