@@ -206,22 +206,18 @@ def _dkdv_program(
         DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
         num_off = b * stride_nb + h * stride_nh + col
         idx_off = b * stride_ib + h * stride_ih + col * stride_ik
-        if ONE_LOOP:
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-                Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
-                D, DP, DV, DVP, DOT_PREC, False, FQ_IDX + idx_off, tl.load(FQ_NUM + num_off),
-            )
+        if ONE_LOOP:  # the full blocks join the partial blocks' loop
+            full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
         else:
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-                Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
-                D, DP, DV, DVP, DOT_PREC, False,
-            )
+            full_idx, n_full = None, 0
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+            Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+            D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
+        )
+        if not ONE_LOOP:
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
                 FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
@@ -368,22 +364,18 @@ def _dq_program(
     mh = tl.where(stride_nh != 0, h, 0)
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
-    if ONE_LOOP:
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-            mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
-            D, DP, DV, DVP, DOT_PREC, False, FKV_IDX + idx_off, tl.load(FKV_NUM + num_off),
-        )
+    if ONE_LOOP:  # the full blocks join the partial blocks' loop
+        full_idx, n_full = FKV_IDX + idx_off, tl.load(FKV_NUM + num_off)
     else:
-        dq = _dq_inner(
-            dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
-            mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
-            D, DP, DV, DVP, DOT_PREC, False,
-        )
+        full_idx, n_full = None, 0
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
+        mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+        D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
+    )
+    if not ONE_LOOP:
         dq = _dq_inner(
             dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,

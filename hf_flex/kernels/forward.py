@@ -300,20 +300,17 @@ def attn_fwd_kernel(
 
     num_off = b * stride_nb + h * stride_nh + row
     idx_off = b * stride_ib + h * stride_ih + row * stride_iq
-    if ONE_LOOP:
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
-            score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
-            False, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, FKV_IDX + idx_off, tl.load(FKV_NUM + num_off),
-        )
+    if ONE_LOOP:  # the full blocks join the partial blocks' loop (in its key tiles, without AHEAD)
+        full_idx, n_full = FKV_IDX + idx_off, tl.load(FKV_NUM + num_off)
     else:
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
-            score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
-            AHEAD_PARTIAL, K_DESC_PARTIAL, V_DESC_PARTIAL, hk,
-        )
+        full_idx, n_full = None, 0
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
+        score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+        AHEAD_PARTIAL and not ONE_LOOP, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, full_idx, n_full,
+    )
+    if not ONE_LOOP:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,

@@ -93,6 +93,12 @@ SCHEDULE: dict = {
 }
 
 
+def _grid(tiles: int, heads: int, heads_first: bool) -> tuple:
+    """A 2-D launch grid: (tiles, B * H), or (B * H, tiles) with SCHEDULE["heads_first"] (the kernels'
+    tile_and_head reads it the same way)."""
+    return (heads, tiles) if heads_first else (tiles, heads)
+
+
 def _divides(n: int, block: int) -> bool:
     """Whether the partial-block loops may skip the checks for positions past the end ``n``."""
     return not SCHEDULE["one_variant"] and n % block == 0
@@ -241,8 +247,7 @@ def flex_forward(q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_
     if tma == "both" and k_desc is not None:
         k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
     heads_first = SCHEDULE["heads_first"]
-    grid = (B * HQ, triton.cdiv(SQ, t.block_m)) if heads_first else (triton.cdiv(SQ, t.block_m), B * HQ)
-    attn_fwd_kernel[grid](
+    attn_fwd_kernel[_grid(triton.cdiv(SQ, t.block_m), B * HQ, heads_first)](
         q, k, v, out, lse, sink if sink is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
         tables.num, tables.idx, tables.full_num, tables.full_idx,
@@ -319,24 +324,20 @@ def flex_backward(
     c_nb, c_nh, c_ib, c_ih, c_ik = bwd_tables.strides()
     r_nb, r_nh, r_ib, r_ih, r_iq = fwd_tables.strides()
     n_kv, n_q = triton.cdiv(SKV, t.block_n), triton.cdiv(SQ, t2.block_m)
+    heads_first = SCHEDULE["heads_first"]
     common = dict(
         MASK_MOD=mask_fn, SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn,
         KV_DIVISIBLE=_divides(SKV, skv), SPARSE_Q=sq, SPARSE_KV=skv,
         # both tables come from one BlockMask: full blocks past the end in neither or both
         TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
-        AHEAD_FULL=SCHEDULE["bwd_index_ahead"], ONE_LOOP=SCHEDULE["bwd_one_loop"],
-        HEADS_FIRST=SCHEDULE["heads_first"],
+        AHEAD_FULL=SCHEDULE["bwd_index_ahead"], ONE_LOOP=SCHEDULE["bwd_one_loop"], HEADS_FIRST=heads_first,
     )
-    heads_first = SCHEDULE["heads_first"]
-
-    def grid2(tiles, heads):  # the two-launch form's grids (tile_and_head)
-        return (heads, tiles) if heads_first else (tiles, heads)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
 
     def dkdv_pass(dq_out, atomic_dq: bool):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
-        attn_bwd_dkdv_kernel[grid2(n_kv, B * HKV)](
+        attn_bwd_dkdv_kernel[_grid(n_kv, B * HKV, heads_first)](
             q, k, v, dout, dk, dv, lse, delta,
             *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
@@ -368,7 +369,7 @@ def flex_backward(
         return dq, dk, dv, delta
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
-    attn_bwd_dq_kernel[grid2(n_q, B * HQ)](
+    attn_bwd_dq_kernel[_grid(n_q, B * HQ, heads_first)](
         q, k, v, dout, dq, lse, delta,
         *strides, *dq.stride(), lse.stride(0), lse.stride(1),
         fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
