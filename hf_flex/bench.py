@@ -241,6 +241,24 @@ def setup(c: Case, seed: int = 0, device="cuda", dtype=torch.bfloat16, compiled:
                  torch.compile(t_flex, dynamic=False) if compiled else t_flex)
 
 
+def agreement(st: Setup) -> dict:
+    """hf_flex's relative errors against torch flex on the whole output and on dq, dk, dv ({"out", "dq",
+    "dk", "dv"}): both are bf16 kernels with fp32 accumulation, so AssertionError above 1e-2 (the
+    output, or any non-finite value in it) or 2e-2 (a gradient)."""
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    o1 = st.ours(st.q, st.k, st.v)
+    errs = {"out": rel(o1, st.theirs(st.q, st.k, st.v))}
+    if not (errs["out"] < 1e-2 and torch.isfinite(o1).all()):
+        raise AssertionError(f"{st.case.name}: hf_flex disagrees with torch flex (rel err {errs['out']:.3e})")
+    g1 = fwdbwd_call(st.ours, st.q, st.k, st.v, st.do)()
+    g2 = fwdbwd_call(st.theirs, st.q, st.k, st.v, st.do)()
+    for n, a, b in zip("qkv", g1, g2):
+        errs[f"d{n}"] = rel(a, b)
+        if not errs[f"d{n}"] < 2e-2:
+            raise AssertionError(f"{st.case.name}: d{n} disagrees with torch flex (rel err {errs[f'd{n}']:.3e})")
+    return errs
+
+
 def run_case(c: Case, do_sdpa=True):
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
 
@@ -250,11 +268,8 @@ def run_case(c: Case, do_sdpa=True):
     ours_f = lambda: st.ours(q, k, v)  # noqa: E731
     torch_f = lambda: st.theirs(q, k, v)  # noqa: E731
 
-    # correctness first: ours vs torch flex, both bf16 kernels with fp32 accumulation
-    o1, o2 = ours_f(), torch_f()
-    err = ((o1.float() - o2.float()).norm() / o2.float().norm()).item()
-    if not (err < 1e-2 and torch.isfinite(o1).all()):
-        raise AssertionError(f"{c.name}: hf_flex disagrees with torch flex (rel err {err:.3e})")
+    # correctness first: ours vs torch flex (output and gradients)
+    err = agreement(st)["out"]
     # and both against float64 on one slice (the last batch and key head): out, dq, dk, dv
     sb, hk, group = c.B - 1, c.Hkv - 1, c.Hq // c.Hkv
     dense = bm.materialize()[sb if Bm else 0, 0].bool()
@@ -273,11 +288,6 @@ def run_case(c: Case, do_sdpa=True):
 
     ours_fb = fwdbwd_call(st.ours, q, k, v, do)
     torch_fb = fwdbwd_call(st.theirs, q, k, v, do)
-    # gradient check (relative to torch flex) before timing
-    for n, a, b_ in zip("qkv", ours_fb(), torch_fb()):
-        e = ((a.float() - b_.float()).norm() / b_.float().norm()).item()
-        if not e < 2e-2:
-            raise AssertionError(f"{c.name}: d{n} disagrees with torch flex (rel err {e:.3e})")
 
     row = dict(
         case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),

@@ -6,8 +6,7 @@
         python scripts/profile_kernels.py --cases 4 --ncu
 
 Per case (hf_flex.bench.ANCHORS, by index), after checking both libraries' output and gradients
-against each other (relative errors under 1e-2 / 2e-2, as hf_flex.bench does; the bench itself checks
-both against float64):
+against each other (bench.agreement; the bench itself also checks both against float64):
 
 - forward and forward+backward times, median of triton's do_bench (the bench's numbers), and the
   forward+backward as the bench timed it before the sixth round (``.backward()`` adding into the
@@ -57,7 +56,6 @@ def profile_case(index: int, ncu: bool = False) -> dict:
     st = bench.setup(c, seed=0)
     q, k, v, do, ids = st.q, st.k, st.v, st.do, st.ids
     libs = {"hf_flex": st.ours, "torch_flex": st.theirs}
-    leaves = {n: tuple(t.detach().requires_grad_() for t in (q, k, v)) for n in libs}
 
     def fwd(n):
         return lambda: libs[n](q, k, v)
@@ -65,16 +63,7 @@ def profile_case(index: int, ncu: bool = False) -> dict:
     def fwdbwd(n):
         return bench.fwdbwd_call(libs[n], q, k, v, do)
 
-    # correctness first: the two libraries agree on out, dq, dk, dv
-    outs = {n: libs[n](*leaves[n]) for n in libs}
-    grads = {n: torch.autograd.grad(outs[n], leaves[n], do) for n in libs}
-    errs = {}
-    for name, a, b in [("out", outs["hf_flex"], outs["torch_flex"])] + [
-            (f"d{x}", ga, gb) for x, ga, gb in zip("qkv", grads["hf_flex"], grads["torch_flex"])]:
-        errs[name] = ((a.float() - b.float()).norm() / b.float().norm()).item()
-        if not errs[name] < (1e-2 if name == "out" else 2e-2):
-            raise AssertionError(f"{c.name}: hf_flex {name} disagrees with torch flex (rel err {errs[name]:.3e})")
-    del outs, grads
+    errs = bench.agreement(st)  # correctness first: the two libraries agree on out, dq, dk, dv
     if ncu:
         for n in libs:
             for _ in range(3):

@@ -32,3 +32,24 @@ def test_setup_gives_both_libraries_the_same_case(kind, param):
     st = bench.setup(c, seed=5, device="cpu", dtype=torch.float32, compiled=False)
     assert st.gqa and st.q.shape == (2, 4, 200, 16) and st.k.shape == (2, 2, 200, 16)
     torch.testing.assert_close(st.ours(st.q, st.k, st.v), st.theirs(st.q, st.k, st.v), rtol=2e-5, atol=2e-5)
+
+
+def test_agreement_passes_matching_libraries_and_fails_a_wrong_one():
+    """bench.agreement on the CPU, torch flex replaced by a plain causal attention in torch ops (torch
+    flex has no CPU backward): hf_flex agrees with it on the output and all three gradients; a
+    stand-in whose values are scaled by 1.05 (the output 5 % off) fails the check."""
+    import dataclasses
+
+    c = bench.Case("causal", 1, 4, 2, 96, 16, "causal")
+    st = bench.setup(c, seed=7, device="cpu", dtype=torch.float32, compiled=False)
+
+    def plain(q, k, v, score_mod=None, block_mask=None, enable_gqa=False, v_scale=1.0):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ (v * v_scale)
+
+    errs = bench.agreement(dataclasses.replace(st, t_flex=plain))
+    assert set(errs) == {"out", "dq", "dk", "dv"} and max(errs.values()) < 1e-4
+    with pytest.raises(AssertionError, match="disagrees with torch flex"):
+        bench.agreement(dataclasses.replace(st, t_flex=lambda *a, **kw: plain(*a, **kw, v_scale=1.05)))
