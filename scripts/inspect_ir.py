@@ -145,7 +145,7 @@ def main():
         lse = torch.empty(1, 2, a.S)
         try:  # the launches only compile here; the delta folding after them reads garbage, harmlessly
             launch.flex_backward(q, q, q, q, lse, q, tables, bwd, bm.BLOCK_SIZE, mm.kernel_fn, mm.args,
-                                 sm_fn, sm_args, sm_grad, None, (), 0.125)
+                                 sm_fn, sm_args, sm_grad, None, (), 0.125, mask_fn_by_key=mm.kernel_fn_by_key)
         except Exception as e:  # noqa: BLE001 (compile-only driver: anything after the launches may fail)
             print(f"(after the backward launches: {type(e).__name__})")
     os.makedirs(a.out, exist_ok=True)

@@ -18,6 +18,7 @@ hf_flex.bench. Cases start only while --budget-s seconds have not passed (device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -82,12 +83,50 @@ SCHEDULES = {
     "fwd_one_loop": {"fwd_one_loop": True},
     "fwd_one_loop128": {"fwd_one_loop": True, "tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
     "one_loop_both": {"fwd_one_loop": True, "bwd_one_loop": True},
-    # longest-first across heads: grids (B * H, tiles)
+    # longest-first across heads: grids (B * H, tiles), in the forward, the backward, or both
     "heads_first": {"heads_first": True},
+    "heads_first_never": {"heads_first": False},  # the forward as before the "documents" default
+    "bwd_heads_first": {"bwd_heads_first": True},
+    "heads_first_all": {"heads_first": True, "bwd_heads_first": True},
+    # seventh round, D=128 backward tiles (the first sweep, results/h100_tune_tiles_2026-11-25.log, had
+    # dK/dV 32x64 at 4 warps level with 64x128 at 8): fewer registers per program, more programs
+    "bwd_w4": {"tiles": {"dkdv": launch.Tiles(32, 64, 4, 3), "dq": launch.Tiles(64, 64, 4, 3)}},
+    "bwd_w4_dkdv64": {"tiles": {"dkdv": launch.Tiles(64, 64, 4, 3), "dq": launch.Tiles(64, 64, 4, 3)}},
+    "bwd_dkdv_w4": {"tiles": {"dkdv": launch.Tiles(32, 64, 4, 3)}},
+    "bwd_dkdv128x64": {"tiles": {"dkdv": launch.Tiles(128, 64, 8, 2)}},
+    "bwd_dkdv128x64_s3": {"tiles": {"dkdv": launch.Tiles(128, 64, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
+    "bwd_dq64_w4": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 2), "dq": launch.Tiles(64, 64, 4, 3)}},
+    "unfused": {"fused_bwd": False},
 }
 
 
-def run(c: bench.Case, variants, do_torch=True):
+def _median_spread(xs):
+    """(median, (max - min) / median) of repeated TFLOP/s readings."""
+    ys = sorted(xs)
+    m = ys[len(ys) // 2] if len(ys) % 2 else 0.5 * (ys[len(ys) // 2 - 1] + ys[len(ys) // 2])
+    return m, (ys[-1] - ys[0]) / m
+
+
+@contextlib.contextmanager
+def _applied(name):
+    """SCHEDULE / OVERRIDES as variant ``name`` sets them, restored on exit."""
+    sched = dict(SCHEDULES[name])
+    saved, saved_tiles = dict(launch.SCHEDULE), dict(launch.OVERRIDES)
+    launch.OVERRIDES.update(sched.pop("tiles", {}))
+    launch.SCHEDULE.update(sched)
+    try:
+        yield
+    finally:
+        launch.SCHEDULE.clear()
+        launch.SCHEDULE.update(saved)
+        launch.OVERRIDES.clear()
+        launch.OVERRIDES.update(saved_tiles)
+
+
+def run(c: bench.Case, variants, do_torch=True, rounds=1):
+    """One case: every variant checked against float64, then timed ``rounds`` times, the variants (and
+    torch flex) in a rotated order each round, so that clock and thermal drift during a run falls on
+    all of them alike; each reading is the median over rounds, with its spread."""
     st = bench.setup(c, seed=1)
     Bm, ids, bm, group = st.Bm, st.ids, st.bm, c.Hq // c.Hkv
     q, k, v, do = st.q, st.k, st.v, st.do
@@ -106,30 +145,40 @@ def run(c: bench.Case, variants, do_torch=True):
         return bench.timed_tflops(f, q, k, v, do, flops)
 
     row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
-               torch_err=t_err, variants={})
+               torch_err=t_err, variants={}, rounds=rounds)
+    ok = []
     for name in variants:
-        sched = dict(SCHEDULES[name])
-        if sched.get("approx_mods") is False and c.kind != "softcap":
+        if SCHEDULES[name].get("approx_mods") is False and c.kind != "softcap":
             continue  # no approximate mod to compare against
-        saved, saved_tiles = dict(launch.SCHEDULE), dict(launch.OVERRIDES)
-        launch.OVERRIDES.update(sched.pop("tiles", {}))
-        launch.SCHEDULE.update(sched)
-        try:
-            err = bench.slice_errors(ours, q, k, v, do, ref, b, hk, group)
-            limit = [2 * t + 1e-3 for t in t_err] if t_err else [2e-2] * 4
-            if not all(e <= lim for e, lim in zip(err, limit)):
-                raise AssertionError(f"{c.name} [{name}]: errors vs float64 {err} exceed {limit}")
-            fwd, fb = timed(ours)
-            row["variants"][name] = dict(err=err, fwd_tflops=fwd, fwdbwd_tflops=fb)
-        except Exception as e:  # one broken variant must not hide the others' numbers
-            row["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-        finally:
-            launch.SCHEDULE.clear()
-            launch.SCHEDULE.update(saved)
-            launch.OVERRIDES.clear()
-            launch.OVERRIDES.update(saved_tiles)
+        with _applied(name):
+            try:
+                err = bench.slice_errors(ours, q, k, v, do, ref, b, hk, group)
+                limit = [2 * t + 1e-3 for t in t_err] if t_err else [2e-2] * 4
+                if not all(e <= lim for e, lim in zip(err, limit)):
+                    raise AssertionError(f"{c.name} [{name}]: errors vs float64 {err} exceed {limit}")
+                row["variants"][name] = dict(err=err, fwd=[], fwdbwd=[])
+                ok.append(name)
+            except Exception as e:  # one broken variant must not hide the others' numbers
+                row["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    order = ok + (["torch"] if do_torch else [])
+    seen = {n: row["variants"][n] for n in ok}
+    seen["torch"] = dict(fwd=[], fwdbwd=[])
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            if name == "torch":
+                fwd, fb = timed(theirs)
+            else:
+                with _applied(name):
+                    fwd, fb = timed(ours)
+            seen[name]["fwd"].append(fwd)
+            seen[name]["fwdbwd"].append(fb)
+    for name in order:
+        d = seen[name]
+        (d["fwd_tflops"], d["fwd_spread"]), (d["fwdbwd_tflops"], d["fwdbwd_spread"]) = (
+            _median_spread(d["fwd"]), _median_spread(d["fwdbwd"]))
     if do_torch:
-        row["torch_fwd_tflops"], row["torch_fwdbwd_tflops"] = timed(theirs)
+        row["torch_fwd_tflops"], row["torch_fwdbwd_tflops"] = seen["torch"]["fwd_tflops"], seen["torch"]["fwdbwd_tflops"]
+        row["torch_spread"] = [seen["torch"]["fwd_spread"], seen["torch"]["fwdbwd_spread"]]
     return row
 
 
@@ -139,6 +188,7 @@ def main():
     ap.add_argument("--variants", default="main,divisible_variant", help=f"comma-separated, of {sorted(SCHEDULES)}")
     ap.add_argument("--shrink", type=int, default=0, help="run each case at S minus this many tokens")
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--rounds", type=int, default=1, help="timings per variant, interleaved (median reported)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     idx = [int(i) for i in a.cases.split(",")] if a.cases else range(len(bench.ANCHORS))
@@ -156,7 +206,7 @@ def main():
         if a.shrink:
             c = dataclasses.replace(c, S=c.S - a.shrink)
         try:
-            row = run(c, names)
+            row = run(c, names, rounds=a.rounds)
         except Exception as e:
             row = dict(case=c.name, error=f"{type(e).__name__}: {str(e)[:500]}")
         res["rows"].append(row)
@@ -164,7 +214,8 @@ def main():
         if a.json:
             json.dump(res, open(a.json, "w"), indent=1)
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
-    print(f"{'case':28s} {'S':>6s} " + " ".join(f"{n[:13]:>13s}" for n in names) + "   torch   (fwd | fwd+bwd TFLOP/s)")
+    print(f"{'case':28s} {'S':>6s} " + " ".join(f"{n[:13]:>13s}" for n in names)
+          + f"   torch   (fwd | fwd+bwd TFLOP/s, median of {a.rounds} interleaved rounds; worst spread last)")
     for r in res["rows"]:
         if "error" in r:
             print(f"{r['case']:28s} ERROR {r['error'][:150]}")
@@ -173,8 +224,11 @@ def main():
         for n in names:
             v = r["variants"].get(n, {"fwd_tflops": 0, "fwdbwd_tflops": 0})
             cells.append("  error      " if "error" in v else f"{v['fwd_tflops']:5.0f}|{v['fwdbwd_tflops']:<5.0f}  ")
+        spreads = [max(v.get("fwd_spread", 0), v.get("fwdbwd_spread", 0)) for v in r["variants"].values()]
+        spreads += r.get("torch_spread", [])
         print(f"{r['case']:28s} {r['S']:6d} " + " ".join(f"{x:>13s}" for x in cells)
-              + f"  {r.get('torch_fwd_tflops', 0):5.0f}|{r.get('torch_fwdbwd_tflops', 0):<5.0f}")
+              + f"  {r.get('torch_fwd_tflops', 0):5.0f}|{r.get('torch_fwdbwd_tflops', 0):<5.0f}"
+              + f"  {100 * max(spreads, default=0):.1f}%")
         for n in names:
             if "error" in r["variants"].get(n, {}):
                 print(f"   {n}: {r['variants'][n]['error'][:200]}")

@@ -1,0 +1,77 @@
+"""Where hf_flex's host time goes in one forward+backward (Python, allocations, launch preparation):
+cProfile over many calls of one anchor case, the GPU kept busy so the host never waits on it.
+
+    python scripts/profile_host.py [--case 4] [--calls 200] [--top 35]
+
+The bench's forward+backward turns host-bound where the host's enqueue time nears the kernels' GPU
+time (document masks: profile_kernels.py measured 1.27 ms host against 1.34 ms GPU); this names the
+Python functions that time is spent in, for both libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import pstats
+import time
+
+import torch
+
+from hf_flex import bench
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--top", type=int, default=35)
+    a = ap.parse_args()
+    c = bench.ANCHORS[a.case]
+    st = bench.setup(c, seed=0)
+    for name, f in (("hf_flex", st.ours), ("torch_flex", st.theirs)):
+        call = bench.fwdbwd_call(f, st.q, st.k, st.v, st.do)
+        fwd = lambda: f(st.q, st.k, st.v)  # noqa: E731
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        for what, fn in (("forward", fwd), ("forward+backward", call)):
+            gc_s = [0.0, 0]
+
+            def gc_cb(phase, info, t=[0.0]):  # time in Python's garbage collector
+                if phase == "start":
+                    t[0] = time.perf_counter()
+                else:
+                    gc_s[0] += time.perf_counter() - t[0]
+                    gc_s[1] += 1
+
+            gc.callbacks.append(gc_cb)
+            torch.cuda._sleep(2_000_000_000)  # keep the GPU busy: the host never waits on it
+            t0 = time.perf_counter()
+            for _ in range(a.calls):
+                fn()
+            host = (time.perf_counter() - t0) / a.calls * 1e3
+            gc.callbacks.remove(gc_cb)
+            torch.cuda.synchronize()
+            print(f"{name} {what}: {host:.3f} ms host per call ({gc_s[1]} collections, "
+                  f"{gc_s[0] / a.calls * 1e3:.3f} ms per call in them; {len(gc.get_objects())} objects tracked)")
+        torch.cuda._sleep(2_000_000_000)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(a.calls):
+            call()
+        pr.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(a.top)
+        print(f"== {name}: {c.name}, {a.calls} forward+backward calls, by own time")
+        print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(a.top)
+        print(f"== {name}: by cumulative time")
+        print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
+
+
+if __name__ == "__main__":
+    main()
