@@ -70,7 +70,7 @@ def flex_attention(
 
     Gradients flow to query, key, value, to the sink logits and to the learnable tensors of the score
     mod (those that require grad). dQ, dK and dV are deterministic (no atomics); learnable score-mod
-    tensors are accumulated with float32 atomics.
+    tensors are accumulated with float64 atomics.
     """
     if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor):
         query, key, value = _autocast(query, key, value)

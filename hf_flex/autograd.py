@@ -36,6 +36,16 @@ class KernelSpec:
         mm = self.block_mask.mask_mod
         return mm.kernel_fn, mm.args
 
+    def mask_by_key(self):
+        """The mask's form for the dK/dV pass (MaskMod.kernel_fn_by_key)."""
+        return self.block_mask.mask_mod.kernel_fn_by_key
+
+    def packs_documents(self) -> bool:
+        """Whether the mask holds packed documents (flex_forward's ``packed_documents``)."""
+        from hf_flex.mods import packs_documents
+
+        return packs_documents(self.block_mask.mask_mod.structure)
+
     def elementwise(self, q: torch.Tensor):
         """The score mod whose Triton functions run on ``q``: its approximate form (ScoreMod.approx)
         for 16-bit inputs on the GPU, when SCHEDULE["approx_mods"] allows; the exact one otherwise."""
@@ -110,7 +120,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         score_fn, score_args = spec.score(q)
         out, lse = flex_forward(
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
-            sink, spec.scale,
+            sink, spec.scale, packed_documents=spec.packs_documents(),
         )
         spec_tensors, ctx.hollow_spec = _hollow(spec)
         ctx.save_for_backward(q, k, v, out, lse, sink, *spec_tensors)
@@ -132,13 +142,16 @@ class FlexAttentionFunction(torch.autograd.Function):
         sm = spec.score_mod
         em = spec.elementwise(q)  # the form whose functions the forward ran
         want_params = sm is not None and ctx.n_learnables > 0 and any(ctx.needs_input_grad[5:])
-        grads = tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
+        # float64 accumulators: each entry sums one atomic per score element in no fixed order; in float64
+        # that order no longer shows in the float32 result (float32 atomics drifted run to run, past
+        # the float32 reference's own error, on relative_bias tables)
+        grads = tuple(torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
         dq, dk, dv, delta = flex_backward(
             q, k, v, out, lse, dout, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
             mask_fn, mask_args, score_fn, score_args,
             em.kernel_grad_fn if score_fn is not None else None,
             em.kernel_param_grad_fn if want_params else None,
-            grads, spec.scale, dlse=dlse,
+            grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
         )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:

@@ -30,6 +30,7 @@ packed-document ids are non-decreasing in position, so a block's first and last 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -260,14 +261,43 @@ def _document(b, h, q, kv, ids, meta):
 @triton.jit
 def _packed_document(b, h, q, kv, starts, meta, spans):
     # the same predicate for non-decreasing ids, from q's document span [lo, hi]: kv in it. Only the
-    # query side is read, so a loop over key tiles (forward, dQ) loads nothing per tile. meta: the
+    # query side is read, so a loop over key tiles (forward, dQ) loads nothing per key tile. meta: the
     # spans' row stride and length
+    lo, hi = _doc_span(spans, meta, b, q)
+    return (kv >= lo) & (kv <= hi)
+
+
+@triton.jit
+def _doc_span(spans, meta, b, i):
+    """(lo, hi): the first and last position of position i's document, from spans (``lo | hi << 32``);
+    past the row's end lo 2**31 - 1 > hi 0: an empty span, past every position on its own too (the
+    forms under a causal mask read one bound only)."""
     stride_b = tl.load(meta)
     S = tl.load(meta + 1)
-    sp = tl.load(spans + b * stride_b + q, mask=q < S, other=1)  # past the row: lo 1 > hi 0, no key
-    lo = (sp & 0xFFFFFFFF).to(tl.int32)
-    hi = (sp >> 32).to(tl.int32)
-    return (kv >= lo) & (kv <= hi)
+    sp = tl.load(spans + b * stride_b + i, mask=i < S, other=0x7FFFFFFF)
+    return (sp & 0xFFFFFFFF).to(tl.int32), (sp >> 32).to(tl.int32)
+
+
+@triton.jit
+def _packed_document_by_key(b, h, q, kv, starts, meta, spans):
+    # the same predicate from kv's document span: q in it (by_key_fn: the dK/dV pass, keys fixed)
+    lo, hi = _doc_span(spans, meta, b, kv)
+    return (q >= lo) & (q <= hi)
+
+
+# The packed document mask next to a causal one (and_masks): kv <= q, and q and kv in one document of
+# a non-decreasing row, is kv >= lo[q] (kv <= q <= hi[q] already), or by key q <= hi[kv] (q >= kv >=
+# lo[kv]): one comparison per score fewer, and each form reads one side only.
+@triton.jit
+def _packed_document_under_causal(b, h, q, kv, starts, meta, spans):
+    lo, hi = _doc_span(spans, meta, b, q)
+    return kv >= lo
+
+
+@triton.jit
+def _packed_document_under_causal_by_key(b, h, q, kv, starts, meta, spans):
+    lo, hi = _doc_span(spans, meta, b, kv)
+    return q <= hi
 
 
 def document_spans(ids: torch.Tensor) -> torch.Tensor:
@@ -381,7 +411,7 @@ def document(doc_ids: torch.Tensor, *, packed: Optional[bool] = None, spans: Opt
     # id wherever ids are compared (same document, same lo; non-decreasing), so the caller's ids are
     # not kept alive through a training step next to the spans (measured: its peak memory, NOTES.md)
     return MaskMod(_packed_document, twin, (_span_starts(spans), _row_meta(spans), spans), "document",
-                   _document_blocks, ("packed_documents",))
+                   _document_blocks, ("packed_documents",), _packed_document_by_key)
 
 
 def _span_starts(spans: torch.Tensor) -> torch.Tensor:
@@ -453,8 +483,34 @@ def dense(mask: torch.Tensor) -> MaskMod:
     return MaskMod(_dense, twin, (m, meta), "dense")
 
 
+def _has_causal(structure) -> bool:
+    """Whether a mask of this structure allows nothing causal() forbids (causal, or an "and" with it)."""
+    if not structure:
+        return False
+    if structure == ("causal",):
+        return True
+    return structure[0] == "and" and any(_has_causal(child) for _, child in structure[1:])
+
+
+def packs_documents(structure) -> bool:
+    """Whether a mask of this structure holds a packed-document part (document(ids) with non-decreasing
+    ids, alone or inside an "and"): its rows list few, unevenly many blocks."""
+    if not structure:
+        return False
+    if structure == ("packed_documents",):
+        return True
+    return structure[0] == "and" and any(packs_documents(child) for _, child in structure[1:])
+
+
 def and_masks(*masks: MaskMod) -> MaskMod:
     """Allowed where every mask allows."""
+    if any(_has_causal(getattr(m, "structure", None)) for m in masks):
+        # a packed document mask under a causal one takes its shorter forms (_packed_document_under_causal)
+        masks = tuple(
+            dataclasses.replace(m, triton_fn=_packed_document_under_causal, by_key_fn=_packed_document_under_causal_by_key)
+            if isinstance(m, MaskMod) and m.triton_fn is _packed_document and m.structure == ("packed_documents",) else m
+            for m in masks
+        )
     return combine_masks("and", masks)
 
 
@@ -569,7 +625,7 @@ def _relative_bias_param_grad(s, ds, b, h, q, kv, table, L, g_table):
 def relative_bias(table: torch.Tensor) -> ScoreMod:
     """score + table[h, kv - q + L - 1], table [H, 2L-1] (distances past L-1 use the edge entries).
 
-    Learnable when ``table`` requires grad (its gradient is accumulated with float32 atomics).
+    Learnable when ``table`` requires grad (its gradient is accumulated with float64 atomics).
     """
     if (
         not isinstance(table, torch.Tensor)

@@ -200,10 +200,18 @@ class MaskMod:
     # with each child's first argument at args[offset]; None for anything else. Tensors are never held
     # here, only positions in args: a copy with its args moved (dataclasses.replace) stays right.
     structure: Optional[tuple] = None
+    # optional: the same predicate as triton_fn, written to read per-key data where triton_fn reads
+    # per-query data. The dK/dV pass calls it: its loops fix a tile of keys and walk query tiles, so what
+    # it reads by key is loaded once per program instead of once per tile (packed documents: measured in
+    # tests/benchmarks/NOTES.md). It must equal triton_fn wherever both are defined.
+    by_key_fn: Any = None
 
     def __post_init__(self):
-        if not isinstance(self.triton_fn, triton.runtime.jit.JITFunction) and not _is_interpreted(self.triton_fn):
-            raise TypeError(f"MaskMod: triton_fn must be a @triton.jit function, got {type(self.triton_fn).__name__}")
+        for nm in ("triton_fn", "by_key_fn"):
+            f = getattr(self, nm)
+            if (f is not None or nm == "triton_fn") and not isinstance(f, triton.runtime.jit.JITFunction) \
+                    and not _is_interpreted(f):
+                raise TypeError(f"MaskMod: {nm} must be a @triton.jit function, got {type(f).__name__}")
         if not callable(self.torch_fn):
             raise TypeError("MaskMod: torch_fn must be callable (the PyTorch twin)")
         if self.block_fn is not None and not callable(self.block_fn):
@@ -218,6 +226,12 @@ class MaskMod:
     def kernel_fn(self):
         """The Triton function the kernels call, as ``fn(b, h, q, kv, args_tuple)``."""
         return call_with_tuple(self.triton_fn, len(self.args), "mask")
+
+    @property
+    def kernel_fn_by_key(self):
+        """:attr:`kernel_fn` for loops over queries with the keys fixed (the dK/dV pass): by_key_fn's
+        adapter where there is one, else kernel_fn itself."""
+        return call_with_tuple(self.by_key_fn or self.triton_fn, len(self.args), "mask")
 
     def tensors(self) -> list[torch.Tensor]:
         return [a for a in self.args if isinstance(a, torch.Tensor)]
@@ -239,7 +253,7 @@ class ScoreMod:
         grad_fn: ``@triton.jit`` ``(s, ds, b, h, q, kv, *args) -> ds_in``: the derivative through the mod
             (``ds * d fn / d s``). ``None`` means the mod adds something to ``s`` (derivative 1).
         param_grad_fn: ``@triton.jit`` ``(s, ds, b, h, q, kv, *args, *grads)``: adds the gradient of the
-            learnable tensors in ``args`` to their float32 buffers ``grads`` (one per learnable tensor, in
+            learnable tensors in ``args`` to their float64 buffers ``grads`` (one per learnable tensor, in
             order), with atomics. Required when any learnable tensor requires grad.
         learnable: indices into ``args`` of the tensors that may receive gradients.
         sink: per-head sink logits ``[Hq]`` (gpt-oss): one extra logit in each row's softmax
@@ -336,22 +350,27 @@ def combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
     arities = tuple(len(m.args) for m in masks)
     sym = " & " if op == "and" else " | "
 
-    def build():
-        env, calls, params, k = {}, [], [], 0
-        for i, (m, n) in enumerate(zip(masks, arities)):
-            env[f"c{i}"] = m.triton_fn
-            p = [f"a{k + j}" for j in range(n)]
-            k += n
-            params += p
-            calls.append(f"c{i}(b, h, q, kv{''.join(', ' + x for x in p)})")
-        name = f"{op}_masks_{len(masks)}"
-        src = (
-            f"@triton.jit\ndef {name}(b, h, q, kv{''.join(', ' + x for x in params)}):\n"
-            f"    return {sym.join('(' + c + ')' for c in calls)}\n"
-        )
-        return generate_jit(name, src, env)
+    def combined(fns):
+        def build():
+            env, calls, params, k = {}, [], [], 0
+            for i, (f, n) in enumerate(zip(fns, arities)):
+                env[f"c{i}"] = f
+                p = [f"a{k + j}" for j in range(n)]
+                k += n
+                params += p
+                calls.append(f"c{i}(b, h, q, kv{''.join(', ' + x for x in p)})")
+            name = f"{op}_masks_{len(fns)}"
+            src = (
+                f"@triton.jit\ndef {name}(b, h, q, kv{''.join(', ' + x for x in params)}):\n"
+                f"    return {sym.join('(' + c + ')' for c in calls)}\n"
+            )
+            return generate_jit(name, src, env)
 
-    fn = _cached((op, tuple(m.triton_fn for m in masks), arities), build)
+        return _cached((op, tuple(fns), arities), build)
+
+    fn = combined(tuple(m.triton_fn for m in masks))
+    # the by-key form: each child's own where it has one
+    by_key = combined(tuple(m.by_key_fn or m.triton_fn for m in masks)) if any(m.by_key_fn for m in masks) else None
     torch_fns = tuple(m.torch_fn for m in masks)
 
     def torch_fn(b, h, q, kv, *args):
@@ -368,7 +387,7 @@ def combine_masks(op: str, masks: Sequence[MaskMod]) -> MaskMod:
     if op == "and" and all(m.structure is not None for m in masks):
         offsets = [sum(arities[:i]) for i in range(len(masks))]
         structure = ("and",) + tuple((o, m.structure) for o, m in zip(offsets, masks))
-    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})", block_fn, structure)
+    return MaskMod(fn, torch_fn, args, f"{op}({', '.join(m.name for m in masks)})", block_fn, structure, by_key)
 
 
 def _as_4d(classes: torch.Tensor) -> torch.Tensor:
@@ -432,23 +451,28 @@ def offset_mask(mask: MaskMod, q_offset, kv_offset) -> MaskMod:
         offs.append(o)
     n = len(mask.args)
 
-    def build():
-        p = "".join(f", a{j}" for j in range(n))
-        src = (
-            "@triton.jit\n"
-            f"def offset_mask(b, h, q, kv, qo, ko{p}):\n"
-            f"    return c(b, h, q + qo, kv + ko{p})\n"
-        )
-        return generate_jit("offset_mask", src, {"c": mask.triton_fn})
+    def wrapped(child):
+        def build():
+            p = "".join(f", a{j}" for j in range(n))
+            src = (
+                "@triton.jit\n"
+                f"def offset_mask(b, h, q, kv, qo, ko{p}):\n"
+                f"    return c(b, h, q + qo, kv + ko{p})\n"
+            )
+            return generate_jit("offset_mask", src, {"c": child})
 
-    fn = _cached(("offset", mask.triton_fn, n), build)
+        return _cached(("offset", child, n), build)
+
+    fn = wrapped(mask.triton_fn)
+    by_key = wrapped(mask.by_key_fn) if mask.by_key_fn is not None else None
     inner = mask.torch_fn
 
     def torch_fn(b, h, q, kv, qo, ko, *args):
         return inner(b, h, q + qo, kv + ko, *args)
 
     name = f"offset({mask.name}, {offs[0]}, {offs[1]})"
-    return MaskMod(fn, torch_fn, (offs[0], offs[1]) + mask.args, name, _offset_block_fn(mask.block_fn, *offs))
+    return MaskMod(fn, torch_fn, (offs[0], offs[1]) + mask.args, name, _offset_block_fn(mask.block_fn, *offs),
+                   by_key_fn=by_key)
 
 
 def _offset_block_fn(inner: Optional[Callable], q_offset: int, kv_offset: int) -> Optional[Callable]:

@@ -285,12 +285,13 @@ def test_one_loop(device, knob, fused, monkeypatch):
 @pytest.mark.parametrize("fused,reverse", [(True, True), (False, True), (True, False)],
                          ids=["fused_reverse_m", "two_launches_reverse_m", "fused_forward_m"])
 def test_heads_first(device, fused, reverse, monkeypatch):
-    """SCHEDULE["heads_first"]: grids (B * H, tiles), every head's tile t before any head's next tile,
+    """SCHEDULE["heads_first"] and ["bwd_heads_first"]: grids (B * H, tiles), every head's tile t before any head's next tile,
     in the forward and both backward forms. Every (tile, batch, head) still runs exactly once: the
     same answers with GQA, two batch rows of different documents, ragged lengths and Sq != Skv."""
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "heads_first", True)
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_heads_first", True)
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     monkeypatch.setitem(launch.SCHEDULE, "reverse_m", reverse)
     for Sq, Skv, bs in ((113, 70, (32, 16)), (50, 300, (32, 128))):
@@ -311,6 +312,30 @@ class _LaunchSpy:
             return self.kernel[grid](*args, **kwargs)
 
         return launch
+
+
+def test_heads_first_for_documents(device, monkeypatch):
+    """SCHEDULE["heads_first"] == "documents" (the default): the forward launches heads first exactly
+    when the mask holds packed documents, alone or inside an "and"; True / False force it; anything
+    else is an error naming the key."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "heads_first", "documents")
+    fwd = _LaunchSpy(launch.attn_fwd_kernel)
+    monkeypatch.setattr(launch, "attn_fwd_kernel", fwd)
+    q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, dtype=torch.float32, device=device, seed=81)
+    want = {"document": True, "causal&document": True, "causal": False, "causal&sliding": False,
+            "or(document,prefix_lm)": False, "none": False}
+    for name in want:
+        hf_flex.flex_attention(q, k, v, None, _block_mask(name, 2, 2, 70, 70, device, 32, seed=83))
+    assert [c["HEADS_FIRST"] for c in fwd.calls] == list(want.values())
+    for forced in (True, False):
+        monkeypatch.setitem(launch.SCHEDULE, "heads_first", forced)
+        hf_flex.flex_attention(q, k, v, None, _block_mask("causal", 2, 2, 70, 70, device, 32))
+        assert fwd.calls[-1]["HEADS_FIRST"] is forced
+    monkeypatch.setitem(launch.SCHEDULE, "heads_first", "docs")
+    with pytest.raises(ValueError, match=r'SCHEDULE\["heads_first"\]'):
+        hf_flex.flex_attention(q, k, v, None, _block_mask("causal", 2, 2, 70, 70, device, 32))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])

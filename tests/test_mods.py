@@ -77,11 +77,12 @@ def _idx(b, h, qp, kp, device):
     )
 
 
-def eval_mask(mm: hf_flex.MaskMod, b, h, qp, kp, device):
-    """(kernel result, twin result), both [BQ, BK] bool."""
+def eval_mask(mm: hf_flex.MaskMod, b, h, qp, kp, device, by_key=False):
+    """(kernel result, twin result), both [BQ, BK] bool; by_key: the form the dK/dV pass calls."""
     qp, kp = qp.to(device), kp.to(device)
     out = torch.full((BQ, BK), 7, dtype=torch.int8, device=device)  # poison: 7 is neither 0 nor 1
-    _eval_mask_kernel[(1,)](qp, kp, out, b, h, mm.args, MASK=mm.kernel_fn, BQ=BQ, BK=BK)
+    fn = mm.kernel_fn_by_key if by_key else mm.kernel_fn
+    _eval_mask_kernel[(1,)](qp, kp, out, b, h, mm.args, MASK=fn, BQ=BQ, BK=BK)
     assert ((out == 0) | (out == 1)).all(), "the test kernel did not write every element"
     twin = mm(*_idx(b, h, qp, kp, device)).expand(BQ, BK)
     return out.bool(), twin
@@ -153,6 +154,14 @@ MASKS = {
         mods.offset(mods.sliding_window(6), 2, 0), mods.or_masks(mods.causal(), mods.document(_ids(d)))
     ),
     "single and": lambda d: mods.and_masks(mods.chunked(5)),
+    # packed documents under a causal mask take their one-bound forms (mods._packed_document_under_causal)
+    "and(causal,document)": lambda d: mods.and_masks(mods.causal(), mods.document(_ids(d))),
+    "and(document,causal)": lambda d: mods.and_masks(mods.document(_ids(d)), mods.causal()),
+    "and(and(causal,sliding),document)": lambda d: mods.and_masks(
+        mods.and_masks(mods.causal(), mods.sliding_window(7)), mods.document(_ids(d))
+    ),
+    "and(sliding,document)": lambda d: mods.and_masks(mods.sliding_window(7), mods.document(_ids(d))),
+    "offset(and(causal,document))": lambda d: mods.offset(mods.and_masks(mods.causal(), mods.document(_ids(d))), 4, 1),
     # siblings built by the same combinator: compiled, they must stay two functions (Triton compiles
     # called functions by name; same-named siblings once ran the first body for both)
     "and(offset(sliding),offset(chunked))": lambda d: mods.and_masks(
@@ -164,15 +173,18 @@ MASKS = {
 }
 
 
+@pytest.mark.parametrize("by_key", [False, True], ids=["by_query", "by_key"])
 @pytest.mark.parametrize("name", list(MASKS))
-def test_mask_kernel_fn_matches_twin(device, name):
+def test_mask_kernel_fn_matches_twin(device, name, by_key):
+    """Both forms of every mask (kernel_fn, and kernel_fn_by_key, which the dK/dV pass calls) equal
+    the PyTorch twin at random positions, past the tensors' ends included."""
     assert triton_runs_on(device)
     mm = MASKS[name](device)
     for trial, (b, h) in enumerate([(0, 0), (1, 3), (2, 1)]):
         # positions up to S_IDS + 10: past the ids' end both sides read the documented fill value
         qp = _positions(BQ, S_IDS + 10, seed=10 * trial + 1)
         kp = _positions(BK, S_IDS + 10, seed=10 * trial + 2)
-        got, want = eval_mask(mm, b, h, qp, kp, device)
+        got, want = eval_mask(mm, b, h, qp, kp, device, by_key)
         assert got.dtype == want.dtype == torch.bool
         n_bad = int((got != want).sum())
         assert n_bad == 0, f"{mm.name}: {n_bad} of {got.numel()} positions differ (b={b}, h={h})"
@@ -311,7 +323,7 @@ def test_param_grad_fn_matches_autograd(device, name):
     g = torch.Generator().manual_seed(43)
     s = (torch.randn(BQ, BK, generator=g) * 3.0).to(device)
     ds = torch.randn(BQ, BK, generator=g).to(device)
-    grads = tuple(torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params)
+    grads = tuple(torch.zeros(p.shape, dtype=torch.float64, device=device) for p in params)  # as the backward allocates them
     _eval_param_grad_kernel[(1,)](
         s, ds, qp.to(device), kp.to(device), b, h, sm.args, grads, PGRAD=sm.kernel_param_grad_fn, BQ=BQ, BK=BK
     )
@@ -319,7 +331,7 @@ def test_param_grad_fn_matches_autograd(device, name):
     want = torch.autograd.grad(twin, params, ds)
     for p, got, w in zip(params, grads, want):
         assert w.abs().sum() > 0, "test setup: zero expected gradient"
-        torch.testing.assert_close(got, w.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, w.double(), rtol=1e-5, atol=1e-5)
         # only head h may receive gradient
         others = [i for i in range(H) if i != h]
         assert (got[others] == 0).all()
@@ -516,3 +528,25 @@ def test_softcap_approx_form_and_its_choice():
     two_args = ScoreMod(sc.triton_fn, sc.torch_fn, (1.0, 2.0), "two args")
     with pytest.raises(ValueError, match="approx"):
         ScoreMod(sc.triton_fn, sc.torch_fn, (1.0,), "bad", approx=two_args)
+
+
+def test_packed_document_forms(device):
+    """Which Triton functions the packed document mask runs: by query in the forward and dQ passes, by
+    key (the keys' spans, loaded once per dK/dV program) in the dK/dV pass; under a causal mask, at
+    any depth of and_masks, the one-bound forms; without one, the two-bound forms."""
+    doc = mods.document(_ids(device))
+    assert (doc.triton_fn, doc.by_key_fn) == (mods._packed_document, mods._packed_document_by_key)
+
+    def child_fns(mm):
+        # the and-combination's generated function calls its children as c0, c1, ...
+        env = mm.triton_fn.fn.__globals__ if hasattr(mm.triton_fn, "fn") else mm.triton_fn.__globals__
+        env_k = mm.by_key_fn.fn.__globals__ if hasattr(mm.by_key_fn, "fn") else mm.by_key_fn.__globals__
+        return {env.get(f"c{i}") for i in range(4)}, {env_k.get(f"c{i}") for i in range(4)}
+
+    under = mods.and_masks(mods.and_masks(mods.causal(), mods.sliding_window(5)), doc)
+    q_fns, k_fns = child_fns(under)
+    assert mods._packed_document_under_causal in q_fns and mods._packed_document_under_causal_by_key in k_fns
+    plain = mods.and_masks(mods.sliding_window(5), doc)
+    q_fns, k_fns = child_fns(plain)
+    assert mods._packed_document in q_fns and mods._packed_document_by_key in k_fns
+    assert doc.triton_fn is mods._packed_document  # the caller's mask itself is left as it was

@@ -4,9 +4,11 @@ atomics (ATOMIC_DQ: five tile products per tile pair instead of seven, not deter
 
 Without ATOMIC_DQ there are no atomics on dQ, dK or dV, so they are deterministic. GQA: one dK/dV program owns one key head and
 sums over the GROUP query heads that read it, in order. Learnable score-mod tensors (relative bias
-tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's float32 atomics.
+tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's float64 atomics.
 
-LSE arrives in natural log; a fully masked row (LSE = -inf) is treated as +inf so its P is 0, not NaN.
+LSE arrives in natural log; attn_bwd_delta_kernel turns it into the loops' log2 units, a fully masked
+row (LSE = -inf) into +inf so its P is 0, not NaN, and pads it and delta past the end so the loops
+load both without bounds checks.
 """
 
 import triton
@@ -21,35 +23,44 @@ from .forward import (
 _DYNAMIC = ["stride_lb", "stride_lh", "stride_nb", "stride_nh", "stride_ib", "stride_ih", "stride_iq", "stride_ik", "Q_LEN", "KV_LEN"]
 
 
-@triton.jit(do_not_specialize=["stride_db", "stride_dh", "Q_LEN"])
+@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_gb", "stride_gh", "stride_db", "stride_dh", "Q_LEN", "Q_PAD"])
 def attn_bwd_delta_kernel(
-    O, DO, DELTA,
+    O, DO, LSE, DLSE, DELTA, LSE2,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh,
+    stride_gb, stride_gh,
     stride_db, stride_dh,
-    Q_LEN, HQ,
+    Q_LEN, Q_PAD, HQ,
     BLOCK_M: tl.constexpr,
     DV: tl.constexpr,
     DVP: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
+    """The per-row inputs of the backward loops, for rows 0..Q_PAD-1 (Q_PAD: Q_LEN rounded up to the
+    table block, so every tile the loops load lies inside and their loads need no bounds checks):
+
+    DELTA = rowsum(dO * O) - dLSE (dLSE: the gradient reaching the returned LSE, when HAS_DLSE), and
+    LSE2 = LSE in log2 units (the loops' exp2), with a fully masked row (LSE = -inf) as +inf so its P
+    is 0, not NaN. Rows past Q_LEN: DELTA 0, LSE2 +inf (P = 0: they add nothing to dK, dV)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DVP)
-    msk = (offs_m[:, None] < Q_LEN) & (offs_d[None, :] < DV)
+    rows = offs_m < Q_LEN
+    msk = rows[:, None] & (offs_d[None, :] < DV)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=msk, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=msk, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=offs_m < Q_LEN)
-
-
-@triton.jit
-def _load_lse2(LSE_ptr, offs, LEN):
-    lse = tl.load(LSE_ptr + offs, mask=offs < LEN, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: P = 0
-    return lse * 1.4426950408889634
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * stride_gb + h * stride_gh + offs_m, mask=rows, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=rows, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    out = b * stride_db + h * stride_dh + offs_m
+    tl.store(DELTA + out, delta, mask=offs_m < Q_PAD)
+    tl.store(LSE2 + out, lse2, mask=offs_m < Q_PAD)
 
 
 @triton.jit
@@ -101,16 +112,16 @@ def _dkdv_inner(
         else:
             qT, do, q_idx = kv_tiles(Q_ptr, DO_ptr, offs_m, stride_qm, stride_qd, stride_dom, stride_dod, Q_LEN,
                                      D, DP, DV, DVP, not Q_DIVISIBLE, False)
-        lse2 = _load_lse2(LSE_ptr, offs_m, Q_LEN)
-        if Q_DIVISIBLE:
-            delta = tl.load(DELTA_ptr + offs_m)
-        else:
-            delta = tl.load(DELTA_ptr + offs_m, mask=offs_m < Q_LEN, other=0.0)
-        # transposed tile: rows are keys, columns are queries
+        # padded past Q_LEN by the delta kernel (LSE2 +inf, delta 0): no bounds checks
+        lse2 = tl.load(LSE_ptr + offs_m)
+        delta = tl.load(DELTA_ptr + offs_m)
+        # transposed tile: rows are keys, columns are queries. Keys past the end need no check: their
+        # rows of dK, dV are never stored and, row by row, touch no other row; only the dQ this
+        # program adds (ATOMIC_DQ) sums over keys
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
             qkT, b, h, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, ATOMIC_DQ and not KV_DIVISIBLE,
         )
         pT = tl.math.exp2(sT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -355,8 +366,8 @@ def _dq_program(
         mask=q_in[:, None] & (offs_dv[None, :] < DV),
         other=0.0,
     )
-    lse2 = _load_lse2(LSE + b * stride_lb + h * stride_lh, offs_m, Q_LEN)
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=q_in, other=0.0)
+    lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m)  # padded: see attn_bwd_delta_kernel
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m)
     K_ptr = K + b * stride_kb + hk * stride_kh
     V_ptr = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
@@ -496,6 +507,7 @@ def attn_bwd_kernel(
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
+    MASK_MOD_BY_KEY: tl.constexpr = None,  # the dK/dV programs' form of MASK_MOD (MaskMod.by_key_fn)
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
@@ -538,7 +550,7 @@ def attn_bwd_kernel(
             Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
             DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
+            MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
         )
     else:
