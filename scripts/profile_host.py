@@ -2,6 +2,7 @@
 cProfile over many calls of one anchor case, the GPU kept busy so the host never waits on it.
 
     python scripts/profile_host.py [--case 4] [--calls 200] [--top 35]
+    python scripts/profile_host.py --block-tables [--calls 2000]   # packed_block_mask from position_ids
 
 The bench's forward+backward turns host-bound where the host's enqueue time nears the kernels' GPU
 time (document masks: profile_kernels.py measured 1.27 ms host against 1.34 ms GPU); this names the
@@ -27,7 +28,11 @@ def main():
     ap.add_argument("--case", type=int, default=4)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--block-tables", action="store_true",
+                    help="profile hf_flex.packed_block_mask(position_ids=...) (the bench's block-table case) instead")
     a = ap.parse_args()
+    if a.block_tables:
+        return block_tables(a)
     c = bench.ANCHORS[a.case]
     st = bench.setup(c, seed=0)
     for name, f in (("hf_flex", st.ours), ("torch_flex", st.theirs)):
@@ -37,40 +42,61 @@ def main():
             call()
         torch.cuda.synchronize()
         for what, fn in (("forward", fwd), ("forward+backward", call)):
-            gc_s = [0.0, 0]
+            _host_ms(f"{name} {what}", fn, a.calls)
+        _profile(f"{name}: {c.name}, {a.calls} forward+backward calls", call, a)
 
-            def gc_cb(phase, info, t=[0.0]):  # time in Python's garbage collector
-                if phase == "start":
-                    t[0] = time.perf_counter()
-                else:
-                    gc_s[0] += time.perf_counter() - t[0]
-                    gc_s[1] += 1
 
-            gc.callbacks.append(gc_cb)
-            torch.cuda._sleep(2_000_000_000)  # keep the GPU busy: the host never waits on it
-            t0 = time.perf_counter()
-            for _ in range(a.calls):
-                fn()
-            host = (time.perf_counter() - t0) / a.calls * 1e3
-            gc.callbacks.remove(gc_cb)
-            torch.cuda.synchronize()
-            print(f"{name} {what}: {host:.3f} ms host per call ({gc_s[1]} collections, "
-                  f"{gc_s[0] / a.calls * 1e3:.3f} ms per call in them; {len(gc.get_objects())} objects tracked)")
-        torch.cuda._sleep(2_000_000_000)
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(a.calls):
-            call()
-        pr.disable()
-        torch.cuda.synchronize()
+def _host_ms(label, fn, calls):
+    """Host time per call of ``fn`` with the GPU asleep (it never waits on it), and GC time."""
+    gc_s = [0.0, 0]
+
+    def gc_cb(phase, info, t=[0.0]):  # time in Python's garbage collector
+        if phase == "start":
+            t[0] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - t[0]
+            gc_s[1] += 1
+
+    gc.callbacks.append(gc_cb)
+    torch.cuda._sleep(2_000_000_000)  # keep the GPU busy: the host never waits on it
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e3
+    gc.callbacks.remove(gc_cb)
+    torch.cuda.synchronize()
+    print(f"{label}: {host:.3f} ms host per call ({gc_s[1]} collections, "
+          f"{gc_s[0] / calls * 1e3:.3f} ms per call in them; {len(gc.get_objects())} objects tracked)")
+
+
+def _profile(title, fn, a):
+    """cProfile of ``a.calls`` calls of ``fn`` behind a sleeping GPU: top functions by own and cumulative time."""
+    torch.cuda._sleep(2_000_000_000)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(a.calls):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    for order in ("tottime", "cumulative"):
         s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(a.top)
-        print(f"== {name}: {c.name}, {a.calls} forward+backward calls, by own time")
+        pstats.Stats(pr, stream=s).sort_stats(order).print_stats(a.top)
+        print(f"== {title}, by {order}")
         print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(a.top)
-        print(f"== {name}: by cumulative time")
-        print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
+
+
+def block_tables(a):
+    """The bench's block-table case (S=16384, 24 documents): packed_block_mask from position_ids."""
+    import hf_flex
+    from hf_flex.transformers.recognize import positions_in_documents
+
+    pos = positions_in_documents(bench.doc_ids(1, 16384, 24))
+    fn = lambda: hf_flex.packed_block_mask(position_ids=pos)  # noqa: E731
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    _host_ms("hf_flex packed_block_mask(position_ids)", fn, a.calls)
+    _profile(f"packed_block_mask(position_ids), {a.calls} calls", fn, a)
 
 
 if __name__ == "__main__":
