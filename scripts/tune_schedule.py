@@ -23,6 +23,7 @@ import dataclasses
 import json
 import time
 
+import hf_flex
 from hf_flex import bench
 from hf_flex.kernels import launch
 
@@ -97,6 +98,12 @@ SCHEDULES = {
     "bwd_dkdv128x64_s3": {"tiles": {"dkdv": launch.Tiles(128, 64, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
     "bwd_dq64_w4": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 2), "dq": launch.Tiles(64, 64, 4, 3)}},
     "unfused": {"fused_bwd": False},
+    # eighth round: finer block tables (hf_flex's block mask built with this BLOCK_SIZE; torch flex
+    # keeps 128 x 128): fewer elements computed only to be masked at document boundaries, more and
+    # smaller tiles (the tiles shrink to the blocks, launch._fit)
+    "bs128x64": {"block_size": (128, 64)},
+    "bs64x128": {"block_size": (64, 128)},
+    "bs64": {"block_size": (64, 64)},
 }
 
 
@@ -113,6 +120,7 @@ def _applied(name):
     sched = dict(SCHEDULES[name])
     saved, saved_tiles = dict(launch.SCHEDULE), dict(launch.OVERRIDES)
     launch.OVERRIDES.update(sched.pop("tiles", {}))
+    sched.pop("block_size", None)  # read by run()
     launch.SCHEDULE.update(sched)
     try:
         yield
@@ -146,13 +154,23 @@ def run(c: bench.Case, variants, do_torch=True, rounds=1):
 
     row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
                torch_err=t_err, variants={}, rounds=rounds)
-    ok = []
+    ok, own = [], {}
+
+    def ours_of(name):
+        """hf_flex with the variant's block mask (its own BLOCK_SIZE, built once) or the case's."""
+        bs = SCHEDULES[name].get("block_size")
+        if bs is None:
+            return ours
+        if bs not in own:
+            own[bs] = hf_flex.create_block_mask(st.mm, Bm, None, c.S, c.S, device=q.device, BLOCK_SIZE=bs)
+        return lambda q, k, v: hf_flex.flex_attention(q, k, v, st.sm, own[bs], enable_gqa=st.gqa)
+
     for name in variants:
         if SCHEDULES[name].get("approx_mods") is False and c.kind != "softcap":
             continue  # no approximate mod to compare against
         with _applied(name):
             try:
-                err = bench.slice_errors(ours, q, k, v, do, ref, b, hk, group)
+                err = bench.slice_errors(ours_of(name), q, k, v, do, ref, b, hk, group)
                 limit = [2 * t + 1e-3 for t in t_err] if t_err else [2e-2] * 4
                 if not all(e <= lim for e, lim in zip(err, limit)):
                     raise AssertionError(f"{c.name} [{name}]: errors vs float64 {err} exceed {limit}")
@@ -169,7 +187,7 @@ def run(c: bench.Case, variants, do_torch=True, rounds=1):
                 fwd, fb = timed(theirs)
             else:
                 with _applied(name):
-                    fwd, fb = timed(ours)
+                    fwd, fb = timed(ours_of(name))
             seen[name]["fwd"].append(fwd)
             seen[name]["fwdbwd"].append(fb)
     for name in order:
