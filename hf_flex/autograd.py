@@ -15,7 +15,7 @@ import torch
 from .block_mask import BlockMask
 from .kernels import interpreted
 from .kernels.launch import SCHEDULE, MaskTables, flex_backward, flex_forward
-from .modtypes import ScoreMod
+from .modtypes import ScoreMod, and_holds
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,9 @@ class KernelSpec:
         return self.block_mask.mask_mod.kernel_fn_by_key
 
     def packs_documents(self) -> bool:
-        """Whether the mask holds packed documents (flex_forward's ``packed_documents``)."""
-        from hf_flex.mods import packs_documents
-
-        return packs_documents(self.block_mask.mask_mod.structure)
+        """Whether the mask holds packed documents, alone or in an "and" (flex_forward's
+        ``packed_documents``): its rows list few, unevenly many blocks."""
+        return and_holds(self.block_mask.mask_mod.structure, ("packed_documents",))
 
     def elementwise(self, q: torch.Tensor):
         """The score mod whose Triton functions run on ``q``: its approximate form (ScoreMod.approx)

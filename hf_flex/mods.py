@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .modtypes import MaskMod, ScoreMod, block_classes, chain_scores, combine_masks, offset_mask, remap_mask
+from .modtypes import MaskMod, ScoreMod, and_holds, block_classes, chain_scores, combine_masks, offset_mask, remap_mask
 
 __all__ = [
     "noop",
@@ -483,28 +483,9 @@ def dense(mask: torch.Tensor) -> MaskMod:
     return MaskMod(_dense, twin, (m, meta), "dense")
 
 
-def _has_causal(structure) -> bool:
-    """Whether a mask of this structure allows nothing causal() forbids (causal, or an "and" with it)."""
-    if not structure:
-        return False
-    if structure == ("causal",):
-        return True
-    return structure[0] == "and" and any(_has_causal(child) for _, child in structure[1:])
-
-
-def packs_documents(structure) -> bool:
-    """Whether a mask of this structure holds a packed-document part (document(ids) with non-decreasing
-    ids, alone or inside an "and"): its rows list few, unevenly many blocks."""
-    if not structure:
-        return False
-    if structure == ("packed_documents",):
-        return True
-    return structure[0] == "and" and any(packs_documents(child) for _, child in structure[1:])
-
-
 def and_masks(*masks: MaskMod) -> MaskMod:
     """Allowed where every mask allows."""
-    if any(_has_causal(getattr(m, "structure", None)) for m in masks):
+    if any(and_holds(getattr(m, "structure", None), ("causal",)) for m in masks):
         # a packed document mask under a causal one takes its shorter forms (_packed_document_under_causal)
         masks = tuple(
             dataclasses.replace(m, triton_fn=_packed_document_under_causal, by_key_fn=_packed_document_under_causal_by_key)

@@ -336,6 +336,16 @@ def is_jit(fn) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
+def and_holds(structure, leaf: tuple) -> bool:
+    """Whether a mask of this ``MaskMod.structure`` is ``leaf`` (e.g. ("causal",)) or an "and" holding it
+    at any depth: then the mask allows nothing the leaf forbids."""
+    if not structure:
+        return False
+    if structure == leaf:
+        return True
+    return structure[0] == "and" and any(and_holds(child, leaf) for _, child in structure[1:])
+
+
 # Combinators: generated Triton functions that call their children, cached by structure.
 
 

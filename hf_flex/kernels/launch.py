@@ -236,7 +236,7 @@ def flex_forward(
 ):
     """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log).
 
-    ``packed_documents``: the mask holds packed documents (mods.packs_documents), for
+    ``packed_documents``: the mask holds packed documents (KernelSpec.packs_documents), for
     SCHEDULE["heads_first"] == "documents"."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
