@@ -64,7 +64,8 @@ class KernelSpec:
 
 
 _TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+           "kv_half_num", "kv_half_idx", "q_half_num", "q_half_idx")  # the last four may be None
 
 
 def _hollow(spec: KernelSpec):

@@ -18,6 +18,13 @@ full_q_num_blocks, ...      [Bm, Hm, nKV(, nQ)]
 ==========================  ====================  ==========================================
 
 The forward and dQ kernels walk rows of the kv tables; the dK/dV kernel walks rows of the q tables.
+
+Optional half-block tables (the packed builder writes them, every other builder leaves them None):
+``kv_half_num`` [Bm, 1, nQ] / ``kv_half_idx`` [Bm, 1, nQ, 2 nKV] list, per query block, the halves
+(KV_BLOCK / 2 keys, numbered 2 j and 2 j + 1 in key block j) of its *partial* key blocks that hold at
+least one allowed pair, ascending, then the other halves; ``q_half_num`` / ``q_half_idx`` the same per
+key block over the halves of its partial query blocks. The kernels' partial-block loops, which walk
+half-block tiles anyway, then skip the dead halves at document boundaries (full blocks stay whole).
 Building costs O(number of blocks) memory. Three builders:
 
 * packed (CUDA): packed documents AND causal / sliding window (``hf_flex.documents``): one Triton
@@ -72,6 +79,22 @@ def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
     return tuple(out)
 
 
+def half_buffers(Bm: int, nq: int, nkv: int, device):
+    """Uninitialised int32 (kv_half_num [Bm, 1, nQ], kv_half_idx [Bm, 1, nQ, 2 nKV], q_half_num [Bm, 1, nKV],
+    q_half_idx [Bm, 1, nKV, 2 nQ]) from one allocation, each contiguous and 128-byte aligned (see
+    :func:`table_buffers`). An index table's strides are twice those of the whole-block table of its
+    direction at Hm = 1: the kernels find a row at twice the whole-block row's offset."""
+    shapes = ((Bm, 1, nq), (Bm, 1, nq, 2 * nkv), (Bm, 1, nkv), (Bm, 1, nkv, 2 * nq))
+    sizes = [Bm * nq, Bm * nq * 2 * nkv, Bm * nkv, Bm * nkv * 2 * nq]
+    rows = [-(-n // 32) * 32 for n in sizes]
+    buf = torch.empty(sum(rows), dtype=torch.int32, device=device)
+    out, off = [], 0
+    for shape, n, row in zip(shapes, sizes, rows):
+        out.append(buf[off: off + n].view(shape))
+        off += row
+    return tuple(out)
+
+
 def _tables(skip: torch.Tensor, num: torch.Tensor, idx: torch.Tensor) -> None:
     """Fill counts ``num`` [2, ..., R] and ascending indices ``idx`` [2, ..., R, C] of the zero entries
     of a [2, ..., R, C] uint8 tensor (the sort-based builder of the tables)."""
@@ -89,6 +112,13 @@ class BlockMask:
     ``to_dense()`` (block level), ``to_string()`` (an ASCII picture), ``materialize()`` (element level,
     small masks only).
     """
+
+    # half-block tables of the partial blocks (module docstring), or None: the packed builder's only.
+    # Anything that makes a new BlockMask from this one's whole-block tables leaves them None.
+    kv_half_num: Optional[torch.Tensor] = None
+    kv_half_idx: Optional[torch.Tensor] = None
+    q_half_num: Optional[torch.Tensor] = None
+    q_half_idx: Optional[torch.Tensor] = None
 
     def __init__(
         self,
@@ -155,9 +185,11 @@ class BlockMask:
         self.tail_partial = bool(tail_partial)
 
     @classmethod
-    def from_pairs(cls, kv_num, kv_idx, q_num, q_idx, seq_lengths, block_size, mask_mod, builder) -> "BlockMask":
+    def from_pairs(cls, kv_num, kv_idx, q_num, q_idx, seq_lengths, block_size, mask_mod, builder,
+                   halves=None) -> "BlockMask":
         """From the table pairs of :func:`table_buffers`, filled by a builder of this package: no checks
-        (the constructor's cost tens of microseconds, a per-batch cost on the packed path)."""
+        (the constructor's cost tens of microseconds, a per-batch cost on the packed path).
+        ``halves``: the four tables of :func:`half_buffers`, filled, or None."""
         self = cls.__new__(cls)
         self.kv_num_blocks, self.full_kv_num_blocks = kv_num.unbind(0)
         self.kv_indices, self.full_kv_indices = kv_idx.unbind(0)
@@ -168,6 +200,8 @@ class BlockMask:
         self.mask_mod = mask_mod
         self.builder = builder
         self.tail_partial = True  # both builders list a full block past the lengths as partial
+        if halves is not None:
+            self.kv_half_num, self.kv_half_idx, self.q_half_num, self.q_half_idx = halves
         return self
 
     # --- shape and device -------------------------------------------------------------------------

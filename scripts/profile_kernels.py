@@ -1,6 +1,6 @@
 """Where the time of one anchor case goes, hf_flex against torch's compiled flex_attention (CUDA).
 
-    python scripts/profile_kernels.py [--cases 4,1] [--json out.json]
+    python scripts/profile_kernels.py [--cases 4,1] [--json out.json] [--set halves=False]
     ncu --clock-control none --kernel-name regex:'attn_fwd_kernel|attn_bwd_kernel|triton_tem' \\
         --launch-count 16 --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         python scripts/profile_kernels.py --cases 4 --ncu
@@ -115,7 +115,18 @@ def main(argv=None):
     ap.add_argument("--cases", default="4,1", help="indices into hf_flex.bench.ANCHORS")
     ap.add_argument("--ncu", action="store_true", help="no timing: three forward+backward calls per library")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="set hf_flex.kernels.launch.SCHEDULE[KNOB] to a Python literal first (repeatable)")
     a = ap.parse_args(argv)
+    import ast
+
+    from hf_flex.kernels import launch
+
+    for kv in a.set:
+        knob, _, value = kv.partition("=")
+        if knob not in launch.SCHEDULE:
+            raise SystemExit(f"--set: unknown SCHEDULE knob {knob!r} (known: {sorted(launch.SCHEDULE)})")
+        launch.SCHEDULE[knob] = ast.literal_eval(value)
     rows = []
     for i in (int(x) for x in a.cases.split(",")):
         row = profile_case(i, a.ncu)

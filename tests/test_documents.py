@@ -16,7 +16,7 @@ import torch
 
 import hf_flex
 from hf_flex import mods
-from hf_flex.block_mask import FULL, PARTIAL, BlockMask, _tables, table_buffers
+from hf_flex.block_mask import FULL, PARTIAL, BlockMask, _tables, half_buffers, table_buffers
 from hf_flex.documents import (
     document_ids_from_cu_seqlens,
     document_ids_from_position_ids,
@@ -355,3 +355,128 @@ def test_structure_follows_moved_args(device):
     ref = hf_flex.create_block_mask(dataclasses.replace(mm, structure=None), 1, None, 120, 120, device="cpu",
                                     BLOCK_SIZE=16)
     assert torch.equal(bm.to_dense().cpu(), ref.to_dense())
+
+
+# --- half-block tables (the live halves of partial blocks) ----------------------------------------------
+
+
+def _live_halves(dense, nums, idx, blocks, transposed):
+    """The half lists the kernel should write, from the dense mask [B, S, S] and the whole-block partial
+    lists (``nums`` / ``idx``: query-major, or key-major when ``transposed``)."""
+    qb, kb = blocks
+    B = dense.shape[0]
+    out = []
+    for b in range(B):
+        rows = []
+        for r in range(nums.shape[-1]):
+            live = []
+            for j in idx[b, 0, r, : nums[b, 0, r]].tolist():
+                for t in range(2):
+                    h = 2 * j + t
+                    if transposed:  # halves of query block j against key block r
+                        tile = dense[b, h * (qb // 2): (h + 1) * (qb // 2), r * kb: (r + 1) * kb]
+                    else:
+                        tile = dense[b, r * qb: (r + 1) * qb, h * (kb // 2): (h + 1) * (kb // 2)]
+                    if tile.any():
+                        live.append(h)
+            rows.append(live)
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64)])
+def test_half_tables_exact(device, seed, blocks):
+    """The live halves of every partial block, against the dense mask: listed in order, first; every
+    half number once per row (the rest after the count)."""
+    qb, kb = blocks
+    g = torch.Generator().manual_seed(200 + seed)
+    B, S = 1 + seed % 2, int(torch.randint(20, 200, (1,), generator=g))
+    ids = document_ids_from_position_ids(random_positions(B, S, seed))
+    w = int(torch.randint(1, 90, (1,), generator=g))
+    for causal, window in ((True, None), (True, w), (False, None)):
+        parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window else [])
+        mm = mods.and_masks(*parts, mods.document(ids)) if parts else mods.document(ids)
+        nq, nkv = -(-S // qb), -(-S // kb)
+        tables = table_buffers(B, 1, nq, nkv, device)
+        halves = half_buffers(B, nq, nkv, device)
+        document_tables(ids.to(device), S, S, qb, kb, causal, window, *tables, halves=halves)
+        bm = BlockMask.from_pairs(*tables, (S, S), (qb, kb), mm, "packed", halves=halves).to("cpu")
+        kvh_num, kvh_idx, qh_num, qh_idx = (t.cpu() for t in halves)
+        dense = mm(torch.arange(B).view(B, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long),
+                   torch.arange(S).view(1, S, 1), torch.arange(S).view(1, 1, S)).expand(B, S, S)
+        for num, idx, whole, n_half, trans in (
+            (kvh_num, kvh_idx, (bm.kv_num_blocks, bm.kv_indices), 2 * nkv, False),
+            (qh_num, qh_idx, (bm.q_num_blocks, bm.q_indices), 2 * nq, True),
+        ):
+            want = _live_halves(dense, *whole, (qb, kb), trans)
+            for b in range(B):
+                for r, live in enumerate(want[b]):
+                    row = idx[b, 0, r].tolist()
+                    assert int(num[b, 0, r]) == len(live) and row[: len(live)] == live, (S, blocks, causal, window, trans, b, r)
+                    assert sorted(row) == list(range(n_half))
+
+
+def test_half_tables_need_even_blocks(device):
+    ids = document_ids_from_position_ids(random_positions(1, 40, 0))
+    with pytest.raises(ValueError, match="even block sizes"):
+        document_tables(ids.to(device), 40, 40, 15, 16, True, None, *table_buffers(1, 1, 3, 3, device),
+                        halves=half_buffers(1, 3, 3, device))
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 50), (False, None)])
+def test_attention_over_half_tables(device, monkeypatch, causal, window):
+    """Every partial-block loop walks the live halves (kernel tiles of half a block): forward and
+    backward against fp64; and the kernels do read both half tables (with their counts zeroed, the
+    partial blocks are skipped: the output, and dK/dV, change)."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.OVERRIDES, "fwd", launch.Tiles(32, 16, 4, 2, 32))
+    monkeypatch.setitem(launch.OVERRIDES, "dkdv", launch.Tiles(16, 32, 4, 2))
+    monkeypatch.setitem(launch.OVERRIDES, "dq", launch.Tiles(32, 16, 4, 2))
+    S, blk = 150, 32
+    ids = document_ids_from_position_ids(random_positions(1, S, seed=3, max_len=60)).to(device)
+    parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window else [])
+    mm = mods.and_masks(*parts, mods.document(ids, packed=True)) if parts else mods.document(ids, packed=True)
+    n = -(-S // blk)
+    tables, halves = table_buffers(1, 1, n, n, device), half_buffers(1, n, n, device)
+    document_tables(ids, S, S, blk, blk, causal, window, *tables, halves=halves)
+    bm = BlockMask.from_pairs(*tables, (S, S), (blk, blk), mm, "packed", halves=halves)
+    assert launch.MaskTables.of(bm).partial_unit(blk, 16, False) == 16
+    assert launch.MaskTables.of(bm, transposed=True).partial_unit(blk, 16, False) == 16
+    assert int(halves[0].sum()) < 2 * int(bm.kv_num_blocks.sum())  # some halves are dead
+    q, k, v = rand_qkv(1, 2, 1, S, S, 16, device=device, seed=5)
+    check_attention(q, k, v, None, bm, enable_gqa=True)
+
+    def grads(halves_):
+        m = BlockMask.from_pairs(*tables, (S, S), (blk, blk), mm, "packed", halves=halves_)
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(qq, kk, vv, block_mask=m, enable_gqa=True)
+        out.sum().backward()
+        return out.detach(), kk.grad
+
+    out, dk = grads(halves)
+    out_bad, _ = grads((torch.zeros_like(halves[0]), *halves[1:]))
+    _, dk_bad = grads((halves[0], halves[1], torch.zeros_like(halves[2]), halves[3]))
+    assert not torch.allclose(out, out_bad)
+    assert not torch.allclose(dk, dk_bad)
+
+
+def test_packed_builder_writes_half_tables():
+    """On CUDA the packed builder fills the half tables (one head), the kernels take them with the
+    default tiles at 128 x 128 blocks, and SCHEDULE["halves"] = False turns them off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from hf_flex.kernels import launch
+
+    pos = random_positions(1, 1000, seed=4, max_len=300).cuda()
+    bm = packed_block_mask(position_ids=pos)
+    assert bm.kv_half_num is not None and bm.q_half_idx.shape == (1, 1, 8, 16)
+    tables = launch.MaskTables.of(bm)
+    assert tables.partial_unit(128, launch.fwd_tiles(128, 128, 2, 128, 128).block_n, False) == 64
+    launch.SCHEDULE["halves"] = False
+    try:
+        assert tables.partial_unit(128, 64, False) == 128
+    finally:
+        launch.SCHEDULE["halves"] = True
+    assert hf_flex.create_block_mask(bm.mask_mod, 1, 4, 1000, 1000).kv_half_num is None  # heads: no halves

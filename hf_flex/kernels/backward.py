@@ -157,6 +157,7 @@ def _dkdv_program(
     stride_lb, stride_lh,
     Q_NUM, Q_IDX, FQ_NUM, FQ_IDX,
     stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
+    QH_NUM, QH_IDX,
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
     DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
@@ -168,6 +169,7 @@ def _dkdv_program(
     KV_DIVISIBLE: tl.constexpr,
     TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
+    PARTIAL_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -180,6 +182,9 @@ def _dkdv_program(
     ONE_LOOP: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
+
+    PARTIAL_Q < SPARSE_Q: the partial-block loop walks the live halves of the partial query blocks
+    (QH_NUM / QH_IDX, BlockMask.q_half_num) instead of whole blocks.
 
     ATOMIC_DQ: also adds these keys' share of dQ (times sm_scale) into DQ, a float32 [B, Hq, Sq, D]
     accumulator, so no dQ pass runs (two of the seven tile products fewer; not deterministic).
@@ -221,11 +226,15 @@ def _dkdv_program(
             full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
         else:
             full_idx, n_full = None, 0
+        if PARTIAL_Q < SPARSE_Q:  # live halves of the partial blocks: index rows twice as long
+            part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
+        else:
+            part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            Q_IDX + idx_off, tl.load(Q_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+            part_idx, n_part, b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, SPARSE_Q, BLOCK_M,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
         )
         if not ONE_LOOP:
@@ -324,6 +333,7 @@ def _dq_program(
     stride_lb, stride_lh,
     KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
     stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    KVH_NUM, KVH_IDX,
     Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
     mask_args, score_args, score_grads, K_DESC, V_DESC,
     MASK_MOD: tl.constexpr,
@@ -334,6 +344,7 @@ def _dq_program(
     TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
+    PARTIAL_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
@@ -345,7 +356,8 @@ def _dq_program(
     ONE_LOOP: tl.constexpr = False,
 ):
     """dQ of BLOCK_M queries of one (batch, query head): program (pid_m, pid_bh) of the dQ pass.
-    ONE_LOOP: partial and full key blocks in one loop, as in :func:`_dkdv_program`."""
+    ONE_LOOP: partial and full key blocks in one loop, as in :func:`_dkdv_program`. PARTIAL_KV <
+    SPARSE_KV: the partial loop walks the live halves of the partial key blocks (KVH_NUM / KVH_IDX)."""
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -379,11 +391,15 @@ def _dq_program(
         full_idx, n_full = FKV_IDX + idx_off, tl.load(FKV_NUM + num_off)
     else:
         full_idx, n_full = None, 0
+    if PARTIAL_KV < SPARSE_KV:  # live halves of the partial blocks: index rows twice as long
+        part_idx, n_part = KVH_IDX + 2 * idx_off, tl.load(KVH_NUM + num_off)
+    else:
+        part_idx, n_part = KV_IDX + idx_off, tl.load(KV_NUM + num_off)
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
+        part_idx, n_part, b, h, mb, mh, q_idx, KV_LEN, sm_scale,
         mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, KV_DIVISIBLE, PARTIAL_KV, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
     )
     if not ONE_LOOP:
@@ -417,12 +433,13 @@ def attn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     Q_NUM, Q_IDX, FQ_NUM, FQ_IDX,
     stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
+    QH_NUM, QH_IDX,  # half-block tables of the partial blocks, read when PARTIAL_Q < SPARSE_Q
     Q_LEN, KV_LEN, HKV, GROUP, sm_scale,
     mask_args, score_args,
     DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE_Q: tl.constexpr, PARTIAL_Q: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
     ATOMIC_DQ: tl.constexpr = False, ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None,  # tensor descriptors of Q and dO (TMA), or pointer loads
@@ -435,10 +452,11 @@ def attn_bwd_dkdv_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         stride_lb, stride_lh,
-        Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik,
+        Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_ik, QH_NUM, QH_IDX,
         Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
         DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q, SPARSE_KV,
+        BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
     )
 
@@ -454,10 +472,12 @@ def attn_bwd_dq_kernel(
     stride_lb, stride_lh,
     KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
     stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    KVH_NUM, KVH_IDX,  # half-block tables of the partial blocks, read when PARTIAL_KV < SPARSE_KV
     Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
     KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    PARTIAL_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
@@ -471,9 +491,10 @@ def attn_bwd_dq_kernel(
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
-        KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+        KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, KVH_NUM, KVH_IDX,
         Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
-        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, BLOCK_M, BLOCK_N,
+        MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, PARTIAL_KV,
+        BLOCK_M, BLOCK_N,
         D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
     )
 
@@ -497,12 +518,13 @@ def attn_bwd_kernel(
     stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
     KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,  # query-major tables (dQ pass)
     stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    QH_NUM, QH_IDX, KVH_NUM, KVH_IDX,  # half-block tables of the partial blocks, when PARTIAL_* < SPARSE_*
     Q_LEN, KV_LEN, HQ, HKV, GROUP, sm_scale,
     N_DKDV, N_TILES_KV, N_TILES_Q,
     mask_args, score_args, score_grads,
     MASK_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_PARAM_GRAD: tl.constexpr,
     Q_DIVISIBLE: tl.constexpr, KV_DIVISIBLE: tl.constexpr, TAIL_PARTIAL: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, PARTIAL_Q: tl.constexpr, PARTIAL_KV: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, DKDV_BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr,
     REVERSE_M: tl.constexpr, AHEAD_FULL: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
@@ -547,10 +569,11 @@ def attn_bwd_kernel(
             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
             stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
             stride_lb, stride_lh,
-            Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik,
+            Q_NUM, Q_IDX, FQ_NUM, FQ_IDX, stride_cnb, stride_cnh, stride_cib, stride_cih, stride_ik, QH_NUM, QH_IDX,
             Q_LEN, KV_LEN, HKV, GROUP, sm_scale, mask_args, score_args,
             DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
-            MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
+            MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q,
+            SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
         )
     else:
@@ -560,8 +583,8 @@ def attn_bwd_kernel(
             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
             stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh,
-            KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+            KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, KVH_NUM, KVH_IDX,
             Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, PARTIAL_KV,
             DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
         )

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_tables import count_or_list, demote_ragged, list_destinations, ragged_tail
+from .block_tables import count_or_list, demote_ragged, list_blocks, list_destinations, ragged_tail
 
 
 @triton.jit
@@ -53,11 +53,16 @@ def _document_tables_kernel(
     kvi_half,
     qn_half,
     qi_half,
+    KVH_NUM,  # int32 [B, 1, nQ]: live halves of each row's partial key blocks (BlockMask.kv_half_num)
+    KVH_IDX,  # int32 [B, 1, nQ, 2 nKV]
+    QH_NUM,  # int32 [B, 1, nKV]
+    QH_IDX,  # int32 [B, 1, nKV, 2 nQ]
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     Q_BLOCK: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
+    HALVES: tl.constexpr = False,
 ):
     # Program r < nQ: the key-block lists of query block r, classifying its row of blocks on the fly;
     # program nQ + c: the query-block lists of key block c (its column). Lists as in block_tables.
@@ -105,10 +110,70 @@ def _document_tables_kernel(
             )
     tl.store(num, n_p)
     tl.store(num + num_half, n_f)
+    if HALVES:
+        _list_live_halves(row, stride_s, is_row, b, c, d_lo, d_hi, lo, hi, L, NQ, NKV, Q_LEN, KV_LEN, WINDOW,
+                          own_is_tail, other_tail, KVH_NUM, KVH_IDX, QH_NUM, QH_IDX,
+                          CAUSAL, HAS_WINDOW, Q_BLOCK, KV_BLOCK, CHUNK)
+
+
+@triton.jit
+def _list_live_halves(row, stride_s, is_row, b, c, d_lo, d_hi, lo, hi, L, NQ, NKV, Q_LEN, KV_LEN, WINDOW,
+                      own_is_tail, other_tail, KVH_NUM, KVH_IDX, QH_NUM, QH_IDX,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, Q_BLOCK: tl.constexpr,
+                      KV_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """The half-block list of this program's row (query block c: halves of its partial key blocks) or
+    column (key block c: halves of its partial query blocks): the halves holding an allowed pair
+    first, ascending, then the others (count in KVH_NUM / QH_NUM). A half is KV_BLOCK / 2 keys (or
+    Q_BLOCK / 2 queries), half 2 j + t of block j starting at (2 j + t) * half; one past the length
+    holds nothing."""
+    if is_row:
+        num = KVH_NUM + b * NQ + c
+        idx = KVH_IDX + (b * NQ + c) * (2 * NKV)
+        other_len = KV_LEN
+    else:
+        num = QH_NUM + b * NKV + c
+        idx = QH_IDX + (b * NKV + c) * (2 * NQ)
+        other_len = Q_LEN
+    n_live = tl.full((), 0, tl.int32)
+    for p in range(2):  # pass 0 counts, pass 1 lists
+        sel = tl.full((), 0, tl.int32)
+        oth = tl.full((), 0, tl.int32)
+        for s in range(0, 2 * L, CHUNK):
+            o = s + tl.arange(0, CHUNK)  # half numbers
+            m = o < 2 * L
+            blk = o // 2
+            if is_row:
+                half = KV_BLOCK // 2
+                b_lo = blk * KV_BLOCK
+                b_hi = tl.minimum(b_lo + KV_BLOCK - 1, KV_LEN - 1)
+            else:
+                half = Q_BLOCK // 2
+                b_lo = blk * Q_BLOCK
+                b_hi = tl.minimum(b_lo + Q_BLOCK - 1, Q_LEN - 1)
+            h_lo = o * half
+            h_in = m & (h_lo < other_len)
+            h_hi = tl.minimum(h_lo + half - 1, other_len - 1)
+            db_lo = tl.load(row + b_lo * stride_s, mask=m, other=0)
+            db_hi = tl.load(row + b_hi * stride_s, mask=m, other=0)
+            dh_lo = tl.load(row + h_lo * stride_s, mask=h_in, other=0)
+            dh_hi = tl.load(row + h_hi * stride_s, mask=h_in, other=0)
+            if is_row:  # this program's queries lo..hi against the keys of block / half
+                cls = _document_class(d_lo, d_hi, lo, hi, db_lo, db_hi, b_lo, b_hi, WINDOW, CAUSAL, HAS_WINDOW)
+                hcls = _document_class(d_lo, d_hi, lo, hi, dh_lo, dh_hi, h_lo, h_hi, WINDOW, CAUSAL, HAS_WINDOW)
+            else:  # the queries of block / half against this program's keys lo..hi
+                cls = _document_class(db_lo, db_hi, b_lo, b_hi, d_lo, d_hi, lo, hi, WINDOW, CAUSAL, HAS_WINDOW)
+                hcls = _document_class(dh_lo, dh_hi, h_lo, h_hi, d_lo, d_hi, lo, hi, WINDOW, CAUSAL, HAS_WINDOW)
+            cls = demote_ragged(cls, own_is_tail, blk, other_tail)
+            live = ((cls == 1) & (hcls != 0) & h_in).to(tl.int32)
+            if p == 0:
+                n_live += tl.sum(live, 0)
+            else:
+                sel, oth = list_blocks(live, o, m, 1, n_live, sel, oth, idx)
+    tl.store(num, n_live)
 
 
 def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv_block: int, causal: bool,
-                    window, kv_num, kv_idx, q_num, q_idx) -> None:
+                    window, kv_num, kv_idx, q_num, q_idx, halves=None) -> None:
     """Fill the eight block tables (as :func:`~hf_flex.kernels.block_tables.tables_from_classes` lays
     them out, Hm = 1) of "same document" AND (``causal``: kv <= q) AND (``window``: q - window < kv),
     for int32 ids [B, S] with non-decreasing rows (any strides: the packed document mask's ids are a
@@ -119,16 +184,23 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
     a block that straddles a diagonal or a window edge may be listed partial and hold no allowed pair
     (safe: the kernels evaluate the mask there). A full block that reaches past a length is listed
     partial (``demote_ragged``).
+
+    ``halves``: also fill the four half-block tables of :func:`~hf_flex.block_mask.half_buffers`
+    (BlockMask.kv_half_num ...): per row / column, the halves of its partial blocks that hold an
+    allowed pair (exact, from the ids at the halves' edges). Needs even block sizes.
     """
     B = ids.shape[0]
+    if halves is not None and (q_block % 2 or kv_block % 2):
+        raise ValueError(f"document_tables: half-block tables need even block sizes, got {q_block} x {kv_block}")
     nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
     _document_tables_kernel[(nq + nkv, B)](
         ids, ids.stride(0), ids.stride(1), nq, nkv, q_len, kv_len, ragged_tail(q_len, q_block), ragged_tail(kv_len, kv_block),
         int(window or 0),
         kv_num, kv_idx, q_num, q_idx,
         kv_num.stride(0), kv_idx.stride(0), q_num.stride(0), q_idx.stride(0),
+        *(halves if halves is not None else (kv_num, kv_idx, q_num, q_idx)),
         CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        Q_BLOCK=q_block, KV_BLOCK=kv_block, CHUNK=1024,
+        Q_BLOCK=q_block, KV_BLOCK=kv_block, CHUNK=1024, HALVES=halves is not None,
     )
 
 

@@ -247,6 +247,7 @@ def attn_fwd_kernel(
     stride_lb, stride_lh,
     KV_NUM, KV_IDX, FKV_NUM, FKV_IDX,
     stride_nb, stride_nh, stride_ib, stride_ih, stride_iq,
+    KVH_NUM, KVH_IDX,  # half-block tables of the partial blocks (BlockMask.kv_half_num), read when PARTIAL_KV < SPARSE_KV
     Q_LEN, KV_LEN, HQ, GROUP, sm_scale,
     mask_args, score_args,
     MASK_MOD: tl.constexpr,
@@ -256,6 +257,7 @@ def attn_fwd_kernel(
     TAIL_PARTIAL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
+    PARTIAL_KV: tl.constexpr,  # keys per entry of the partial-block list: SPARSE_KV, or half of it (halves)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_N_FULL: tl.constexpr,
@@ -306,10 +308,14 @@ def attn_fwd_kernel(
         full_idx, n_full = FKV_IDX + idx_off, tl.load(FKV_NUM + num_off)
     else:
         full_idx, n_full = None, 0
+    if PARTIAL_KV < SPARSE_KV:  # the live halves of the partial blocks: index rows twice as long
+        part_idx, n_part = KVH_IDX + 2 * idx_off, tl.load(KVH_NUM + num_off)
+    else:
+        part_idx, n_part = KV_IDX + idx_off, tl.load(KV_NUM + num_off)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        KV_IDX + idx_off, tl.load(KV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
-        score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, SPARSE_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+        part_idx, n_part, b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,
+        score_args, MASK_MOD, SCORE_MOD, True, KV_DIVISIBLE, PARTIAL_KV, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
         AHEAD_PARTIAL and not ONE_LOOP, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, full_idx, n_full,
     )
     if not ONE_LOOP:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -88,11 +89,14 @@ OVERRIDES: dict = {}
 #   of causal masks run first across all heads (longest-first scheduling), not head by head. The
 #   forward's takes True, False or "documents" (the default: heads first where the mask holds packed
 #   documents, measured +2-10 % there and -3..-15 % on causal and sliding masks; NOTES.md).
+# halves: where a block mask has half-block tables (the packed builder's), every partial-block loop
+#   walks the live halves of its partial blocks (MaskTables.partial_unit) and skips the dead ones at
+#   document boundaries; full blocks stay whole. Measured in NOTES.md (ninth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
-    "bwd_heads_first": False,
+    "bwd_heads_first": False, "halves": True,
 }
 
 
@@ -157,13 +161,34 @@ class MaskTables:
     full_num: torch.Tensor
     full_idx: torch.Tensor
     tail_partial: bool = False
+    # the live halves of the partial blocks (BlockMask.kv_half_num ...), or None
+    half_num: Optional[torch.Tensor] = None
+    half_idx: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, bm, transposed: bool = False) -> "MaskTables":
         """The query-major tables of BlockMask ``bm`` (forward, dQ), or its key-major ones (dK/dV)."""
         if transposed:
-            return cls(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, bm.tail_partial)
-        return cls(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.tail_partial)
+            return cls(bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, bm.tail_partial,
+                       bm.q_half_num, bm.q_half_idx)
+        return cls(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.tail_partial,
+                   bm.kv_half_num, bm.kv_half_idx)
+
+    def partial_unit(self, sparse: int, tile: int, one_loop: bool) -> int:
+        """Positions per entry of the list the partial-block loop walks: ``sparse`` (whole blocks), or
+        ``sparse // 2`` where the live-half tables exist and SCHEDULE["halves"] allows, the loop's
+        ``tile`` fits a half and the loop does not also walk full blocks (one_loop)."""
+        if (self.half_num is None or not SCHEDULE["halves"] or one_loop or sparse % 2 or tile > sparse // 2
+                or self.num.shape[1] != 1):
+            return sparse
+        return sparse // 2
+
+    def half_tables(self):
+        """(half_num, half_idx) for the kernels' arguments: the whole-block tables stand in where
+        there are none (then never read)."""
+        if self.half_num is None:
+            return self.num, self.idx
+        return self.half_num, self.half_idx
 
     def strides(self):
         Bm, Hm, R = self.num.shape
@@ -264,7 +289,7 @@ def flex_forward(
         q, k, v, out, lse, sink if sink is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
         tables.num, tables.idx, tables.full_num, tables.full_idx,
-        s_nb, s_nh, s_ib, s_ih, tables.idx.shape[-1],
+        s_nb, s_nh, s_ib, s_ih, tables.idx.shape[-1], *tables.half_tables(),
         SQ, SKV, HQ, HQ // HKV, sm_scale,
         mask_args, score_args,
         MASK_MOD=mask_fn,
@@ -274,6 +299,7 @@ def flex_forward(
         TAIL_PARTIAL=tables.tail_partial,
         SPARSE_Q=sq,
         SPARSE_KV=skv,
+        PARTIAL_KV=tables.partial_unit(skv, t.block_n, SCHEDULE["fwd_one_loop"]),
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
         BLOCK_N_FULL=t.block_n_full,
@@ -355,6 +381,8 @@ def flex_backward(
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
+    one_loop = SCHEDULE["bwd_one_loop"]
+    partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
 
     def dkdv_pass(dq_out, atomic_dq: bool):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
@@ -362,9 +390,10 @@ def flex_backward(
             q, k, v, dout, dk, dv, lse, delta,
             *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
+            *bwd_tables.half_tables(),
             SQ, SKV, HKV, HQ // HKV, sm_scale,
             mask_args, score_args, dq_out, *dq_out.stride(),
-            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq,
+            Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
             Q_DESC=q_desc, DO_DESC=do_desc, **dict(common, MASK_MOD=by_key),
         )
 
@@ -379,10 +408,12 @@ def flex_backward(
             *strides, *dq.stride(), *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
             fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
+            *bwd_tables.half_tables(), *fwd_tables.half_tables(),
             SQ, SKV, HQ, HKV, HQ // HKV, sm_scale,
             n_dkdv, n_kv, n_q,
             mask_args, score_args, score_grads,
             SCORE_PARAM_GRAD=score_param_grad_fn, Q_DIVISIBLE=_divides(SQ, sq),
+            PARTIAL_Q=partial_q, PARTIAL_KV=fwd_tables.partial_unit(skv, t2.block_n, one_loop),
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, **common,
@@ -394,9 +425,11 @@ def flex_backward(
         q, k, v, dout, dq, lse, delta,
         *strides, *dq.stride(), lse.stride(0), lse.stride(1),
         fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
+        *fwd_tables.half_tables(),
         SQ, SKV, HQ, HQ // HKV, sm_scale,
         mask_args, score_args, score_grads,
         SCORE_PARAM_GRAD=score_param_grad_fn, BLOCK_M=t2.block_m, BLOCK_N=t2.block_n,
+        PARTIAL_KV=fwd_tables.partial_unit(skv, t2.block_n, one_loop),
         REVERSE_M=SCHEDULE["reverse_m"], K_DESC=k_desc, V_DESC=v_desc, **common,
     )
     return dq, dk, dv, delta[..., :SQ]
