@@ -152,6 +152,7 @@ class FlexAttentionFunction(torch.autograd.Function):
             em.kernel_grad_fn if score_fn is not None else None,
             em.kernel_param_grad_fn if want_params else None,
             grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
+            packed_documents=spec.packs_documents(),
         )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:

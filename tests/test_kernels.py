@@ -339,6 +339,44 @@ def test_heads_first_for_documents(device, monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_bwd_flat_group(device, fused, monkeypatch):
+    """SCHEDULE["bwd_flat_group"]: with tables shared by every head, each dK/dV loop walks its blocks
+    for all the query heads of its key head in one loop. The same gradients (three query heads per key
+    head, ragged lengths, a score mod's derivative, empty rows); per-head tables, one query head per key
+    head and bwd_index_ahead keep the loop per head; "documents" takes it where the mask packs
+    documents; anything else is an error naming the key."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", True)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
+    spy = _LaunchSpy(getattr(launch, name))
+    monkeypatch.setattr(launch, name, spy)
+    q, k, v = rand_qkv(2, 6, 2, 113, 90, 16, dtype=torch.float32, device=device, seed=61)
+    for mask, bs in (("causal&document", (32, 16)), ("causal&sliding", (32, 64))):
+        check_attention(q, k, v, mods.softcap(3.0), _block_mask(mask, 2, None, 113, 90, device, bs, seed=63),
+                        enable_gqa=True)
+    assert [c["FLAT_GROUP"] for c in spy.calls] == [True, True]
+    per_head = hf_flex.create_block_mask(MASKS["causal"](2, 113, 90, device, 0), 2, 6, 113, 90, device=device,
+                                         BLOCK_SIZE=32)
+    check_attention(q, k, v, None, per_head, enable_gqa=True)
+    q1 = q[:, :2].contiguous()
+    check_attention(q1, k, v, None, _block_mask("causal", 2, None, 113, 90, device, 32))  # one head per key head
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_index_ahead", True)
+    check_attention(q, k, v, None, _block_mask("causal", 2, None, 113, 90, device, 32), enable_gqa=True)
+    assert [c["FLAT_GROUP"] for c in spy.calls[2:]] == [False, False, False]
+    # "documents" (the default): the flat loop where the mask packs documents
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_index_ahead", False)
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", "documents")
+    for mask in ("causal&document", "causal"):
+        check_attention(q, k, v, None, _block_mask(mask, 2, None, 113, 90, device, 32, seed=65), enable_gqa=True)
+    assert [c["FLAT_GROUP"] for c in spy.calls[5:]] == [True, False]
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", "docs")
+    with pytest.raises(ValueError, match=r'SCHEDULE\["bwd_flat_group"\]'):
+        check_attention(q, k, v, None, _block_mask("causal", 2, None, 113, 90, device, 32), enable_gqa=True)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_atomic_dq(device, fused, monkeypatch):
     """SCHEDULE["atomic_dq"]: dQ added by the dK/dV programs with float32 atomics, no dQ pass. The same
     answers (ragged lengths, several query heads per key head, a score mod's derivative, 128-key

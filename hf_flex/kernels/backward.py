@@ -88,17 +88,37 @@ def _dkdv_inner(
     AHEAD: tl.constexpr,
     IDX2=None,
     n_blocks2=0,
+    FLAT: tl.constexpr = False,
+    n_heads=1,
+    s_qh=0,
+    s_doh=0,
+    s_lh=0,
+    s_dqh=0,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
-    ones second, and the mask and position checks apply to both."""
+    ones second, and the mask and position checks apply to both.
+
+    FLAT: the same blocks for ``n_heads`` query heads h, h + 1, ... (their Q, dO, LSE, delta, dQ rows
+    ``s_qh`` ... apart) in one loop, head after head: one pipeline fill and drain for the whole GQA
+    group instead of one per head (the tables must not differ between heads; not with AHEAD)."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_Q, True)
-    for i in range(0, (n_blocks + n_blocks2) * SUB):
+    per_head = (n_blocks + n_blocks2) * SUB
+    for it in range(0, per_head * n_heads):
+        if FLAT:
+            g = it // per_head
+            i = it - g * per_head
+            Qg, DOg, DQg = Q_ptr + g * s_qh, DO_ptr + g * s_doh, DQ_ptr + g * s_dqh
+            LSEg, DELTAg = LSE_ptr + g * s_lh, DELTA_ptr + g * s_lh
+            hg, hqg = h + g, hq + g
+        else:
+            i = it
+            Qg, DOg, DQg, LSEg, DELTAg, hg, hqg = Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, DELTA_ptr, h, hq
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_Q)
         elif not AHEAD:
@@ -107,20 +127,20 @@ def _dkdv_inner(
         # Q^T [DP, BLOCK_M] and dO [BLOCK_M, DVP]; queries past the end (not Q_DIVISIBLE) load zeros
         # and LSE +inf: they add nothing to dK, dV
         if Q_DESC is not None:  # TMA
-            qT, do = tma_tiles(Q_DESC, DO_DESC, b, hq, start + (i % SUB) * BLOCK_M, BLOCK_M, DP, DVP)
+            qT, do = tma_tiles(Q_DESC, DO_DESC, b, hqg, start + (i % SUB) * BLOCK_M, BLOCK_M, DP, DVP)
             q_idx = tile_positions(offs_m, Q_LEN, not Q_DIVISIBLE)
         else:
-            qT, do, q_idx = kv_tiles(Q_ptr, DO_ptr, offs_m, stride_qm, stride_qd, stride_dom, stride_dod, Q_LEN,
+            qT, do, q_idx = kv_tiles(Qg, DOg, offs_m, stride_qm, stride_qd, stride_dom, stride_dod, Q_LEN,
                                      D, DP, DV, DVP, not Q_DIVISIBLE, False)
         # padded past Q_LEN by the delta kernel (LSE2 +inf, delta 0): no bounds checks
-        lse2 = tl.load(LSE_ptr + offs_m)
-        delta = tl.load(DELTA_ptr + offs_m)
+        lse2 = tl.load(LSEg + offs_m)
+        delta = tl.load(DELTAg + offs_m)
         # transposed tile: rows are keys, columns are queries. Keys past the end need no check: their
         # rows of dK, dV are never stored and, row by row, touch no other row; only the dQ this
         # program adds (ATOMIC_DQ) sums over keys
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
-            qkT, b, h, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
+            qkT, b, hg, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, ATOMIC_DQ and not KV_DIVISIBLE,
         )
         pT = tl.math.exp2(sT - lse2[None, :])
@@ -128,13 +148,13 @@ def _dkdv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         if SCORE_GRAD is not None:
-            dsT = SCORE_GRAD(s_inT, dsT, b, h, q_idx, kv_idx, score_args)
+            dsT = SCORE_GRAD(s_inT, dsT, b, hg, q_idx, kv_idx, score_args)
         dsT_lp = dsT.to(qT.dtype)
         dk = tl.dot(dsT_lp, tl.trans(qT), dk, input_precision=DOT_PREC)
         if ATOMIC_DQ:
             # this key tile's share of dQ = dS K, added into the float32 accumulator (no dQ pass)
             dq = tl.dot(tl.trans(dsT_lp), k, input_precision=DOT_PREC) * sm_scale
-            dq_ptrs = DQ_ptr + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+            dq_ptrs = DQg + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
             if Q_DIVISIBLE:
                 tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
             else:
@@ -180,8 +200,13 @@ def _dkdv_program(
     DOT_PREC: tl.constexpr,
     AHEAD_FULL: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
+    FLAT_GROUP: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
+
+    FLAT_GROUP: the tables are the same for every head (broadcast), so each loop walks its blocks for
+    all GROUP query heads of this key head in one pipelined loop (_dkdv_inner's FLAT) instead of a
+    loop per head. Not with ONE_LOOP or AHEAD_FULL.
 
     PARTIAL_Q < SPARSE_Q: the partial-block loop walks the live halves of the partial query blocks
     (QH_NUM / QH_IDX, BlockMask.q_half_num) instead of whole blocks.
@@ -212,40 +237,69 @@ def _dkdv_program(
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
     dv = tl.zeros([BLOCK_N, DVP], tl.float32)
     mb = tl.where(stride_nb != 0, b, 0)  # broadcast block-mask dims: the mask sees index 0
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        mh = tl.where(stride_nh != 0, h, 0)
+    if FLAT_GROUP:
+        h = hk * GROUP
+        num_off = b * stride_nb + col
+        idx_off = b * stride_ib + col * stride_ik
+        if PARTIAL_Q < SPARSE_Q:
+            part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
+        else:
+            part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
         Q_ptr = Q + b * stride_qb + h * stride_qh
         DO_ptr = DO + b * stride_dob + h * stride_doh
         LSE_ptr = LSE + b * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
         DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
-        num_off = b * stride_nb + h * stride_nh + col
-        idx_off = b * stride_ib + h * stride_ih + col * stride_ik
-        if ONE_LOOP:  # the full blocks join the partial blocks' loop
-            full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
-        else:
-            full_idx, n_full = None, 0
-        if PARTIAL_Q < SPARSE_Q:  # live halves of the partial blocks: index rows twice as long
-            part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
-        else:
-            part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            part_idx, n_part, b, h, mb, mh, kv_idx, kv_in[:, None],
+            part_idx, n_part, b, h, mb, 0, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
+            D, DP, DV, DVP, DOT_PREC, False, None, 0, True, GROUP, stride_qh, stride_doh, stride_lh, stride_dqh,
         )
-        if not ONE_LOOP:
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+            FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, 0, kv_idx, kv_in[:, None],
+            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
+            KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
+            D, DP, DV, DVP, DOT_PREC, False, None, 0, True, GROUP, stride_qh, stride_doh, stride_lh, stride_dqh,
+        )
+    if not FLAT_GROUP:
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            mh = tl.where(stride_nh != 0, h, 0)
+            Q_ptr = Q + b * stride_qb + h * stride_qh
+            DO_ptr = DO + b * stride_dob + h * stride_doh
+            LSE_ptr = LSE + b * stride_lb + h * stride_lh
+            DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
+            DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
+            num_off = b * stride_nb + h * stride_nh + col
+            idx_off = b * stride_ib + h * stride_ih + col * stride_ik
+            if ONE_LOOP:  # the full blocks join the partial blocks' loop
+                full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
+            else:
+                full_idx, n_full = None, 0
+            if PARTIAL_Q < SPARSE_Q:  # live halves of the partial blocks: index rows twice as long
+                part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
+            else:
+                part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+                part_idx, n_part, b, h, mb, mh, kv_idx, kv_in[:, None],
                 Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
-                KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
-                D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
             )
+            if not ONE_LOOP:
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                    FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
+                    Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                    MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
+                    KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
+                    D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+                )
     dk = dk * sm_scale
     tl.store(
         DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -443,6 +497,7 @@ def attn_bwd_dkdv_kernel(
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, DOT_PREC: tl.constexpr, AHEAD_FULL: tl.constexpr = False,
     ATOMIC_DQ: tl.constexpr = False, ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None,  # tensor descriptors of Q and dO (TMA), or pointer loads
+    FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
 ):
     pid_n, pid_bh = tile_and_head(HEADS_FIRST, False)  # key tile 0 first: the longest under causal masks
     _dkdv_program(
@@ -457,7 +512,7 @@ def attn_bwd_dkdv_kernel(
         DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q, SPARSE_KV,
         BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP,
     )
 
 
@@ -531,6 +586,7 @@ def attn_bwd_kernel(
     ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
     MASK_MOD_BY_KEY: tl.constexpr = None,  # the dK/dV programs' form of MASK_MOD (MaskMod.by_key_fn)
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
+    FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
     # per (batch, key head) its dK/dV programs then the dQ programs of its query heads. Within a pass,
@@ -574,7 +630,7 @@ def attn_bwd_kernel(
             DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
             MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q,
             SPARSE_KV,
-            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
+            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP,
         )
     else:
         _dq_program(

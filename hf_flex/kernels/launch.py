@@ -89,6 +89,10 @@ OVERRIDES: dict = {}
 #   of causal masks run first across all heads (longest-first scheduling), not head by head. The
 #   forward's takes True, False or "documents" (the default: heads first where the mask holds packed
 #   documents, measured +2-10 % there and -3..-15 % on causal and sliding masks; NOTES.md).
+# bwd_flat_group: GQA with tables shared by every head: each dK/dV loop walks its blocks for all the
+#   query heads of its key head in one pipelined loop instead of a loop per head. True, False or
+#   "documents" (the default: where the mask packs documents, whose rows list few blocks: measured +3 %
+#   f+b there and -3 % on causal GQA, whose long loops amortise their fills; NOTES.md, ninth round).
 # halves: where a block mask has half-block tables (the packed builder's), every partial-block loop
 #   walks the live halves of its partial blocks (MaskTables.partial_unit) and skips the dead ones at
 #   document boundaries; full blocks stay whole. Measured in NOTES.md (ninth round).
@@ -96,7 +100,7 @@ SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
-    "bwd_heads_first": False, "halves": True,
+    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents",
 }
 
 
@@ -327,11 +331,12 @@ def flex_forward(
 def flex_backward(
     q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
     mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
-    dlse=None, mask_fn_by_key=None,
+    dlse=None, mask_fn_by_key=None, packed_documents: bool = False,
 ):
     """Returns (dq, dk, dv, delta); adds learnable score-mod gradients into ``score_grads`` (float64).
 
     ``mask_fn_by_key``: the dK/dV pass's form of ``mask_fn`` (MaskMod.kernel_fn_by_key); None: mask_fn.
+    ``packed_documents``: the mask holds packed documents, for SCHEDULE["bwd_flat_group"] == "documents".
 
     ``dlse`` [B, Hq, Sq] (the gradient reaching the returned LSE) folds into delta: since
     d lse / d s = P, dS = P * (dP - (delta - dlse)). The returned delta includes it.
@@ -383,6 +388,13 @@ def flex_backward(
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
     one_loop = SCHEDULE["bwd_one_loop"]
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
+    flat_group = SCHEDULE["bwd_flat_group"]
+    if flat_group == "documents":
+        flat_group = bool(packed_documents)
+    elif not isinstance(flat_group, bool):
+        raise ValueError(f'SCHEDULE["bwd_flat_group"] must be True, False or "documents", got {flat_group!r}')
+    flat_group = (flat_group and HQ > HKV and bwd_tables.num.shape[1] == 1 and not one_loop
+                  and not SCHEDULE["bwd_index_ahead"])
 
     def dkdv_pass(dq_out, atomic_dq: bool):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
@@ -394,7 +406,7 @@ def flex_backward(
             SQ, SKV, HKV, HQ // HKV, sm_scale,
             mask_args, score_args, dq_out, *dq_out.stride(),
             Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
-            Q_DESC=q_desc, DO_DESC=do_desc, **dict(common, MASK_MOD=by_key),
+            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, **dict(common, MASK_MOD=by_key),
         )
 
     if atomic:
@@ -416,7 +428,7 @@ def flex_backward(
             PARTIAL_Q=partial_q, PARTIAL_KV=fwd_tables.partial_unit(skv, t2.block_n, one_loop),
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
-            Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, **common,
+            Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group, **common,
         )
         return dq, dk, dv, delta[..., :SQ]
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
