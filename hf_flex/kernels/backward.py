@@ -237,69 +237,48 @@ def _dkdv_program(
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
     dv = tl.zeros([BLOCK_N, DVP], tl.float32)
     mb = tl.where(stride_nb != 0, b, 0)  # broadcast block-mask dims: the mask sees index 0
+    # one pass of the loops per query head of this key head, or (FLAT_GROUP) one for all of them
+    n_passes = GROUP
+    n_heads = 1
     if FLAT_GROUP:
-        h = hk * GROUP
-        num_off = b * stride_nb + col
-        idx_off = b * stride_ib + col * stride_ik
-        if PARTIAL_Q < SPARSE_Q:
-            part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
-        else:
-            part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
+        n_passes = 1
+        n_heads = GROUP
+    for g in range(0, n_passes):
+        h = hk * GROUP + g
+        mh = tl.where(stride_nh != 0, h, 0)
         Q_ptr = Q + b * stride_qb + h * stride_qh
         DO_ptr = DO + b * stride_dob + h * stride_doh
         LSE_ptr = LSE + b * stride_lb + h * stride_lh
         DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
         DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
+        num_off = b * stride_nb + h * stride_nh + col
+        idx_off = b * stride_ib + h * stride_ih + col * stride_ik
+        if ONE_LOOP:  # the full blocks join the partial blocks' loop
+            full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
+        else:
+            full_idx, n_full = None, 0
+        if PARTIAL_Q < SPARSE_Q:  # live halves of the partial blocks: index rows twice as long
+            part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
+        else:
+            part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            part_idx, n_part, b, h, mb, 0, kv_idx, kv_in[:, None],
+            part_idx, n_part, b, h, mb, mh, kv_idx, kv_in[:, None],
             Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC, False, None, 0, True, GROUP, stride_qh, stride_doh, stride_lh, stride_dqh,
+            D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
+            FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh,
         )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-            FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, 0, kv_idx, kv_in[:, None],
-            Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-            MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
-            KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
-            D, DP, DV, DVP, DOT_PREC, False, None, 0, True, GROUP, stride_qh, stride_doh, stride_lh, stride_dqh,
-        )
-    if not FLAT_GROUP:
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            mh = tl.where(stride_nh != 0, h, 0)
-            Q_ptr = Q + b * stride_qb + h * stride_qh
-            DO_ptr = DO + b * stride_dob + h * stride_doh
-            LSE_ptr = LSE + b * stride_lb + h * stride_lh
-            DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
-            DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
-            num_off = b * stride_nb + h * stride_nh + col
-            idx_off = b * stride_ib + h * stride_ih + col * stride_ik
-            if ONE_LOOP:  # the full blocks join the partial blocks' loop
-                full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
-            else:
-                full_idx, n_full = None, 0
-            if PARTIAL_Q < SPARSE_Q:  # live halves of the partial blocks: index rows twice as long
-                part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
-            else:
-                part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
+        if not ONE_LOOP:
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                part_idx, n_part, b, h, mb, mh, kv_idx, kv_in[:, None],
+                FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
                 Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
-                D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
+                MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
+                KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, None, 0,
+                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh,
             )
-            if not ONE_LOOP:
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                    FQ_IDX + idx_off, tl.load(FQ_NUM + num_off), b, h, mb, mh, kv_idx, kv_in[:, None],
-                    Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
-                    MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
-                    KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
-                    D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
-                )
     dk = dk * sm_scale
     tl.store(
         DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
