@@ -361,8 +361,8 @@ def test_structure_follows_moved_args(device):
 
 
 def _live_halves(dense, nums, idx, blocks, transposed):
-    """The half lists the kernel should write, from the dense mask [B, S, S] and the whole-block partial
-    lists (``nums`` / ``idx``: query-major, or key-major when ``transposed``)."""
+    """The half lists the kernel should write, from the dense mask [B, Q_LEN, KV_LEN] and the
+    whole-block partial lists (``nums`` / ``idx``: query-major, or key-major when ``transposed``)."""
     qb, kb = blocks
     B = dense.shape[0]
     out = []
@@ -388,23 +388,24 @@ def _live_halves(dense, nums, idx, blocks, transposed):
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64)])
 def test_half_tables_exact(device, seed, blocks):
     """The live halves of every partial block, against the dense mask: listed in order, first; every
-    half number once per row (the rest after the count)."""
+    half number once per row (the rest after the count). Seed 1: fewer queries than keys."""
     qb, kb = blocks
     g = torch.Generator().manual_seed(200 + seed)
-    B, S = 1 + seed % 2, int(torch.randint(20, 200, (1,), generator=g))
+    B, S = 1 + seed % 2, int(torch.randint(40, 200, (1,), generator=g))
+    QL, KL = S - 37 * seed, S
     ids = document_ids_from_position_ids(random_positions(B, S, seed))
     w = int(torch.randint(1, 90, (1,), generator=g))
     for causal, window in ((True, None), (True, w), (False, None)):
         parts = ([mods.causal()] if causal else []) + ([mods.sliding_window(window)] if window else [])
         mm = mods.and_masks(*parts, mods.document(ids)) if parts else mods.document(ids)
-        nq, nkv = -(-S // qb), -(-S // kb)
+        nq, nkv = -(-QL // qb), -(-KL // kb)
         tables = table_buffers(B, 1, nq, nkv, device)
         halves = half_buffers(B, nq, nkv, device)
-        document_tables(ids.to(device), S, S, qb, kb, causal, window, *tables, halves=halves)
-        bm = BlockMask.from_pairs(*tables, (S, S), (qb, kb), mm, "packed", halves=halves).to("cpu")
+        document_tables(ids.to(device), QL, KL, qb, kb, causal, window, *tables, halves=halves)
+        bm = BlockMask.from_pairs(*tables, (QL, KL), (qb, kb), mm, "packed", halves=halves).to("cpu")
         kvh_num, kvh_idx, qh_num, qh_idx = (t.cpu() for t in halves)
         dense = mm(torch.arange(B).view(B, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long),
-                   torch.arange(S).view(1, S, 1), torch.arange(S).view(1, 1, S)).expand(B, S, S)
+                   torch.arange(QL).view(1, QL, 1), torch.arange(KL).view(1, 1, KL)).expand(B, QL, KL)
         for num, idx, whole, n_half, trans in (
             (kvh_num, kvh_idx, (bm.kv_num_blocks, bm.kv_indices), 2 * nkv, False),
             (qh_num, qh_idx, (bm.q_num_blocks, bm.q_indices), 2 * nq, True),
