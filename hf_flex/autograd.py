@@ -41,9 +41,14 @@ class KernelSpec:
         return self.block_mask.mask_mod.kernel_fn_by_key
 
     def packs_documents(self) -> bool:
-        """Whether the mask holds packed documents, alone or in an "and" (flex_forward's
-        ``packed_documents``): its rows list few, unevenly many blocks."""
-        return and_holds(self.block_mask.mask_mod.structure, ("packed_documents",))
+        """Whether the mask holds packed documents, alone or in an "and" (flex_forward's and
+        flex_backward's ``packed_documents``): its rows list few, unevenly many blocks. Every layer of
+        a batch shares one block mask: the walk of the mask's structure runs once per block mask."""
+        bm = self.block_mask
+        cached = bm.__dict__.get("_packs_documents")
+        if cached is None or cached[0] is not bm.mask_mod:
+            cached = bm._packs_documents = (bm.mask_mod, and_holds(bm.mask_mod.structure, ("packed_documents",)))
+        return cached[1]
 
     def elementwise(self, q: torch.Tensor):
         """The score mod whose Triton functions run on ``q``: its approximate form (ScoreMod.approx)
@@ -84,6 +89,7 @@ def _hollow(spec: KernelSpec):
         object.__setattr__(hollow_mm, "args", tuple(None if i in where else a for i, a in enumerate(mm.args)))
         hollow_bm = copy.copy(bm)
         hollow_bm.__dict__.pop("_hollow", None)
+        hollow_bm.__dict__.pop("_packs_documents", None)  # it holds the full mask_mod
         for n in _TABLES:
             setattr(hollow_bm, n, None)
         hollow_bm.mask_mod = hollow_mm
@@ -118,9 +124,10 @@ class FlexAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, sink, spec: KernelSpec, *learnables):
         mask_fn, mask_args = spec.mask()
         score_fn, score_args = spec.score(q)
+        ctx.packed_documents = spec.packs_documents()  # the backward's launch choices read it too
         out, lse = flex_forward(
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
-            sink, spec.scale, packed_documents=spec.packs_documents(),
+            sink, spec.scale, packed_documents=ctx.packed_documents,
         )
         spec_tensors, ctx.hollow_spec = _hollow(spec)
         ctx.save_for_backward(q, k, v, out, lse, sink, *spec_tensors)
@@ -152,7 +159,7 @@ class FlexAttentionFunction(torch.autograd.Function):
             em.kernel_grad_fn if score_fn is not None else None,
             em.kernel_param_grad_fn if want_params else None,
             grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
-            packed_documents=spec.packs_documents(),
+            packed_documents=ctx.packed_documents,
         )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:

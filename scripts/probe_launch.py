@@ -2,20 +2,20 @@
 compiled kernel it returned (kernel[grid](*all args)), for every launch of packed_block_mask and of one
 forward+backward of a bench case. GPU kept busy so the host never waits.
 
-    python scripts/probe_launch.py [--case 4] [--calls 300] [--src OUTDIR]
+    python scripts/probe_launch.py [--case 4] [--calls 300] [--src OUTDIR]   (calls x launches < ~1000)
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
-import time
 
 import torch
 import triton
 from triton.runtime import jit as tjit
 
 from hf_flex import bench
+from profile_host import _host_ms, block_table_call  # scripts/ is sys.path[0] when run as a script
 
 LAUNCH_OPTS = {"num_warps", "num_stages", "maxnreg", "num_ctas", "enable_fp_fusion", "launch_cooperative_grid"}
 
@@ -39,13 +39,7 @@ def record(fn_call):
 
 
 def host_us(f, calls):
-    torch.cuda._sleep(1_000_000_000)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        f()
-    dt = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return dt
+    return _host_ms(None, f, calls) * 1e3
 
 
 def compare(label, fn_call, calls):
@@ -81,13 +75,7 @@ def main():
         for m in (tjit, cc):
             with open(os.path.join(a.src, os.path.basename(m.__file__) + ".txt"), "w") as f:
                 f.write(inspect.getsource(m))
-    import hf_flex
-    from hf_flex.transformers.recognize import positions_in_documents
-
-    pos = positions_in_documents(bench.doc_ids(1, 16384, 24))
-    blk = lambda: hf_flex.packed_block_mask(position_ids=pos)  # noqa: E731
-    for _ in range(5):
-        blk()
+    blk = block_table_call()
     compare("packed_block_mask(position_ids), S=16384, 24 docs", blk, a.calls)
     c = bench.ANCHORS[a.case]
     st = bench.setup(c, seed=0)

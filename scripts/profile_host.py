@@ -47,7 +47,9 @@ def main():
 
 
 def _host_ms(label, fn, calls):
-    """Host time per call of ``fn`` with the GPU asleep (it never waits on it), and GC time."""
+    """Host time per call of ``fn`` in ms with the GPU asleep (it never waits on it), printed with the GC
+    time under ``label`` (None: not printed). Keep ``calls`` x launches per call below ~1000: past the
+    GPU's queue of pending launches, a launch blocks and this times the blocking."""
     gc_s = [0.0, 0]
 
     def gc_cb(phase, info, t=[0.0]):  # time in Python's garbage collector
@@ -65,8 +67,10 @@ def _host_ms(label, fn, calls):
     host = (time.perf_counter() - t0) / calls * 1e3
     gc.callbacks.remove(gc_cb)
     torch.cuda.synchronize()
-    print(f"{label}: {host:.3f} ms host per call ({gc_s[1]} collections, "
-          f"{gc_s[0] / calls * 1e3:.3f} ms per call in them; {len(gc.get_objects())} objects tracked)")
+    if label is not None:
+        print(f"{label}: {host:.3f} ms host per call ({gc_s[1]} collections, "
+              f"{gc_s[0] / calls * 1e3:.3f} ms per call in them; {len(gc.get_objects())} objects tracked)")
+    return host
 
 
 def _profile(title, fn, a):
@@ -85,8 +89,9 @@ def _profile(title, fn, a):
         print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
 
 
-def block_tables(a):
-    """The bench's block-table case (S=16384, 24 documents): packed_block_mask from position_ids."""
+def block_table_call():
+    """The bench's block-table case (S=16384, 24 documents): a call of packed_block_mask from
+    position_ids, warmed up (compiled)."""
     import hf_flex
     from hf_flex.transformers.recognize import positions_in_documents
 
@@ -95,6 +100,11 @@ def block_tables(a):
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
+    return fn
+
+
+def block_tables(a):
+    fn = block_table_call()
     _host_ms("hf_flex packed_block_mask(position_ids)", fn, a.calls)
     _profile(f"packed_block_mask(position_ids), {a.calls} calls", fn, a)
 

@@ -30,8 +30,8 @@ from hf_flex.kernels import launch
 # name -> SCHEDULE knobs to set, and optionally "tiles": {pass: Tiles} for launch.OVERRIDES
 SCHEDULES = {
     "main": {},  # the defaults (one_variant on)
-    "no_halves": {"halves": False},
-    "bwd_flat_group": {"bwd_flat_group": True},  # GQA: one dK/dV loop over the group's heads  # partial-block loops over whole blocks, dead halves included
+    "no_halves": {"halves": False},  # partial-block loops over whole blocks, dead halves included
+    "bwd_flat_group": {"bwd_flat_group": True},  # GQA: one dK/dV loop over the group's heads
     "exact_mods": {"approx_mods": False},
     "divisible_variant": {"one_variant": False},
     "fwd64x64w4": {"tiles": {"fwd": launch.Tiles(64, 64, 4, 3, 128)}},

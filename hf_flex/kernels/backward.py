@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .forward import (
-    _reversed, block_start, kv_tiles, scores_tile, tile_and_head, tile_positions, tma_tiles, two_tables_start,
+    _reversed, block_start, kv_tiles, partial_list, scores_tile, tile_and_head, tile_positions, tma_tiles,
+    two_tables_start,
 )
 
 
@@ -257,10 +258,7 @@ def _dkdv_program(
             full_idx, n_full = FQ_IDX + idx_off, tl.load(FQ_NUM + num_off)
         else:
             full_idx, n_full = None, 0
-        if PARTIAL_Q < SPARSE_Q:  # live halves of the partial blocks: index rows twice as long
-            part_idx, n_part = QH_IDX + 2 * idx_off, tl.load(QH_NUM + num_off)
-        else:
-            part_idx, n_part = Q_IDX + idx_off, tl.load(Q_NUM + num_off)
+        part_idx, n_part = partial_list(Q_NUM, Q_IDX, QH_NUM, QH_IDX, num_off, idx_off, PARTIAL_Q < SPARSE_Q)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
             part_idx, n_part, b, h, mb, mh, kv_idx, kv_in[:, None],
@@ -424,10 +422,7 @@ def _dq_program(
         full_idx, n_full = FKV_IDX + idx_off, tl.load(FKV_NUM + num_off)
     else:
         full_idx, n_full = None, 0
-    if PARTIAL_KV < SPARSE_KV:  # live halves of the partial blocks: index rows twice as long
-        part_idx, n_part = KVH_IDX + 2 * idx_off, tl.load(KVH_NUM + num_off)
-    else:
-        part_idx, n_part = KV_IDX + idx_off, tl.load(KV_NUM + num_off)
+    part_idx, n_part = partial_list(KV_NUM, KV_IDX, KVH_NUM, KVH_IDX, num_off, idx_off, PARTIAL_KV < SPARSE_KV)
     dq = _dq_inner(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         part_idx, n_part, b, h, mb, mh, q_idx, KV_LEN, sm_scale,

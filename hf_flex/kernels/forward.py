@@ -78,6 +78,16 @@ def tile_and_head(HEADS_FIRST: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def partial_list(NUM, IDX, HALF_NUM, HALF_IDX, num_off, idx_off, HALVES: tl.constexpr):
+    """(index row, count) of the partial blocks a program's partial-block loop walks: the whole-block
+    table's row at ``num_off`` / ``idx_off``, or (HALVES) the live halves of those blocks
+    (BlockMask.kv_half_num ...), whose index rows are twice as long, hence at twice the offset."""
+    if HALVES:
+        return HALF_IDX + 2 * idx_off, tl.load(HALF_NUM + num_off)
+    return IDX + idx_off, tl.load(NUM + num_off)
+
+
+@triton.jit
 def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr):
     """First position of the table block that tile ``i`` of a loop lies in (SUB tiles per block).
 
@@ -308,10 +318,7 @@ def attn_fwd_kernel(
         full_idx, n_full = FKV_IDX + idx_off, tl.load(FKV_NUM + num_off)
     else:
         full_idx, n_full = None, 0
-    if PARTIAL_KV < SPARSE_KV:  # the live halves of the partial blocks: index rows twice as long
-        part_idx, n_part = KVH_IDX + 2 * idx_off, tl.load(KVH_NUM + num_off)
-    else:
-        part_idx, n_part = KV_IDX + idx_off, tl.load(KV_NUM + num_off)
+    part_idx, n_part = partial_list(KV_NUM, KV_IDX, KVH_NUM, KVH_IDX, num_off, idx_off, PARTIAL_KV < SPARSE_KV)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         part_idx, n_part, b, h, mb, mh, q_idx, KV_LEN, sm_scale, mask_args,

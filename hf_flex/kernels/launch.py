@@ -110,6 +110,17 @@ def _grid(tiles: int, heads: int, heads_first: bool) -> tuple:
     return (heads, tiles) if heads_first else (tiles, heads)
 
 
+def _per_mask(knob: str, packed_documents: bool) -> bool:
+    """SCHEDULE[knob] for this call: True / False as set, or "documents": whether the mask holds packed
+    documents (KernelSpec.packs_documents)."""
+    value = SCHEDULE[knob]
+    if value == "documents":
+        return bool(packed_documents)
+    if not isinstance(value, bool):
+        raise ValueError(f'SCHEDULE["{knob}"] must be True, False or "documents", got {value!r}')
+    return value
+
+
 def _divides(n: int, block: int) -> bool:
     """Whether the partial-block loops may skip the checks for positions past the end ``n``."""
     return not SCHEDULE["one_variant"] and n % block == 0
@@ -284,11 +295,7 @@ def flex_forward(
         k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
     if tma == "both" and k_desc is not None:
         k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
-    heads_first = SCHEDULE["heads_first"]
-    if heads_first == "documents":
-        heads_first = bool(packed_documents)
-    elif not isinstance(heads_first, bool):
-        raise ValueError(f'SCHEDULE["heads_first"] must be True, False or "documents", got {heads_first!r}')
+    heads_first = _per_mask("heads_first", packed_documents)
     attn_fwd_kernel[_grid(triton.cdiv(SQ, t.block_m), B * HQ, heads_first)](
         q, k, v, out, lse, sink if sink is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
@@ -388,13 +395,8 @@ def flex_backward(
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
     one_loop = SCHEDULE["bwd_one_loop"]
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
-    flat_group = SCHEDULE["bwd_flat_group"]
-    if flat_group == "documents":
-        flat_group = bool(packed_documents)
-    elif not isinstance(flat_group, bool):
-        raise ValueError(f'SCHEDULE["bwd_flat_group"] must be True, False or "documents", got {flat_group!r}')
-    flat_group = (flat_group and HQ > HKV and bwd_tables.num.shape[1] == 1 and not one_loop
-                  and not SCHEDULE["bwd_index_ahead"])
+    flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
+                  and not one_loop and not SCHEDULE["bwd_index_ahead"])
 
     def dkdv_pass(dq_out, atomic_dq: bool):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
