@@ -134,8 +134,10 @@ def main(argv=None):
         if not a.ncu:
             _print(row)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from hf_flex import bench
+
+        with open(a.json, "w") as f:  # the card and versions with the numbers
+            json.dump(dict(bench.versions(), schedule_set=a.set, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
