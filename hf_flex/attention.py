@@ -91,7 +91,7 @@ def flex_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     sink = score_mod.sink if score_mod is not None else None
     learnables = tuple(score_mod.learnable_tensors()) if score_mod is not None and score_mod.has_elementwise else ()
-    spec = KernelSpec(block_mask, score_mod, sm_scale)
+    spec = KernelSpec(block_mask, score_mod, sm_scale, return_lse=bool(return_lse))
     out, lse = FlexAttentionFunction.apply(q, k, v, sink, spec, *learnables)
     return (out, lse) if return_lse else out
 

@@ -7,6 +7,7 @@ launchers and hands back gradients: dq, dk, dv, the sink logits' and the learnab
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -14,7 +15,7 @@ import torch
 
 from .block_mask import BlockMask
 from .kernels import interpreted
-from .kernels.launch import SCHEDULE, MaskTables, flex_backward, flex_forward
+from .kernels.launch import SCHEDULE, MaskTables, flex_backward, flex_forward, natural_lse
 from .modtypes import ScoreMod, and_holds
 
 
@@ -25,6 +26,9 @@ class KernelSpec:
     block_mask: BlockMask
     score_mod: Optional[ScoreMod]
     scale: float
+    # whether the caller wants the log-sum-exp (flex_attention's return_lse): then the forward also
+    # returns it in natural log (one more [B, Hq, Sq] float32 tensor); else that output is None
+    return_lse: bool = False
 
     def fwd_tables(self) -> MaskTables:
         return MaskTables.of(self.block_mask)
@@ -114,7 +118,8 @@ def _fill(hollow, tensors) -> KernelSpec:
 
 
 class FlexAttentionFunction(torch.autograd.Function):
-    """forward(q, k, v, sink, spec, *learnables) -> (out, lse).
+    """forward(q, k, v, sink, spec, *learnables) -> (out, lse [B, Hq, Sq] natural log, or None unless
+    spec.return_lse).
 
     ``learnables`` are the score mod's learnable tensors (also inside ``spec.score_mod.args``), passed
     here so autograd routes their gradients.
@@ -125,19 +130,21 @@ class FlexAttentionFunction(torch.autograd.Function):
         mask_fn, mask_args = spec.mask()
         score_fn, score_args = spec.score(q)
         ctx.packed_documents = spec.packs_documents()  # the backward's launch choices read it too
-        out, lse = flex_forward(
+        out, lse2 = flex_forward(
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
             sink, spec.scale, packed_documents=ctx.packed_documents,
         )
         spec_tensors, ctx.hollow_spec = _hollow(spec)
-        ctx.save_for_backward(q, k, v, out, lse, sink, *spec_tensors)
+        # lse2 (log2 units, the backward's form) is saved; the natural-log LSE exists only for a caller
+        # that asked for it
+        ctx.save_for_backward(q, k, v, out, lse2, sink, *spec_tensors)
         ctx.n_learnables = len(learnables)
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out, natural_lse(lse2) if spec.return_lse else None
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sink, *spec_tensors = ctx.saved_tensors
+        q, k, v, out, lse2, sink, *spec_tensors = ctx.saved_tensors
         spec = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)
         if dout is None and dlse is None:
@@ -154,7 +161,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         # the float32 reference's own error, on relative_bias tables)
         grads = tuple(torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
         dq, dk, dv, delta = flex_backward(
-            q, k, v, out, lse, dout, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
+            q, k, v, out, lse2, dout, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
             mask_fn, mask_args, score_fn, score_args,
             em.kernel_grad_fn if score_fn is not None else None,
             em.kernel_param_grad_fn if want_params else None,
@@ -163,8 +170,9 @@ class FlexAttentionFunction(torch.autograd.Function):
         )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
-            # d sink_h = -sum_{b,q} p_sink * delta, p_sink = exp(sink_h - lse) (delta already holds -dlse)
-            p_sink = torch.exp(sink.float().view(1, -1, 1) - lse)
+            # d sink_h = -sum_{b,q} p_sink * delta, p_sink = exp(sink_h - lse) = exp2(sink_h log2(e) - lse2)
+            # (delta already holds -dlse)
+            p_sink = torch.exp2(sink.float().view(1, -1, 1) * math.log2(math.e) - lse2)
             dsink = (-(p_sink * delta).sum(dim=(0, 2))).to(sink.dtype)
         dparams = tuple(g.to(t.dtype) for g, t in zip(grads, sm.learnable_tensors())) if want_params else (None,) * ctx.n_learnables
         return (dq, dk, dv, dsink, None) + dparams

@@ -117,6 +117,7 @@ def main():
     from hf_flex import mods
     from hf_flex.kernels import launch
 
+    defaults = dict(launch.SCHEDULE)
     for kv in filter(None, a.schedule.split(",")):
         k, v = kv.split("=")
         if k not in launch.SCHEDULE:
@@ -149,7 +150,9 @@ def main():
         except Exception as e:  # noqa: BLE001 (compile-only driver: anything after the launches may fail)
             print(f"(after the backward launches: {type(e).__name__})")
     os.makedirs(a.out, exist_ok=True)
-    sched = "".join(f"_{k}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(launch.SCHEDULE.items()))
+    # the knobs set away from their defaults (all of them would make too long a file name)
+    sched = "".join(f"_{k}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(launch.SCHEDULE.items())
+                    if v != defaults[k]) or "_default"
     print(f"{a.mask} D={a.D} S={a.S} schedule{sched} (triton {triton.__version__}, sm_90)")
     for name, kernels in compiled.items():
         if not name.startswith("attn_") or name == "attn_bwd_delta_kernel":

@@ -6,9 +6,11 @@ Without ATOMIC_DQ there are no atomics on dQ, dK or dV, so they are deterministi
 sums over the GROUP query heads that read it, in order. Learnable score-mod tensors (relative bias
 tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's float64 atomics.
 
-LSE arrives in natural log; attn_bwd_delta_kernel turns it into the loops' log2 units, a fully masked
-row (LSE = -inf) into +inf so its P is 0, not NaN, and pads it and delta past the end so the loops
-load both without bounds checks.
+LSE arrives in the forward kernel's form (launch.flex_forward): log2 units, +inf for a row with no
+allowed key, so P = exp2(s - LSE) is 0 there, not NaN. The loops read it and delta (one buffer of its
+size, attn_bwd_delta_kernel) as they are, the size torch's flex backward allocates; only loops that
+may reach queries past the end (the partial-block loops of lengths that do not divide the block)
+check them, loading LSE +inf and delta 0 there.
 """
 
 import triton
@@ -24,26 +26,21 @@ from .forward import (
 _DYNAMIC = ["stride_lb", "stride_lh", "stride_nb", "stride_nh", "stride_ib", "stride_ih", "stride_iq", "stride_ik", "Q_LEN", "KV_LEN"]
 
 
-@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_gb", "stride_gh", "stride_db", "stride_dh", "Q_LEN", "Q_PAD"])
+@triton.jit(do_not_specialize=["stride_gb", "stride_gh", "stride_db", "stride_dh", "Q_LEN"])
 def attn_bwd_delta_kernel(
-    O, DO, LSE, DLSE, DELTA, LSE2,
+    O, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_lb, stride_lh,
     stride_gb, stride_gh,
     stride_db, stride_dh,
-    Q_LEN, Q_PAD, HQ,
+    Q_LEN, HQ,
     BLOCK_M: tl.constexpr,
     DV: tl.constexpr,
     DVP: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
-    """The per-row inputs of the backward loops, for rows 0..Q_PAD-1 (Q_PAD: Q_LEN rounded up to the
-    table block, so every tile the loops load lies inside and their loads need no bounds checks):
-
-    DELTA = rowsum(dO * O) - dLSE (dLSE: the gradient reaching the returned LSE, when HAS_DLSE), and
-    LSE2 = LSE in log2 units (the loops' exp2), with a fully masked row (LSE = -inf) as +inf so its P
-    is 0, not NaN. Rows past Q_LEN: DELTA 0, LSE2 +inf (P = 0: they add nothing to dK, dV)."""
+    """The backward loops' per-row input besides LSE, for rows 0..Q_LEN-1: DELTA = rowsum(dO * O) -
+    dLSE (dLSE: the gradient reaching the returned LSE, when HAS_DLSE)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -57,11 +54,18 @@ def attn_bwd_delta_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + b * stride_gb + h * stride_gh + offs_m, mask=rows, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=rows, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    out = b * stride_db + h * stride_dh + offs_m
-    tl.store(DELTA + out, delta, mask=offs_m < Q_PAD)
-    tl.store(LSE2 + out, lse2, mask=offs_m < Q_PAD)
+    tl.store(DELTA + b * stride_db + h * stride_dh + offs_m, delta, mask=rows)
+
+
+@triton.jit
+def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr):
+    """(LSE in log2 units, delta) of queries ``offs_m``; CHECK: some may lie past Q_LEN, which read
+    LSE +inf and delta 0 (P = 0: they add nothing to dK, dV)."""
+    if CHECK:
+        q_ok = offs_m < Q_LEN
+        return (tl.load(LSE_ptr + offs_m, mask=q_ok, other=float("inf")),
+                tl.load(DELTA_ptr + offs_m, mask=q_ok, other=0.0))
+    return tl.load(LSE_ptr + offs_m), tl.load(DELTA_ptr + offs_m)
 
 
 @triton.jit
@@ -133,9 +137,7 @@ def _dkdv_inner(
         else:
             qT, do, q_idx = kv_tiles(Qg, DOg, offs_m, stride_qm, stride_qd, stride_dom, stride_dod, Q_LEN,
                                      D, DP, DV, DVP, not Q_DIVISIBLE, False)
-        # padded past Q_LEN by the delta kernel (LSE2 +inf, delta 0): no bounds checks
-        lse2 = tl.load(LSEg + offs_m)
-        delta = tl.load(DELTAg + offs_m)
+        lse2, delta = row_inputs(LSEg, DELTAg, offs_m, Q_LEN, not Q_DIVISIBLE)
         # transposed tile: rows are keys, columns are queries. Keys past the end need no check: their
         # rows of dK, dV are never stored and, row by row, touch no other row; only the dQ this
         # program adds (ATOMIC_DQ) sums over keys
@@ -409,8 +411,8 @@ def _dq_program(
         mask=q_in[:, None] & (offs_dv[None, :] < DV),
         other=0.0,
     )
-    lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m)  # padded: see attn_bwd_delta_kernel
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m)
+    lse2, delta = row_inputs(LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_lb + h * stride_lh, offs_m,
+                             Q_LEN, True)
     K_ptr = K + b * stride_kb + hk * stride_kh
     V_ptr = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, DP], tl.float32)

@@ -343,7 +343,9 @@ def attn_fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # LSE in the backward loops' form (launch.flex_forward): log2 units, a row with no allowed key +inf
+    # (its P is then 0, not NaN). The backward reads it as it is: no second per-row buffer
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(
         O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
         out.to(O.dtype.element_ty),

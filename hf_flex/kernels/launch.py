@@ -8,6 +8,7 @@ lse / delta [B, Hq, Sq] float32.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -100,7 +101,7 @@ SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
-    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents",
+    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents"
 }
 
 
@@ -274,7 +275,9 @@ def flex_forward(
     q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale,
     packed_documents: bool = False,
 ):
-    """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 natural log).
+    """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse2 [B, Hq, Sq] float32): the log-sum-exp of each row
+    in the form the backward reads, log2 units and +inf for a row with no allowed key (natural_lse
+    gives the user's form). The backward needs no per-row buffer of its own beside delta.
 
     ``packed_documents``: the mask holds packed documents (KernelSpec.packs_documents), for
     SCHEDULE["heads_first"] == "documents"."""
@@ -342,6 +345,8 @@ def flex_backward(
 ):
     """Returns (dq, dk, dv, delta); adds learnable score-mod gradients into ``score_grads`` (float64).
 
+    ``lse``: flex_forward's lse2 (log2 units, +inf for a row with no allowed key).
+
     ``mask_fn_by_key``: the dK/dV pass's form of ``mask_fn`` (MaskMod.kernel_fn_by_key); None: mask_fn.
     ``packed_documents``: the mask holds packed documents, for SCHEDULE["bwd_flat_group"] == "documents".
 
@@ -353,21 +358,21 @@ def flex_backward(
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
     t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    # delta and LSE in log2 units, one buffer, rows padded to whole table blocks: every tile the loops
-    # load lies inside, so they load without bounds checks (attn_bwd_delta_kernel)
-    sq_pad = triton.cdiv(SQ, sq) * sq
-    rows = torch.empty((2, B, HQ, sq_pad), dtype=torch.float32, device=q.device)
-    delta, lse2 = rows[0], rows[1]
+    # delta: one float per row, as torch's flex backward allocates (the loops read lse as the forward
+    # wrote it: no second per-row buffer, so a training step's peak is no higher than torch flex's).
+    # The loops read both with lse's strides
+    if lse.stride() != (HQ * SQ, SQ, 1):
+        lse = lse.contiguous()
+    delta = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     if dlse is not None and dlse.stride(-1) != 1:
         dlse = dlse.contiguous()
     dm = 64
-    attn_bwd_delta_kernel[(triton.cdiv(sq_pad, dm), B * HQ)](
-        out, dout, lse, dlse if dlse is not None else lse, delta, lse2,
-        *out.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+    attn_bwd_delta_kernel[(triton.cdiv(SQ, dm), B * HQ)](
+        out, dout, dlse if dlse is not None else delta, delta,
+        *out.stride(), *dout.stride(),
         *(dlse.stride()[:2] if dlse is not None else (0, 0)), delta.stride(0), delta.stride(1),
-        SQ, sq_pad, HQ, BLOCK_M=dm, DV=DV, DVP=DVP, HAS_DLSE=dlse is not None,
+        SQ, HQ, BLOCK_M=dm, DV=DV, DVP=DVP, HAS_DLSE=dlse is not None,
     )
-    lse = lse2  # what the loops read from here on
     atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
               and not torch.are_deterministic_algorithms_enabled())
     q_desc = do_desc = k_desc = v_desc = None
@@ -414,7 +419,7 @@ def flex_backward(
     if atomic:
         dq_acc = torch.zeros((B, HQ, SQ, D), dtype=torch.float32, device=q.device)
         dkdv_pass(dq_acc, True)
-        return dq.copy_(dq_acc), dk, dv, delta[..., :SQ]
+        return dq.copy_(dq_acc), dk, dv, delta
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
         n_dkdv = n_kv * B * HKV
         attn_bwd_kernel[(n_dkdv + n_q * B * HQ,)](
@@ -432,7 +437,7 @@ def flex_backward(
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group, **common,
         )
-        return dq, dk, dv, delta[..., :SQ]
+        return dq, dk, dv, delta
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
     attn_bwd_dq_kernel[_grid(n_q, B * HQ, heads_first)](
@@ -446,7 +451,12 @@ def flex_backward(
         PARTIAL_KV=fwd_tables.partial_unit(skv, t2.block_n, one_loop),
         REVERSE_M=SCHEDULE["reverse_m"], K_DESC=k_desc, V_DESC=v_desc, **common,
     )
-    return dq, dk, dv, delta[..., :SQ]
+    return dq, dk, dv, delta
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """flex_forward's lse2 as the user sees it: natural log, -inf for a row with no allowed key."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * math.log(2.0))
 
 
 def count_variants(kernels) -> int:

@@ -217,6 +217,29 @@ def test_peak_memory_32k_is_linear():
     assert extra <= budget
 
 
+@pytest.mark.parametrize("S", [4096, 4000])
+def test_backward_allocates_grads_and_one_row_buffer(S):
+    """What the backward allocates beyond its inputs: dq, dk, dv and delta, one float32 per row (what
+    torch's flex backward allocates), nothing more. A second per-row buffer (the LSE in log2 units,
+    as the backward once made) put a training step's peak one LSE above Transformers' flex_attention's
+    (NOTES.md, tenth round)."""
+    B, H, D = 1, 16, 128
+    q, k, v = (t.requires_grad_() for t in _rand(B, H, H, S, D, seed=9))
+    bm = hf_flex.create_block_mask(mods.causal(), None, None, S, S)
+    out = hf_flex.flex_attention(q, k, v, None, bm)
+    do = torch.randn_like(out)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    row_bytes = B * H * S * 4
+    expected = sum(g.numel() * g.element_size() for g in grads) + row_bytes
+    print(f"S={S}: backward allocated {extra} B, grads + one row buffer = {expected} B")
+    assert extra <= expected + 4096, f"backward allocated {extra - expected} B more than dq, dk, dv and delta"
+
+
 def test_block_mask_128k_bounded_memory():
     S = 131072
     torch.cuda.synchronize()
