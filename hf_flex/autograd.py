@@ -7,7 +7,6 @@ launchers and hands back gradients: dq, dk, dv, the sink logits' and the learnab
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -15,6 +14,7 @@ import torch
 
 from .block_mask import BlockMask
 from .kernels import interpreted
+from .kernels.forward import LOG2E
 from .kernels.launch import SCHEDULE, MaskTables, flex_backward, flex_forward, natural_lse
 from .modtypes import ScoreMod, and_holds
 
@@ -172,7 +172,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         if sink is not None and ctx.needs_input_grad[3]:
             # d sink_h = -sum_{b,q} p_sink * delta, p_sink = exp(sink_h - lse) = exp2(sink_h log2(e) - lse2)
             # (delta already holds -dlse)
-            p_sink = torch.exp2(sink.float().view(1, -1, 1) * math.log2(math.e) - lse2)
+            p_sink = torch.exp2(sink.float().view(1, -1, 1) * LOG2E - lse2)
             dsink = (-(p_sink * delta).sum(dim=(0, 2))).to(sink.dtype)
         dparams = tuple(g.to(t.dtype) for g, t in zip(grads, sm.learnable_tensors())) if want_params else (None,) * ctx.n_learnables
         return (dq, dk, dv, dsink, None) + dparams

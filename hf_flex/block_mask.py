@@ -42,6 +42,7 @@ into the eight tables (elsewhere two sorts).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -56,27 +57,43 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 logger = logging.getLogger(__name__)
 
 
+def _carve(device, pieces):
+    """Uninitialised int32 tables carved out of one allocation: per (shape, copies) of ``pieces``, a
+    [copies, *shape] view whose copies are each contiguous and start 128-byte aligned (copies == 1:
+    the [*shape] view itself).
+
+    The kernels take each table as a pointer, and Triton specialises on a pointer's 16-byte alignment:
+    a table starting mid-allocation would compile other kernel variants for some lengths. One
+    allocation, because the packed path builds its tables once per training batch and host time is
+    its cost."""
+    rows = [-(-math.prod(shape) // 32) * 32 for shape, _ in pieces]
+    buf = torch.empty(sum(k * row for (_, k), row in zip(pieces, rows)), dtype=torch.int32, device=device)
+    out, off = [], 0
+    for (shape, k), row in zip(pieces, rows):
+        if k == 1:
+            out.append(buf[off: off + math.prod(shape)].view(shape))
+        else:  # one as_strided for the copies
+            strides = [row] + [1] * len(shape)
+            for i in range(len(shape) - 2, -1, -1):
+                strides[i + 1] = strides[i + 2] * shape[i + 1]
+            out.append(buf.as_strided((k, *shape), strides, off))
+        off += k * row
+    return tuple(out)
+
+
+def _pair_shapes(Bm, Hm, nq, nkv):
+    return ((Bm, Hm, nq), (Bm, Hm, nq, nkv), (Bm, Hm, nkv), (Bm, Hm, nkv, nq))
+
+
+def _half_shapes(Bm, nq, nkv):
+    return ((Bm, 1, nq), (Bm, 1, nq, 2 * nkv), (Bm, 1, nkv), (Bm, 1, nkv, 2 * nq))
+
+
 def table_buffers(Bm: int, Hm: int, nq: int, nkv: int, device):
     """Uninitialised int32 (kv_num [2, Bm, Hm, nQ], kv_idx [2, Bm, Hm, nQ, nKV], q_num [2, Bm, Hm, nKV],
     q_idx [2, Bm, Hm, nKV, nQ]): the eight tables as pairs (half 0 partial, half 1 full), carved out of
-    one allocation, each half contiguous and starting 128-byte aligned.
-
-    The kernels take each table as a pointer, and Triton specialises on a pointer's 16-byte alignment:
-    a half starting mid-allocation would compile other kernel variants for some lengths.
-    """
-    shapes = ((Bm, Hm, nq), (Bm, Hm, nq, nkv), (Bm, Hm, nkv), (Bm, Hm, nkv, nq))
-    sizes = [Bm * Hm * nq, Bm * Hm * nq * nkv, Bm * Hm * nkv, Bm * Hm * nkv * nq]
-    rows = [-(-n // 32) * 32 for n in sizes]
-    buf = torch.empty(2 * sum(rows), dtype=torch.int32, device=device)
-    out, off = [], 0
-    for shape, row in zip(shapes, rows):
-        # one as_strided per pair (host time is the cost here: this runs once per training batch)
-        strides = [row] + [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i + 1] = strides[i + 2] * shape[i + 1]
-        out.append(buf.as_strided((2, *shape), strides, off))
-        off += 2 * row
-    return tuple(out)
+    one allocation, each half contiguous and starting 128-byte aligned (:func:`_carve`)."""
+    return _carve(device, [(shape, 2) for shape in _pair_shapes(Bm, Hm, nq, nkv)])
 
 
 def half_buffers(Bm: int, nq: int, nkv: int, device):
@@ -84,15 +101,14 @@ def half_buffers(Bm: int, nq: int, nkv: int, device):
     q_half_idx [Bm, 1, nKV, 2 nQ]) from one allocation, each contiguous and 128-byte aligned (see
     :func:`table_buffers`). An index table's strides are twice those of the whole-block table of its
     direction at Hm = 1: the kernels find a row at twice the whole-block row's offset."""
-    shapes = ((Bm, 1, nq), (Bm, 1, nq, 2 * nkv), (Bm, 1, nkv), (Bm, 1, nkv, 2 * nq))
-    sizes = [Bm * nq, Bm * nq * 2 * nkv, Bm * nkv, Bm * nkv * 2 * nq]
-    rows = [-(-n // 32) * 32 for n in sizes]
-    buf = torch.empty(sum(rows), dtype=torch.int32, device=device)
-    out, off = [], 0
-    for shape, n, row in zip(shapes, sizes, rows):
-        out.append(buf[off: off + n].view(shape))
-        off += row
-    return tuple(out)
+    return _carve(device, [(shape, 1) for shape in _half_shapes(Bm, nq, nkv)])
+
+
+def tables_and_halves(Bm: int, nq: int, nkv: int, device):
+    """(:func:`table_buffers` at Hm = 1, :func:`half_buffers`) carved out of one allocation."""
+    got = _carve(device, [(shape, 2) for shape in _pair_shapes(Bm, 1, nq, nkv)]
+                 + [(shape, 1) for shape in _half_shapes(Bm, nq, nkv)])
+    return got[:4], got[4:]
 
 
 def _tables(skip: torch.Tensor, num: torch.Tensor, idx: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import mods
-from .block_mask import BlockMask, create_block_mask, half_buffers, table_buffers
+from .block_mask import BlockMask, create_block_mask, table_buffers, tables_and_halves
 
 __all__ = [
     "packed_block_mask", "packed_parts", "packed_tables", "document_ids_from_position_ids",
@@ -130,11 +130,14 @@ def packed_tables(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[Blo
         ids = ids.to(torch.int32)
     Bm, Hm = B or 1, H or 1
     nq, nkv = -(-q_len // qb), -(-kv_len // kb)
-    kv_num, kv_idx, q_num, q_idx = table_buffers(Bm, 1, nq, nkv, device)
-    # the live halves of the partial blocks too (BlockMask.kv_half_num): the kernels' partial-block
-    # loops then skip the dead halves at document boundaries. Tables of one head only: kernels read
-    # them at twice the whole-block tables' offsets, which holds while those broadcast over heads
-    halves = half_buffers(Bm, nq, nkv, device) if Hm == 1 and qb % 2 == 0 and kb % 2 == 0 else None
+    # the live halves of the partial blocks too (BlockMask.kv_half_num), from the same allocation: the
+    # kernels' partial-block loops then skip the dead halves at document boundaries. Tables of one head
+    # only: kernels read them at twice the whole-block tables' offsets, which holds while those
+    # broadcast over heads
+    if Hm == 1 and qb % 2 == 0 and kb % 2 == 0:
+        (kv_num, kv_idx, q_num, q_idx), halves = tables_and_halves(Bm, nq, nkv, device)
+    else:
+        (kv_num, kv_idx, q_num, q_idx), halves = table_buffers(Bm, 1, nq, nkv, device), None
     document_tables(ids, q_len, kv_len, qb, kb, causal, window, kv_num, kv_idx, q_num, q_idx, halves=halves)
     if Hm > 1:  # the same tables for every head
         per_head = table_buffers(Bm, Hm, nq, nkv, device)

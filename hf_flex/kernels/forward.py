@@ -14,6 +14,8 @@ run-time values: new lengths never recompile.
 import triton
 import triton.language as tl
 
+# for host-side code (autograd, launch); the kernels spell the literals: a plain module float is not
+# a constexpr Triton can read
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 

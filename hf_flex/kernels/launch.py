@@ -8,7 +8,6 @@ lse / delta [B, Hq, Sq] float32.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +15,7 @@ import torch
 import triton
 
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
-from .forward import attn_fwd_kernel
+from .forward import LN2, attn_fwd_kernel
 
 
 @dataclass(frozen=True)
@@ -358,9 +357,8 @@ def flex_backward(
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
     t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    # delta: one float per row, as torch's flex backward allocates (the loops read lse as the forward
-    # wrote it: no second per-row buffer, so a training step's peak is no higher than torch flex's).
-    # The loops read both with lse's strides
+    # delta: the one per-row buffer, as torch's flex backward allocates (the loops read lse as the
+    # forward wrote it). The loops read both with lse's strides
     if lse.stride() != (HQ * SQ, SQ, 1):
         lse = lse.contiguous()
     delta = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
@@ -456,7 +454,7 @@ def flex_backward(
 
 def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
     """flex_forward's lse2 as the user sees it: natural log, -inf for a row with no allowed key."""
-    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * math.log(2.0))
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * LN2)
 
 
 def count_variants(kernels) -> int:
