@@ -443,6 +443,9 @@ def main(argv=None):
     ap.add_argument("--e2e-steps", type=int, default=None, help="timed steps after the first (default 10)")
     ap.add_argument("--e2e-timeout", type=float, default=300.0, help="seconds per variant subprocess")
     ap.add_argument("--e2e-variants", default=None, help="subset of floor,hf_flex,flex_attention,sdpa_packed")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="step times from each variant's own process only (default: from one more process "
+                    "taking the variants' steps in turn, hf_flex.bench_e2e.run_e2e)")
     ap.add_argument("--recompile-steps", type=int, default=None, help="default 50 (3 with --tiny)")
     ap.add_argument("--no-recompiles", action="store_true", help="skip the recompile count")
     ap.add_argument("--triton-cache", choices=("fresh", "inherit"), default="fresh",
@@ -514,7 +517,7 @@ def main(argv=None):
             rec_thread.start()
         bench_e2e.run_e2e(S_list, steps=steps, tiny=args.tiny, timeout=args.e2e_timeout, cache=args.triton_cache,
                           variants=variants, log=lambda m: print(m, flush=True), on_row=on_row,
-                          jobs=4 if args.tiny else 1)
+                          jobs=4 if args.tiny else 1, interleave=not args.no_interleave)
         if not args.no_recompiles:
             if rec_thread is not None:
                 rec_thread.join()

@@ -22,6 +22,13 @@ crash, OOM or timeout of one is recorded as null with its reason and does not st
 - ``sdpa_packed``: attn_implementation="sdpa" with position_ids: Transformers detects the packed
   row and builds a dense S x S mask.
 
+Then, by default, one more process takes the floor's and every passing variant's training steps in
+turn on one model (``interleaved``: the order rotated each round; compile caches copied from the
+variants' processes): the row's step times and overheads come from it, the overhead of a variant being
+the median over rounds of its step minus the floor's step of the same round, so that a slow or noisy
+moment of the machine weighs on both sides of the difference. The separate processes' step times stay
+in the row as ``<variant>_step_ms_isolated``; ``step_times`` says which the headline fields hold.
+
 Per variant: ``first_step_s`` (wall time of the first training step from a cold start in that
 process: model built and on the device, nothing run yet; for hf_flex it includes Triton compilation
 unless the Triton cache was warm, for flex_attention torch.compile/inductor), then ``step_s`` = the
@@ -189,8 +196,11 @@ def _kernel_variants_all() -> int:
                           for obj in vars(mod).values() if isinstance(obj, triton.runtime.jit.JITFunction))
 
 
-def worker(spec: dict) -> dict:
-    """One measurement in this (fresh) process; ``spec`` from :func:`_spawn`. Returns a JSON-able dict."""
+def worker(spec: dict, before_steps=None) -> dict:
+    """One measurement in this (fresh) process; ``spec`` from :func:`_spawn`. Returns a JSON-able dict.
+
+    ``before_steps``: called (no arguments) in a timed variant right after the peak-memory statistics are
+    reset, just before the first step (scripts/trace_peak.py starts its allocator trace there)."""
     res = {"variant": spec["variant"], "S": spec.get("S")}
     res["triton_cache_dir"] = _default_cache_dirs()
     res["triton_cache_empty"] = _dir_empty(res["triton_cache_dir"])  # before triton is imported
@@ -266,6 +276,9 @@ def worker(spec: dict) -> dict:
             res["recompiles_all_kernels"] = all1 - marks["all0"]
         return res
 
+    if variant == "interleaved":
+        return _interleaved(spec, res, device, dtype)
+
     # a timed variant
     S = spec["S"]
     ids, pos, labels, lens = packed_row(S, spec["seed"], cfg["vocab_size"], tuple(spec["doc_range"]))
@@ -275,6 +288,8 @@ def worker(spec: dict) -> dict:
     if device.type == "cuda":  # the peak of training, not of the fp32 init before the cast
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if before_steps is not None:
+        before_steps()
     times, losses = _train_steps(model, [(ids, pos, labels)] * (1 + spec["steps"]), device)
     step = statistics.median(times[1:])
     res.update(
@@ -290,11 +305,92 @@ def worker(spec: dict) -> dict:
     return res
 
 
+def _kernel_times(step, device) -> dict:
+    """{kernel name (90 chars): GPU microseconds} of one call of ``step`` (torch.profiler), largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    out: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel, memcpy or memset on the GPU
+            out[e.name[:90]] = out.get(e.name[:90], 0.0) + e.time_range.elapsed_us()
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _interleaved(spec: dict, res: dict, device, dtype) -> dict:
+    """The variants' training steps taken in turn on one model in one process (see :func:`run_e2e`).
+
+    First each variant's forward+backward on the initial weights (no update: its loss is checked against
+    the reference, and its kernels compile), then ``warm`` rounds, then ``rounds`` timed rounds of one
+    step per variant, the order rotated every round so that no variant always follows the same one.
+    The floor and the variant share the machine's state of the moment (clocks, host load, allocator
+    cache): ``overhead_ms`` of a variant is the median over rounds of (its step - the floor's step in
+    the same round). With ``profile``, one more step per variant under torch.profiler: GPU time per
+    kernel name."""
+    import torch
+
+    names = list(spec["variants"])
+    if "hf_flex" in names:
+        import hf_flex  # noqa: F401  (registers attn_implementation="flex")
+    cfg, S = spec["model"], spec["S"]
+    ids, pos, labels, lens = packed_row(S, spec["seed"], cfg["vocab_size"], tuple(spec["doc_range"]))
+    ids, pos, labels = ids.to(device), pos.to(device), labels.to(device)
+    model = _build_model(cfg, ATTN[names[0]], device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def use(v):
+        if model.config._attn_implementation != ATTN[v]:
+            model.set_attn_implementation(ATTN[v])
+
+    def step(update=True):
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+        out.loss.backward()
+        if update:
+            opt.step()
+        return out.loss
+
+    def timed(v, update=True):
+        use(v)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = step(update)
+        _sync(device)
+        return time.perf_counter() - t0, loss.item()
+
+    loss0 = {v: timed(v, update=False)[1] for v in names}  # initial weights: the parent checks these
+    for _ in range(spec["warm"]):
+        for v in names:
+            timed(v)
+    times = {v: [] for v in names}
+    for r in range(spec["rounds"]):
+        for v in names[r % len(names):] + names[: r % len(names)]:
+            times[v].append(timed(v)[0])
+    res.update(n_docs=len(lens), variants=names, rounds=spec["rounds"], warm=spec["warm"])
+    for v in names:
+        res[v] = {"loss": loss0[v], "step_s": statistics.median(times[v]), "step_times_s": times[v],
+                  "tokens_per_s": S / statistics.median(times[v])}
+        if "floor" in names and v != "floor":
+            res[v]["overhead_ms"] = 1e3 * statistics.median([a - b for a, b in zip(times[v], times["floor"])])
+    if spec.get("profile") and device.type == "cuda":
+        for v in names:
+            use(v)
+            res[v]["kernels_us"] = _kernel_times(step, device)
+    return res
+
+
 # ---------------------------------------------------------------- parent side
 
 
-def _spawn(spec: dict, timeout: float, cache: str, tiny: bool) -> dict:
-    """Run :func:`worker` in a fresh subprocess; never raises: failures come back as {"error": reason}."""
+def _spawn(spec: dict, timeout: float, cache: str, tiny: bool, seed_caches=()) -> dict:
+    """Run :func:`worker` in a fresh subprocess; never raises: failures come back as {"error": reason}.
+
+    With ``cache="fresh"`` the subprocess gets new compile caches under a new directory (returned as
+    ``cache_root``), first filled with copies of the ``seed_caches`` (earlier results' ``cache_root``)."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -302,6 +398,12 @@ def _spawn(spec: dict, timeout: float, cache: str, tiny: bool) -> dict:
     if cache == "fresh":
         env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+        import shutil
+
+        for seed in seed_caches:
+            for sub in ("triton", "inductor"):
+                if os.path.isdir(os.path.join(seed, sub)):
+                    shutil.copytree(os.path.join(seed, sub), os.path.join(tmp, sub), dirs_exist_ok=True)
     if tiny:
         env["TRITON_INTERPRET"] = "1"  # read when triton is first imported, in the worker
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -322,6 +424,7 @@ def _spawn(spec: dict, timeout: float, cache: str, tiny: bool) -> dict:
     with open(out) as fh:
         r = json.load(fh)
     r["wall_s"] = wall
+    r["cache_root"] = tmp
     return r
 
 
@@ -338,8 +441,17 @@ def _check(r: dict, ref: dict, tol: float) -> dict:
 
 
 def run_e2e(S_list=(4096, 16384), steps=10, tiny=False, timeout=300.0, cache="fresh", tol=None,
-            variants=VARIANTS, log=print, on_row=None, jobs=1):
-    """The e2e rows (one per S); see the module docstring. ``on_row(rows)`` is called after each row."""
+            variants=VARIANTS, log=print, on_row=None, jobs=1, interleave=True):
+    """The e2e rows (one per S); see the module docstring. ``on_row(rows)`` is called after each row.
+
+    ``interleave``: after the variants' own processes, the floor and every variant that passed take
+    their steps in turn on one model in one more process (:func:`_interleaved`, ``steps`` rounds, its
+    compile caches copied from theirs); the row's step times, tokens/s and overheads are then that
+    run's (the overhead: median over rounds of the step minus the floor's step of the same round), and
+    the separate processes' step times stay as ``<variant>_step_ms_isolated`` / ``_tokens_per_s_isolated``.
+    Separate processes on a busy or noisy host can differ by more than the overhead being measured (the
+    4096-token row moved 3.5 -> 22.5 ms between two runs of one code on one machine, tests/benchmarks/
+    NOTES.md); steps taken in turn share the machine's state of the moment."""
     import torch
 
     cuda = not tiny and torch.cuda.is_available()
@@ -392,6 +504,22 @@ def run_e2e(S_list=(4096, 16384), steps=10, tiny=False, timeout=300.0, cache="fr
             log(f"  e2e S={S} {v}: " + (r["error"] if "error" in r else
                 f"{r['tokens_per_s']:,.0f} tok/s, first step {r['first_step_s']:.2f} s, loss {r['loss']:.5f}"))
         ok = lambda v: "error" not in res[v]  # noqa: E731
+        inter = None
+        together = [v for v in VARIANTS if v in variants and ok(v)]
+        if interleave and "floor" in together and len(together) > 1:
+            inter = _spawn(dict(base, variant="interleaved", variants=together, warm=2, rounds=steps,
+                                profile=not tiny), 2 * timeout, cache, tiny,
+                           seed_caches=[res[v]["cache_root"] for v in together])
+            if "error" not in inter:
+                for v in together:
+                    if v != "floor" and not _check(inter[v], ref, tol)["passed"]:
+                        inter = {"error": f"interleaved run: {v}'s loss failed the check: {_check(inter[v], ref, tol)}"}
+                        break
+            if "error" in inter:
+                row["interleaved_error"] = inter["error"]
+                inter = None
+            log(f"  e2e S={S} interleaved ({', '.join(together)}): " + (row.get("interleaved_error") or ", ".join(
+                f"{v} {inter[v]['step_s'] * 1e3:.1f} ms" for v in together)))
         for v in VARIANTS:
             r = res[v]
             row[f"{v}_tokens_per_s"] = r["tokens_per_s"] if ok(v) else None
@@ -408,6 +536,22 @@ def run_e2e(S_list=(4096, 16384), steps=10, tiny=False, timeout=300.0, cache="fr
         for v in ("hf_flex", "flex_attention", "sdpa_packed"):
             s = row[f"{v}_step_ms"]
             row[f"{v}_overhead_ms"] = s - fl if s is not None and fl is not None else None
+        if inter is not None:
+            row["step_times"] = "interleaved"
+            row["interleaved_rounds"] = inter["rounds"]
+            for v in together:
+                for k in ("step_ms", "tokens_per_s", "overhead_ms"):
+                    if f"{v}_{k}" in row:
+                        row[f"{v}_{k}_isolated"] = row[f"{v}_{k}"]
+                row[f"{v}_step_ms"] = inter[v]["step_s"] * 1e3
+                row[f"{v}_tokens_per_s"] = inter[v]["tokens_per_s"]
+                row[f"{v}_step_times_ms_interleaved"] = [t * 1e3 for t in inter[v]["step_times_s"]]
+                if v != "floor":
+                    row[f"{v}_overhead_ms"] = inter[v]["overhead_ms"]
+                if "kernels_us" in inter[v]:
+                    row[f"{v}_kernels_us"] = {k: round(t, 1) for k, t in list(inter[v]["kernels_us"].items())[:40]}
+        else:
+            row["step_times"] = "isolated"
         oh = row["hf_flex_overhead_ms"]
         for v in ("flex_attention", "sdpa_packed"):
             o = row[f"{v}_overhead_ms"]
@@ -452,6 +596,11 @@ def table(rows, rec) -> str:
             f"{ {True: 'pass', False: 'FAIL', None: '-'}[r['correctness_check_passed']]}"
         )
     for r in rows:
+        out.append(f"  S={r['S']} step times: {r.get('step_times', 'isolated')}"
+                   + (f" ({r['interleaved_rounds']} rounds, overhead = median of step - floor step per round)"
+                      if r.get("step_times") == "interleaved" else "")
+                   + "; overhead ms: " + ", ".join(f"{v} {f(r.get(f'{v}_overhead_ms'), '.1f')}"
+                                                  for v in ("hf_flex", "flex_attention", "sdpa_packed")))
         for k, v in r.items():
             if k.endswith("_error"):
                 out.append(f"  S={r['S']} {k}: {v}")

@@ -1,6 +1,7 @@
 """What is alive at the peak of one training step, per attention implementation (CUDA).
 
     python scripts/trace_peak.py [--S 4096] [--warm 2] [--variants hf_flex,flex_attention] [--json out.json]
+    python scripts/trace_peak.py --bench [--S 4096] [--steps 10]   # the benchmark's own worker, traced
 
 Each variant runs in a fresh subprocess: the end-to-end benchmark's model and packed row
 (hf_flex.bench_e2e: 0.67B Llama-shaped, bf16, one packed row of S tokens), ``--warm`` steps (0: the
@@ -41,7 +42,10 @@ def peak_breakdown(events, start_bytes: int = 0) -> dict:
     and return {"peak_bytes", "groups": {site: [bytes, count]}} for the blocks alive at the peak.
 
     ``alloc`` makes a block alive, ``free_requested`` ends it (the allocated-bytes statistic drops
-    there); blocks alive before the trace began are outside it and count only in ``start_bytes``.
+    there); blocks alive before the trace began count in ``start_bytes`` (the allocated bytes when the
+    trace began) and, when one of them is freed during the trace, its size leaves the running total too
+    (until the tenth round it did not, and the replayed "peak" sat above max_memory_allocated: the
+    tool named the blocks alive at a moment that was not the peak).
     """
     live, cur = {}, start_bytes
     peak, at_peak = start_bytes, {}
@@ -52,14 +56,40 @@ def peak_breakdown(events, start_bytes: int = 0) -> dict:
             cur += e["size"]
             if cur > peak:
                 peak, at_peak = cur, dict(live)
-        elif act == "free_requested" and e["addr"] in live:
-            cur -= live.pop(e["addr"])[0]
+        elif act == "free_requested":
+            cur -= live.pop(e["addr"])[0] if e["addr"] in live else e["size"]
     groups: dict = {}
     for size, site in at_peak.values():
         g = groups.setdefault(site, [0, 0])
         g[0] += size
         g[1] += 1
     return {"peak_bytes": peak, "groups": groups}
+
+
+def _bench_worker(variant: str, S: int, steps: int) -> dict:
+    """The benchmark's own worker (hf_flex.bench_e2e.worker: its model, row, loop and peak statistic),
+    recorded from where it resets the peak statistic to its end."""
+    import torch
+
+    from hf_flex import bench_e2e as e2e
+
+    mark = {}
+
+    def record():
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        mark["start"] = torch.cuda.memory_allocated()
+
+    spec = dict(variant=variant, S=S, seed=S, device="cuda", dtype="bfloat16", model=e2e.BIG,
+                doc_range=list(e2e.DOC_RANGE), steps=steps)
+    r = e2e.worker(spec, before_steps=record)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    res = peak_breakdown(snap["device_traces"][torch.cuda.current_device()], mark["start"])
+    res.update(variant=variant, S=S, bench=True, steps=steps, start_bytes=mark["start"],
+               max_memory_allocated=torch.cuda.max_memory_allocated(), bench_peak_gib=r["peak_gib"],
+               step_s=r["step_s"])
+    return res
 
 
 def _worker(variant: str, S: int, warm: int, seed: int, keep_output: bool = False) -> dict:
@@ -117,11 +147,18 @@ def main():
     ap.add_argument("--variants", default="hf_flex,flex_attention")
     ap.add_argument("--keep-output", action="store_true",
                     help="keep each step's output until the next step (the benchmark's loop); record from the first step")
+    ap.add_argument("--bench", action="store_true",
+                    help="trace the benchmark's own worker (hf_flex.bench_e2e.worker, --steps timed steps "
+                    "after its first) from its peak-statistic reset to its end")
+    ap.add_argument("--steps", type=int, default=10, help="with --bench: the benchmark's timed steps")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        res = _worker(a.worker, a.S, a.warm, a.S if a.seed is None else a.seed, a.keep_output)
+        if a.bench:
+            res = _bench_worker(a.worker, a.S, a.steps)
+        else:
+            res = _worker(a.worker, a.S, a.warm, a.S if a.seed is None else a.seed, a.keep_output)
         print("RESULT " + json.dumps(res), flush=True)
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +167,8 @@ def main():
     for v in a.variants.split(","):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--S", str(a.S),
                             "--warm", str(a.warm)] + ([] if a.seed is None else ["--seed", str(a.seed)])
-                           + (["--keep-output"] if a.keep_output else []),
+                           + (["--keep-output"] if a.keep_output else [])
+                           + (["--bench", "--steps", str(a.steps)] if a.bench else []),
                            capture_output=True, text=True, env=env, timeout=600)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -141,7 +179,8 @@ def main():
     base = out[0]
     for r in out:
         print(f"{r['variant']:16s} S={r['S']} max_memory_allocated {r['max_memory_allocated']} "
-              f"(replayed peak {r['peak_bytes']}, {r['start_bytes']} alive before the step)")
+              f"(replayed peak {r['peak_bytes']}, {r['start_bytes']} alive when the trace began"
+              f"{'' if r['peak_bytes'] == r['max_memory_allocated'] else '; the replay MISSES the peak'})")
     for r in out[1:]:
         print(f"\nalive at the peak: {base['variant']} minus {r['variant']} (bytes, blocks), by allocation site")
         sites = set(base["groups"]) | set(r["groups"])

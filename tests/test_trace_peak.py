@@ -21,7 +21,6 @@ def test_peak_breakdown_finds_the_peak_and_its_live_blocks():
         {"action": "free_completed", "addr": 1, "size": 100},
         {"action": "alloc", "addr": 3, "size": 120, "frames": ours},
         {"action": "alloc", "addr": 4, "size": 10, "frames": []},
-        {"action": "free_requested", "addr": 99, "size": 1000},  # alive before the trace: not replayed
         {"action": "free_requested", "addr": 3, "size": 120},
         {"action": "alloc", "addr": 5, "size": 60, "frames": theirs},
     ]
@@ -32,3 +31,21 @@ def test_peak_breakdown_finds_the_peak_and_its_live_blocks():
         "_inductor/x.py:9 call": [50, 1],
         "<no python frame>": [10, 1],
     }
+
+
+def test_blocks_alive_before_the_trace_leave_the_total_when_freed():
+    """A block allocated before the trace (counted in start_bytes) and freed during it lowers the running
+    total: the peak is where the allocated bytes really peaked, not a sum that never existed."""
+    here = [_f("/r/hf_flex/kernels/launch.py", 290, "flex_forward")]
+    events = [
+        {"action": "free_requested", "addr": 99, "size": 1000},  # alive before the trace
+        {"action": "free_completed", "addr": 99, "size": 1000},
+        {"action": "alloc", "addr": 1, "size": 600, "frames": here},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": here},
+    ]
+    r = trace_peak.peak_breakdown(events, start_bytes=1500)
+    assert r["peak_bytes"] == 1500  # before the free; 1500 - 1000 + 900 = 1400 later
+    assert r["groups"] == {}
+    r = trace_peak.peak_breakdown(events + [{"action": "alloc", "addr": 3, "size": 200, "frames": here}], 1500)
+    assert r["peak_bytes"] == 1600
+    assert r["groups"] == {"kernels/launch.py:290 flex_forward": [1100, 3]}
