@@ -49,10 +49,15 @@ def peak_breakdown(events, start_bytes: int = 0) -> dict:
     """
     live, cur = {}, start_bytes
     peak, at_peak = start_bytes, {}
+    stacks: dict = {}  # site -> the stack of its first block (innermost first), to name who made it
     for e in events:
         act = e.get("action")
         if act == "alloc":
-            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+            site = _site(e.get("frames", []))
+            live[e["addr"]] = (e["size"], site)
+            if site not in stacks:
+                stacks[site] = [f"{f.get('filename', '?').split('/')[-1]}:{f.get('line', '?')} {f.get('name', '?')}"
+                                for f in e.get("frames", [])[:24]]
             cur += e["size"]
             if cur > peak:
                 peak, at_peak = cur, dict(live)
@@ -63,7 +68,7 @@ def peak_breakdown(events, start_bytes: int = 0) -> dict:
         g = groups.setdefault(site, [0, 0])
         g[0] += size
         g[1] += 1
-    return {"peak_bytes": peak, "groups": groups}
+    return {"peak_bytes": peak, "groups": groups, "stacks": {s: stacks[s] for s in groups}}
 
 
 def _bench_worker(variant: str, S: int, steps: int) -> dict:
@@ -189,6 +194,10 @@ def main():
         for a_, b_, s in rows[:25]:
             if a_[0] != b_[0]:
                 print(f"  {a_[0] - b_[0]:+14d}  ({a_[1]} vs {b_[1]})  {s}")
+        for a_, b_, s in rows[:6]:
+            if a_[0] != b_[0]:
+                stack = base.get("stacks", {}).get(s) or r.get("stacks", {}).get(s) or []
+                print(f"  stack of {s}:\n    " + "\n    ".join(stack))
 
 
 if __name__ == "__main__":

@@ -49,3 +49,4 @@ def test_blocks_alive_before_the_trace_leave_the_total_when_freed():
     r = trace_peak.peak_breakdown(events + [{"action": "alloc", "addr": 3, "size": 200, "frames": here}], 1500)
     assert r["peak_bytes"] == 1600
     assert r["groups"] == {"kernels/launch.py:290 flex_forward": [1100, 3]}
+    assert r["stacks"] == {"kernels/launch.py:290 flex_forward": ["launch.py:290 flex_forward"]}
