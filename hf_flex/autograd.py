@@ -7,7 +7,7 @@ launchers and hands back gradients: dq, dk, dv, the sink logits' and the learnab
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -100,21 +100,22 @@ def _hollow(spec: KernelSpec):
         cached = bm._hollow = (key, hollow_bm, where)
     _, hollow_bm, where = cached
     tensors = [getattr(bm, n) for n in _TABLES] + [mm.args[i] for i in where]
-    return tensors, (replace(spec, block_mask=hollow_bm), where)
+    return tensors, (KernelSpec(hollow_bm, spec.score_mod, spec.scale, spec.return_lse), where)
 
 
-def _fill(hollow, tensors) -> KernelSpec:
-    """The spec :func:`_hollow` emptied, with its tensors back."""
+def _fill(hollow, tensors):
+    """What the backward needs of the spec :func:`_hollow` emptied, its tensors back: (the hollow spec,
+    the query-major MaskTables, the key-major MaskTables, the mask_mod's args). Nothing is copied: the
+    hollow spec answers everything else (BLOCK_SIZE, the mask's Triton functions, the score mod)."""
     spec, where = hollow
-    bm = copy.copy(spec.block_mask)
-    for n, t in zip(_TABLES, tensors):
-        setattr(bm, n, t)
-    args = list(bm.mask_mod.args)
-    for i, t in zip(where, tensors[len(_TABLES):]):
-        args[i] = t
-    bm.mask_mod = copy.copy(bm.mask_mod)
-    object.__setattr__(bm.mask_mod, "args", tuple(args))
-    return replace(spec, block_mask=bm)
+    t = tensors
+    tail = spec.block_mask.tail_partial
+    fwd = MaskTables(t[0], t[1], t[2], t[3], tail, t[8], t[9])  # order: _TABLES
+    bwd = MaskTables(t[4], t[5], t[6], t[7], tail, t[10], t[11])
+    args = list(spec.block_mask.mask_mod.args)
+    for i, a in zip(where, t[len(_TABLES):]):
+        args[i] = a
+    return spec, fwd, bwd, tuple(args)
 
 
 class FlexAttentionFunction(torch.autograd.Function):
@@ -145,13 +146,13 @@ class FlexAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse2, sink, *spec_tensors = ctx.saved_tensors
-        spec = _fill(ctx.hollow_spec, spec_tensors)
+        spec, fwd_tables, bwd_tables, mask_args = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)
         if dout is None and dlse is None:
             return none
         if dout is None:
             dout = torch.zeros_like(out)
-        mask_fn, mask_args = spec.mask()
+        mask_fn = spec.block_mask.mask_mod.kernel_fn
         score_fn, score_args = spec.score(q)
         sm = spec.score_mod
         em = spec.elementwise(q)  # the form whose functions the forward ran
@@ -161,7 +162,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         # the float32 reference's own error, on relative_bias tables)
         grads = tuple(torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
         dq, dk, dv, delta = flex_backward(
-            q, k, v, out, lse2, dout, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
+            q, k, v, out, lse2, dout, fwd_tables, bwd_tables, spec.block_mask.BLOCK_SIZE,
             mask_fn, mask_args, score_fn, score_args,
             em.kernel_grad_fn if score_fn is not None else None,
             em.kernel_param_grad_fn if want_params else None,

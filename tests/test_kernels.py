@@ -431,6 +431,45 @@ def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):
     check_attention(q, k, v, None, _block_mask("causal", 1, 2, 40, 40, device, (16, 16)))
 
 
+def test_descriptors_built_without_validation_equal_validated_ones(monkeypatch):
+    """launch._descriptor copies a validated prototype per (dtype, block) instead of validating every
+    descriptor: each field equals what TensorDescriptor's own constructor makes, for tensors of other
+    shapes, strides and layouts than the prototype's, and the prototype keeps no caller tensor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from hf_flex.kernels import launch
+
+    monkeypatch.setattr(launch, "_descriptor_protos", {})
+    monkeypatch.setattr(launch, "has_tma", lambda device: True)
+    made = [torch.randn(2, 4, 50, 16), torch.randn(1, 70, 2, 16).transpose(1, 2), torch.randn(3, 2, 9, 16)]
+    for t in made + made:
+        for rows in (16, 32):
+            a, b = launch._tma_descriptors(t, t, 16, 16, 16, 16, rows)
+            ref = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, 16])
+            for d in (a, b):
+                assert type(d) is type(ref) and vars(d).keys() == vars(ref).keys()
+                for name, value in vars(ref).items():
+                    got = getattr(d, name)
+                    assert (got is value) if isinstance(value, torch.Tensor) else got == value, name
+    assert len(launch._descriptor_protos) == 2
+    for proto in launch._descriptor_protos.values():
+        assert proto.base is None and proto.shape is None and proto.strides is None
+
+
+def test_tile_choice_cached_and_overridable(monkeypatch):
+    """The tiles per (pass, head dims, element size, block sizes) are picked once; OVERRIDES still win."""
+    from hf_flex.kernels import launch
+    from hf_flex.kernels.launch import Tiles
+
+    monkeypatch.setattr(launch, "_picked", {})
+    first = launch.fwd_tiles(128, 128, 2, 128, 128)
+    assert launch.fwd_tiles(128, 128, 2, 128, 128) is first
+    assert launch.fwd_tiles(128, 128, 2, 64, 64).block_m == 64  # fitted to smaller blocks: another entry
+    assert launch.dq_tiles(64, 64, 4, 128, 128) == launch._fit(launch._TABLE[(64, 4)][2], 128, 128)
+    monkeypatch.setitem(launch.OVERRIDES, "fwd", Tiles(32, 32, 4, 2))
+    assert launch.fwd_tiles(128, 128, 2, 128, 128) == Tiles(32, 32, 4, 2, 32)
+
+
 def test_has_tma_per_device(monkeypatch):
     """TMA from compute capability 9, asked once per CUDA device (the answer is cached); a device
     without an index means the current one."""

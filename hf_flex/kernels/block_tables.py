@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv as _cdiv
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
@@ -54,7 +56,7 @@ def classify_blocks(mask_fn, mask_args, Bm, Hm, q_len, kv_len, q_block, kv_block
     ``mask_fn`` is the kernel-form mask (``fn(b, h, q, kv, args)``); ``b`` and ``h`` run over
     ``range(Bm)`` and ``range(Hm)``. Positions past the lengths are ignored in the classification.
     """
-    nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
+    nq, nkv = _cdiv(q_len, q_block), _cdiv(kv_len, kv_block)
     out = torch.empty((Bm, Hm, nq, nkv), dtype=torch.int8, device=device)
     tile_n = min(kv_block, max(16, 16384 // q_block))
     _classify_blocks_kernel[(nq, Bm * Hm)](

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv as _cdiv
+
 from .block_tables import count_or_list, demote_ragged, list_blocks, list_destinations, ragged_tail
 
 
@@ -192,7 +194,7 @@ def document_tables(ids: torch.Tensor, q_len: int, kv_len: int, q_block: int, kv
     B = ids.shape[0]
     if halves is not None and (q_block % 2 or kv_block % 2):
         raise ValueError(f"document_tables: half-block tables need even block sizes, got {q_block} x {kv_block}")
-    nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
+    nq, nkv = _cdiv(q_len, q_block), _cdiv(kv_len, kv_block)
     _document_tables_kernel[(nq + nkv, B)](
         ids, ids.stride(0), ids.stride(1), nq, nkv, q_len, kv_len, ragged_tail(q_len, q_block), ragged_tail(kv_len, kv_block),
         int(window or 0),

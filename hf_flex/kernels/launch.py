@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import triton
 
+from . import cdiv as _cdiv
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
 from .forward import LN2, attn_fwd_kernel
 
@@ -142,12 +143,19 @@ _TABLE = {
 }
 
 
+_picked: dict = {}
+
+
 def _pick(pass_index: int, name: str, dp: int, dvp: int, elt: int, sparse_q: int, sparse_kv: int) -> Tiles:
     if name in OVERRIDES:
         return _fit(OVERRIDES[name], sparse_q, sparse_kv)
-    d = max(dp, dvp)
-    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
-    return _fit(_TABLE[(bucket, 4 if elt >= 4 else 2)][pass_index], sparse_q, sparse_kv)
+    key = (pass_index, dp, dvp, elt, sparse_q, sparse_kv)
+    t = _picked.get(key)  # asked three times per layer and call: a dict hit instead of building Tiles
+    if t is None:
+        d = max(dp, dvp)
+        bucket = 64 if d <= 64 else 128 if d <= 128 else 256
+        t = _picked[key] = _fit(_TABLE[(bucket, 4 if elt >= 4 else 2)][pass_index], sparse_q, sparse_kv)
+    return t
 
 
 def fwd_tiles(dp, dvp, elt, sparse_q, sparse_kv) -> Tiles:
@@ -260,14 +268,40 @@ def _tma_descriptors(a, b, d, dp, db, dbp, rows):
     others not positive multiples of 16 bytes, base not 16-byte aligned)."""
     if d != dp or db != dbp or not has_tma(a.device):
         return None, None
-    for t in (a, b):
-        es = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or (s * es) % 16 for s in t.stride()[:-1]):
+    out = []
+    for t, width in ((a, d), (b, db)):
+        es, st = t.element_size(), t.stride()
+        s0, s1, s2, s3 = st
+        if s3 != 1 or t.data_ptr() % 16 or min(s0, s1, s2) <= 0 or (s0 * es) % 16 or (s1 * es) % 16 or (s2 * es) % 16:
             return None, None
-    from triton.tools.tensor_descriptor import TensorDescriptor
+        out.append(_descriptor(t, list(t.shape), list(st), [1, 1, rows, width]))
+    return out[0], out[1]
 
-    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1, rows, d]),
-            TensorDescriptor(b, list(b.shape), list(b.stride()), [1, 1, rows, db]))
+
+_descriptor_protos: dict = {}
+
+
+def _descriptor(t, shape, strides, block):
+    """triton.tools.tensor_descriptor.TensorDescriptor(t, shape, strides, block), built without its
+    per-object validation: the first descriptor of each (dtype, block) is built and validated by its
+    own constructor, later ones copy its fields and set the four that differ. The caller has checked
+    what that validation checks of the tensor (base 16-byte aligned, strides multiples of 16 bytes,
+    last stride 1); the lengths are positive (validation.check_inputs). A forward+backward builds
+    eight of these, and the validation was a third of our host time per call (scripts/probe_glue.py)."""
+    key = (t.dtype, block[2], block[3])
+    proto = _descriptor_protos.get(key)
+    if proto is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc = TensorDescriptor(t, shape, strides, block)  # validated
+        if hasattr(desc, "__dict__"):  # a dataclass with __slots__ (another Triton) stays on the slow path
+            proto = _descriptor_protos[key] = TensorDescriptor(t, shape, strides, list(block))
+            proto.base = proto.shape = proto.strides = None  # the prototype keeps none of the caller's tensors
+        return desc
+    desc = object.__new__(proto.__class__)
+    desc.__dict__.update(proto.__dict__)
+    desc.base, desc.shape, desc.strides, desc.block_shape = t, shape, strides, block
+    return desc
 
 
 def flex_forward(
@@ -298,7 +332,7 @@ def flex_forward(
     if tma == "both" and k_desc is not None:
         k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
     heads_first = _per_mask("heads_first", packed_documents)
-    attn_fwd_kernel[_grid(triton.cdiv(SQ, t.block_m), B * HQ, heads_first)](
+    attn_fwd_kernel[_grid(_cdiv(SQ, t.block_m), B * HQ, heads_first)](
         q, k, v, out, lse, sink if sink is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
         tables.num, tables.idx, tables.full_num, tables.full_idx,
@@ -365,7 +399,7 @@ def flex_backward(
     if dlse is not None and dlse.stride(-1) != 1:
         dlse = dlse.contiguous()
     dm = 64
-    attn_bwd_delta_kernel[(triton.cdiv(SQ, dm), B * HQ)](
+    attn_bwd_delta_kernel[(_cdiv(SQ, dm), B * HQ)](
         out, dout, dlse if dlse is not None else delta, delta,
         *out.stride(), *dout.stride(),
         *(dlse.stride()[:2] if dlse is not None else (0, 0)), delta.stride(0), delta.stride(1),
@@ -384,7 +418,7 @@ def flex_backward(
     prec = _dot_prec(q.dtype)
     c_nb, c_nh, c_ib, c_ih, c_ik = bwd_tables.strides()
     r_nb, r_nh, r_ib, r_ih, r_iq = fwd_tables.strides()
-    n_kv, n_q = triton.cdiv(SKV, t.block_n), triton.cdiv(SQ, t2.block_m)
+    n_kv, n_q = _cdiv(SKV, t.block_n), _cdiv(SQ, t2.block_m)
     heads_first = SCHEDULE["bwd_heads_first"]
     common = dict(
         MASK_MOD=mask_fn, SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn,
