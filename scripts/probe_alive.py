@@ -47,6 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--no-gc", action="store_true", help="disable Python's cyclic garbage collector: spans kept "
+                    "only by a reference cycle then accumulate, step after step")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model (TRITON_INTERPRET=1 for the kernels)")
     a = ap.parse_args()
     cfg, doc_range = (e2e.TINY, e2e.TINY_DOC_RANGE) if a.tiny else (e2e.BIG, e2e.DOC_RANGE)
@@ -86,6 +88,8 @@ def main():
         step_no["i"] = i + 1
 
     step_no["i"] = 0
+    if a.no_gc:
+        gc.disable()
     e2e._train_steps(model, [(ids, pos, labels)] * a.steps, device, on_step)
 
 
