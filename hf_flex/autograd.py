@@ -7,15 +7,16 @@ launchers and hands back gradients: dq, dk, dv, the sink logits' and the learnab
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .block_mask import BlockMask
-from .kernels import interpreted
+from .kernels import compile_ahead, interpreted
 from .kernels.forward import LOG2E
-from .kernels.launch import SCHEDULE, MaskTables, flex_backward, flex_forward, natural_lse
+from .kernels.launch import OVERRIDES, SCHEDULE, MaskTables, out_like, flex_backward, flex_forward, natural_lse
 from .modtypes import ScoreMod, and_holds
 
 
@@ -118,6 +119,36 @@ def _fill(hollow, tensors):
     return spec, fwd, bwd, tuple(args)
 
 
+def _compiles(q: torch.Tensor) -> bool:
+    """Whether kernels for ``q`` are compiled (CUDA, not Triton's interpreter)."""
+    return q.device.type == "cuda" and not interpreted()
+
+
+def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args) -> None:
+    """On the first forward of a configuration that will need a backward (CUDA kernels, gradients
+    wanted), start compiling the backward's kernels in the background (kernels.compile_ahead), for the
+    arguments the backward will get: the forward's output layout for the gradient, no LSE gradient, no
+    learnable score-mod tensors (other calls compile at their backward, as before)."""
+    if (not compile_ahead.enabled or not _compiles(q) or spec.return_lse or OVERRIDES or ctx.n_learnables
+            or not any(ctx.needs_input_grad[:4])):
+        return
+    score_fn, score_args = spec.score(q)
+    by_key = spec.mask_by_key()
+    key = (q.device, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] == k.shape[1], mask_fn, by_key, score_fn,
+           spec.block_mask.BLOCK_SIZE, ctx.packed_documents, tuple(SCHEDULE.values()))
+    if compile_ahead.seen(key):
+        return
+    B, H, S = q.shape[:3]
+    out = out_like(q, v.shape[-1])  # stand-ins with the layouts the backward will see
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    em = spec.elementwise(q)
+    compile_ahead.start(key, q.device, functools.partial(
+        flex_backward, q, k, v, out, lse, out, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
+        mask_fn, mask_args, score_fn, score_args, em.kernel_grad_fn if score_fn is not None else None, None, (),
+        spec.scale, mask_fn_by_key=by_key, packed_documents=ctx.packed_documents, warmup=True,
+    ))
+
+
 class FlexAttentionFunction(torch.autograd.Function):
     """forward(q, k, v, sink, spec, *learnables) -> (out, lse [B, Hq, Sq] natural log, or None unless
     spec.return_lse).
@@ -131,6 +162,8 @@ class FlexAttentionFunction(torch.autograd.Function):
         mask_fn, mask_args = spec.mask()
         score_fn, score_args = spec.score(q)
         ctx.packed_documents = spec.packs_documents()  # the backward's launch choices read it too
+        ctx.n_learnables = len(learnables)
+        _compile_backward_ahead(ctx, spec, q, k, v, mask_fn, mask_args)
         out, lse2 = flex_forward(
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
             sink, spec.scale, packed_documents=ctx.packed_documents,
@@ -139,12 +172,12 @@ class FlexAttentionFunction(torch.autograd.Function):
         # lse2 (log2 units, the backward's form) is saved; the natural-log LSE exists only for a caller
         # that asked for it
         ctx.save_for_backward(q, k, v, out, lse2, sink, *spec_tensors)
-        ctx.n_learnables = len(learnables)
         ctx.set_materialize_grads(False)
         return out, natural_lse(lse2) if spec.return_lse else None
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        compile_ahead.wait()  # kernels compiling in the background since the first forward
         q, k, v, out, lse2, sink, *spec_tensors = ctx.saved_tensors
         spec, fwd_tables, bwd_tables, mask_args = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)

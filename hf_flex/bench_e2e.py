@@ -299,9 +299,11 @@ def worker(spec: dict, before_steps=None) -> dict:
         losses_finite=all(x == x and abs(x) < 1e4 for x in losses),
     )
     if variant == "hf_flex":
-        from hf_flex.kernels import interpreted
+        from hf_flex.kernels import compile_ahead, interpreted
 
         res["interpreted"] = interpreted()
+        # warm-ups of the backward's kernels that failed (the backward then compiled them itself)
+        res["compile_ahead_errors"] = [repr(e) for e in compile_ahead.errors]
     return res
 
 

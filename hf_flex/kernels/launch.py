@@ -234,7 +234,7 @@ def _common(q, k, v):
     return B, HQ, HKV, SQ, SKV, D, DV, _pow2(max(D, 16)), _pow2(max(DV, 16))
 
 
-def _out_like(q: torch.Tensor, dv: int) -> torch.Tensor:
+def out_like(q: torch.Tensor, dv: int) -> torch.Tensor:
     """Uninitialised [B, Hq, Sq, Dv] in q's layout: a [B, Sq, Hq, Dv] buffer seen transposed when q is
     one (Transformers' q is a transposed [B, S, H, D] projection). The caller's transpose back to
     [B, S, H, Dv] is then free, and the tensor autograd saves for the backward is the very one the
@@ -320,7 +320,7 @@ def flex_forward(
     if ahead not in ("none", "full", "both"):
         raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
-    out = _out_like(q, DV)
+    out = out_like(q, DV)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
     tma = SCHEDULE["tma"]
@@ -374,9 +374,14 @@ def flex_forward(
 def flex_backward(
     q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
     mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
-    dlse=None, mask_fn_by_key=None, packed_documents: bool = False,
+    dlse=None, mask_fn_by_key=None, packed_documents: bool = False, warmup: bool = False,
 ):
     """Returns (dq, dk, dv, delta); adds learnable score-mod gradients into ``score_grads`` (float64).
+
+    ``warmup``: compile the backward's kernels for these arguments and launch nothing (Triton's
+    ``JITFunction.warmup``; returns None): ``dout`` may then be a stand-in of the real gradient's layout
+    (the forward's output), and the outputs are not allocated (q, k, v and lse stand in for dq, dk, dv
+    and delta: the same dtypes, strides and alignment, which is what the compiled variant depends on).
 
     ``lse``: flex_forward's lse2 (log2 units, +inf for a row with no allowed key).
 
@@ -395,11 +400,15 @@ def flex_backward(
     # forward wrote it). The loops read both with lse's strides
     if lse.stride() != (HQ * SQ, SQ, 1):
         lse = lse.contiguous()
-    delta = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    delta = lse if warmup else torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     if dlse is not None and dlse.stride(-1) != 1:
         dlse = dlse.contiguous()
+
+    def go(kernel, grid):  # launch, or (warmup) compile only
+        return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
+
     dm = 64
-    attn_bwd_delta_kernel[(_cdiv(SQ, dm), B * HQ)](
+    go(attn_bwd_delta_kernel, (_cdiv(SQ, dm), B * HQ))(
         out, dout, dlse if dlse is not None else delta, delta,
         *out.stride(), *dout.stride(),
         *(dlse.stride()[:2] if dlse is not None else (0, 0)), delta.stride(0), delta.stride(1),
@@ -412,9 +421,7 @@ def flex_backward(
         q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
     if SCHEDULE["bwd_tma"] and t2.tma:
         k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     prec = _dot_prec(q.dtype)
     c_nb, c_nh, c_ib, c_ih, c_ik = bwd_tables.strides()
     r_nb, r_nh, r_ib, r_ih, r_iq = fwd_tables.strides()
@@ -437,7 +444,7 @@ def flex_backward(
 
     def dkdv_pass(dq_out, atomic_dq: bool):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
-        attn_bwd_dkdv_kernel[_grid(n_kv, B * HKV, heads_first)](
+        go(attn_bwd_dkdv_kernel, _grid(n_kv, B * HKV, heads_first))(
             q, k, v, dout, dk, dv, lse, delta,
             *strides, *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
@@ -449,12 +456,14 @@ def flex_backward(
         )
 
     if atomic:
+        if warmup:
+            return None  # its float32 accumulator is not worth allocating to compile ahead
         dq_acc = torch.zeros((B, HQ, SQ, D), dtype=torch.float32, device=q.device)
         dkdv_pass(dq_acc, True)
         return dq.copy_(dq_acc), dk, dv, delta
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
         n_dkdv = n_kv * B * HKV
-        attn_bwd_kernel[(n_dkdv + n_q * B * HQ,)](
+        go(attn_bwd_kernel, (n_dkdv + n_q * B * HQ,))(
             q, k, v, dout, dq, dk, dv, lse, delta,
             *strides, *dq.stride(), *dk.stride(), *dv.stride(), lse.stride(0), lse.stride(1),
             bwd_tables.num, bwd_tables.idx, bwd_tables.full_num, bwd_tables.full_idx, c_nb, c_nh, c_ib, c_ih, c_ik,
@@ -469,10 +478,10 @@ def flex_backward(
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group, **common,
         )
-        return dq, dk, dv, delta
+        return None if warmup else (dq, dk, dv, delta)
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
     common.update(num_warps=t2.num_warps, num_stages=t2.num_stages)
-    attn_bwd_dq_kernel[_grid(n_q, B * HQ, heads_first)](
+    go(attn_bwd_dq_kernel, _grid(n_q, B * HQ, heads_first))(
         q, k, v, dout, dq, lse, delta,
         *strides, *dq.stride(), lse.stride(0), lse.stride(1),
         fwd_tables.num, fwd_tables.idx, fwd_tables.full_num, fwd_tables.full_idx, r_nb, r_nh, r_ib, r_ih, r_iq,
@@ -483,7 +492,7 @@ def flex_backward(
         PARTIAL_KV=fwd_tables.partial_unit(skv, t2.block_n, one_loop),
         REVERSE_M=SCHEDULE["reverse_m"], K_DESC=k_desc, V_DESC=v_desc, **common,
     )
-    return dq, dk, dv, delta
+    return None if warmup else (dq, dk, dv, delta)
 
 
 def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
