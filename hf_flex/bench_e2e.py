@@ -307,18 +307,20 @@ def worker(spec: dict, before_steps=None) -> dict:
     return res
 
 
-def _kernel_times(step, device) -> dict:
-    """{kernel name (90 chars): GPU microseconds} of one call of ``step`` (torch.profiler), largest first."""
+def kernel_times(fn, calls: int = 1) -> dict:
+    """{kernel name (90 chars): GPU microseconds per call of ``fn``} over ``calls`` calls (torch.profiler,
+    CUDA), largest first. scripts/profile_kernels.py uses it too."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        _sync(device)
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
     out: dict = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel, memcpy or memset on the GPU
-            out[e.name[:90]] = out.get(e.name[:90], 0.0) + e.time_range.elapsed_us()
+            out[e.name[:90]] = out.get(e.name[:90], 0.0) + e.time_range.elapsed_us() / calls
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -381,7 +383,7 @@ def _interleaved(spec: dict, res: dict, device, dtype) -> dict:
     if spec.get("profile") and device.type == "cuda":
         for v in names:
             use(v)
-            res[v]["kernels_us"] = _kernel_times(step, device)
+            res[v]["kernels_us"] = kernel_times(step)
     return res
 
 

@@ -26,25 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 
 
 def _kernel_times(fn, calls: int = 5) -> dict:
-    """{kernel name: microseconds per call of fn} over ``calls`` calls (device time, torch.profiler)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    """{kernel name: microseconds per call of fn} over ``calls`` calls, after one untimed call."""
+    from hf_flex.bench_e2e import kernel_times
 
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out: dict = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel (or memcpy / memset) on the GPU
-            out[e.name[:90]] += e.time_range.elapsed_us() / calls
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    return kernel_times(fn, calls)
 
 
 def profile_case(index: int, ncu: bool = False) -> dict:
