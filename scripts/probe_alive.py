@@ -6,12 +6,14 @@ The end-to-end benchmark's model and loop (hf_flex.bench_e2e, the last step's ou
 step's forward returns), hf_flex.mods.document_spans wrapped to remember (weakly) each spans tensor and
 the step that made it. At the first attention backward of every step (the step's activations all
 alive) it prints the spans still alive, their step, and the chain of objects referring to each
-(gc.get_referrers, three levels, types and short reprs).
+(gc.get_referrers, --depth levels: functions with their free variables, frames with their code
+location, containers with the types they hold).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import types
 import weakref
 
 import torch
@@ -23,30 +25,44 @@ from hf_flex import mods
 
 
 def _describe(o) -> str:
+    """A referrer in a few words: functions by name and free variables, frames by code location."""
     t = type(o).__name__
+    if isinstance(o, types.FunctionType):
+        return f"function {o.__module__}.{o.__qualname__} (free variables {o.__code__.co_freevars})"
+    if isinstance(o, types.FrameType):
+        return f"frame {o.f_code.co_name} at {o.f_code.co_filename}:{o.f_lineno}"
+    if isinstance(o, types.CellType):
+        try:
+            return f"cell holding {type(o.cell_contents).__name__}"
+        except ValueError:
+            return "empty cell"
     if isinstance(o, dict):
-        keys = list(o)[:6]
-        return f"dict(keys={keys!r})"[:160]
+        return f"dict(keys={list(o)[:6]!r})"[:160]
     if isinstance(o, (list, tuple)):
-        return f"{t}(len={len(o)})"
+        return f"{t}(len={len(o)}: {', '.join(type(x).__name__ for x in o[:6])})"
     return f"{t} {repr(o)[:100]}"
 
 
-def _chain(obj, depth: int, seen: set, indent: str, frame_ids: set):
+def _chain(obj, depth: int, seen: set, indent: str):
+    """Print the objects referring to ``obj``, ``depth`` levels up (gc.get_referrers), skipping this
+    module's own frames and containers (``seen``)."""
     if depth == 0:
         return
-    for r in gc.get_referrers(obj):
-        if id(r) in seen or id(r) in frame_ids or type(r).__name__ == "frame":
+    refs = gc.get_referrers(obj)
+    seen.add(id(refs))  # the list get_referrers returns refers to obj too
+    for r in refs:
+        if type(r).__name__ == "list_iterator" or id(r) in seen or (isinstance(r, types.FrameType) and r.f_code.co_filename == __file__):
             continue
         seen.add(id(r))
         print(f"{indent}<- {_describe(r)}")
-        _chain(r, depth - 1, seen, indent + "   ", frame_ids)
+        _chain(r, depth - 1, seen, indent + "   ")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=6, help="levels of referrers printed")
     ap.add_argument("--no-gc", action="store_true", help="disable Python's cyclic garbage collector: spans kept "
                     "only by a reference cycle then accumulate, step after step")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model (TRITON_INTERPRET=1 for the kernels)")
@@ -68,14 +84,12 @@ def main():
     def bwd(ctx, dout, dlse):
         if step_no["i"] not in reported:
             reported.add(step_no["i"])
-            alive = [(r(), s) for r, s in made if r() is not None]
-            print(f"step {step_no['i']}: first attention backward; spans alive: {[s for _, s in alive]} "
-                  f"(made so far {len(made)})")
-            for t, s in alive:
-                if s != step_no["i"]:
-                    print(f"  spans of step {s} ({t.numel() * t.element_size()} B) held by:")
-                    _chain(t, 3, {id(alive)}, "    ", set())
-            del alive
+            steps = [s for r, s in made if r() is not None]
+            print(f"step {step_no['i']}: first attention backward; spans alive: {steps} (made so far {len(made)})")
+            for r, s in made:  # only weak references here: no container of ours refers to the spans
+                if s != step_no["i"] and r() is not None:
+                    print(f"  spans of step {s} ({r().numel() * r().element_size()} B) held by:")
+                    _chain(r(), a.depth, {id(made)}, "    ")
         return orig_bwd(ctx, dout, dlse)
 
     hf_autograd.FlexAttentionFunction.backward = staticmethod(bwd)
