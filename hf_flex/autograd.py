@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -101,7 +102,7 @@ def _hollow(spec: KernelSpec):
         cached = bm._hollow = (key, hollow_bm, where)
     _, hollow_bm, where = cached
     tensors = [getattr(bm, n) for n in _TABLES] + [mm.args[i] for i in where]
-    return tensors, (KernelSpec(hollow_bm, spec.score_mod, spec.scale, spec.return_lse), where)
+    return tensors, (replace(spec, block_mask=hollow_bm), where)
 
 
 def _fill(hollow, tensors):
@@ -109,14 +110,11 @@ def _fill(hollow, tensors):
     the query-major MaskTables, the key-major MaskTables, the mask_mod's args). Nothing is copied: the
     hollow spec answers everything else (BLOCK_SIZE, the mask's Triton functions, the score mod)."""
     spec, where = hollow
-    t = tensors
-    tail = spec.block_mask.tail_partial
-    fwd = MaskTables(t[0], t[1], t[2], t[3], tail, t[8], t[9])  # order: _TABLES
-    bwd = MaskTables(t[4], t[5], t[6], t[7], tail, t[10], t[11])
+    tables = SimpleNamespace(tail_partial=spec.block_mask.tail_partial, **dict(zip(_TABLES, tensors)))
     args = list(spec.block_mask.mask_mod.args)
-    for i, a in zip(where, t[len(_TABLES):]):
+    for i, a in zip(where, tensors[len(_TABLES):]):
         args[i] = a
-    return spec, fwd, bwd, tuple(args)
+    return spec, MaskTables.of(tables), MaskTables.of(tables, transposed=True), tuple(args)
 
 
 def _compiles(q: torch.Tensor) -> bool:
@@ -124,7 +122,7 @@ def _compiles(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and not interpreted()
 
 
-def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args) -> None:
+def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, score_fn, score_args) -> None:
     """On the first forward of a configuration that will need a backward (CUDA kernels, gradients
     wanted), start compiling the backward's kernels in the background (kernels.compile_ahead), for the
     arguments the backward will get: the forward's output layout for the gradient, no LSE gradient, no
@@ -132,7 +130,6 @@ def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args) 
     if (not compile_ahead.enabled or not _compiles(q) or spec.return_lse or OVERRIDES or ctx.n_learnables
             or not any(ctx.needs_input_grad[:4])):
         return
-    score_fn, score_args = spec.score(q)
     by_key = spec.mask_by_key()
     key = (q.device, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] == k.shape[1], mask_fn, by_key, score_fn,
            spec.block_mask.BLOCK_SIZE, ctx.packed_documents, tuple(SCHEDULE.values()))
@@ -141,10 +138,10 @@ def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args) 
     B, H, S = q.shape[:3]
     out = out_like(q, v.shape[-1])  # stand-ins with the layouts the backward will see
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    em = spec.elementwise(q)
+    score_grad_fn = spec.elementwise(q).kernel_grad_fn if score_fn is not None else None
     compile_ahead.start(key, q.device, functools.partial(
         flex_backward, q, k, v, out, lse, out, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
-        mask_fn, mask_args, score_fn, score_args, em.kernel_grad_fn if score_fn is not None else None, None, (),
+        mask_fn, mask_args, score_fn, score_args, score_grad_fn, None, (),
         spec.scale, mask_fn_by_key=by_key, packed_documents=ctx.packed_documents, warmup=True,
     ))
 
@@ -163,7 +160,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         score_fn, score_args = spec.score(q)
         ctx.packed_documents = spec.packs_documents()  # the backward's launch choices read it too
         ctx.n_learnables = len(learnables)
-        _compile_backward_ahead(ctx, spec, q, k, v, mask_fn, mask_args)
+        _compile_backward_ahead(ctx, spec, q, k, v, mask_fn, mask_args, score_fn, score_args)
         out, lse2 = flex_forward(
             q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
             sink, spec.scale, packed_documents=ctx.packed_documents,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from . import cdiv as _cdiv
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
@@ -101,7 +100,7 @@ SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
-    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents"
+    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents",
 }
 
 
@@ -295,8 +294,9 @@ def _descriptor(t, shape, strides, block):
 
         desc = TensorDescriptor(t, shape, strides, block)  # validated
         if hasattr(desc, "__dict__"):  # a dataclass with __slots__ (another Triton) stays on the slow path
-            proto = _descriptor_protos[key] = TensorDescriptor(t, shape, strides, list(block))
-            proto.base = proto.shape = proto.strides = None  # the prototype keeps none of the caller's tensors
+            proto = _descriptor_protos[key] = object.__new__(TensorDescriptor)
+            proto.__dict__.update(desc.__dict__)
+            proto.base = proto.shape = proto.strides = proto.block_shape = None  # keeps none of the caller's
         return desc
     desc = object.__new__(proto.__class__)
     desc.__dict__.update(proto.__dict__)
