@@ -18,7 +18,8 @@ from .block_mask import BlockMask
 from .kernels import compile_ahead, interpreted
 from .kernels.forward import LOG2E
 from .kernels.launch import OVERRIDES, SCHEDULE, MaskTables, out_like, flex_backward, flex_forward, natural_lse
-from .modtypes import ScoreMod, and_holds
+from .kernels.launch_varlen import varlen_backward, varlen_forward, varlen_tile, varlen_tiles
+from .modtypes import ScoreMod, and_holds, and_leaves
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,31 @@ class KernelSpec:
         if cached is None or cached[0] is not bm.mask_mod:
             cached = bm._packs_documents = (bm.mask_mod, and_holds(bm.mask_mod.structure, ("packed_documents",)))
         return cached[1]
+
+    def varlen(self, q: torch.Tensor, v: torch.Tensor):
+        """(tiles, n_tiles, spans, tile) where the document-aligned kernels (kernels/varlen.py) run this
+        call: SCHEDULE["varlen"], a mask that is exactly causal AND packed documents (and_masks of
+        causal() and document(ids) of non-decreasing ids, in any order or nesting), queries and keys
+        of one length, and head dims whose passes agree on a tile (launch_varlen.varlen_tile); else
+        None. The tile list is built once per block mask (every layer of a batch shares it)."""
+        if not SCHEDULE["varlen"]:
+            return None
+        bm = self.block_mask
+        cached = bm.__dict__.get("_varlen")
+        if cached is not None and cached[0] is bm.mask_mod:
+            return cached[1]
+        found = None
+        leaves = and_leaves(bm.mask_mod.structure)
+        S = q.shape[2]
+        if leaves is not None and {leaf for _, leaf in leaves} == {("causal",), ("packed_documents",)} \
+                and bm.seq_lengths == (S, S):
+            at = next(off for off, leaf in leaves if leaf == ("packed_documents",))
+            spans = bm.mask_mod.args[at + 2]  # mods.document: (starts, meta, spans)
+            tile = varlen_tile(_pow2(q.shape[-1]), _pow2(v.shape[-1]), q.element_size())
+            if tile is not None and spans.shape[1] == S and spans.shape[0] in (1, q.shape[0]):
+                found = (*varlen_tiles(spans, tile), spans, tile)
+        bm._varlen = (bm.mask_mod, found)
+        return found
 
     def elementwise(self, q: torch.Tensor):
         """The score mod whose Triton functions run on ``q``: its approximate form (ScoreMod.approx)
@@ -96,6 +122,7 @@ def _hollow(spec: KernelSpec):
         hollow_bm = copy.copy(bm)
         hollow_bm.__dict__.pop("_hollow", None)
         hollow_bm.__dict__.pop("_packs_documents", None)  # it holds the full mask_mod
+        hollow_bm.__dict__.pop("_varlen", None)  # and this one the tile list
         for n in _TABLES:
             setattr(hollow_bm, n, None)
         hollow_bm.mask_mod = hollow_mm
@@ -117,12 +144,16 @@ def _fill(hollow, tensors):
     return spec, MaskTables.of(tables), MaskTables.of(tables, transposed=True), tuple(args)
 
 
+def _pow2(x: int) -> int:
+    return 1 << (max(x, 16) - 1).bit_length()
+
+
 def _compiles(q: torch.Tensor) -> bool:
     """Whether kernels for ``q`` are compiled (CUDA, not Triton's interpreter)."""
     return q.device.type == "cuda" and not interpreted()
 
 
-def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, score_fn, score_args) -> None:
+def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, score_fn, score_args, varlen) -> None:
     """On the first forward of a configuration that will need a backward (CUDA kernels, gradients
     wanted), start compiling the backward's kernels in the background (kernels.compile_ahead), for the
     arguments the backward will get: the forward's output layout for the gradient, no LSE gradient, no
@@ -132,13 +163,20 @@ def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, 
         return
     by_key = spec.mask_by_key()
     key = (q.device, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] == k.shape[1], mask_fn, by_key, score_fn,
-           spec.block_mask.BLOCK_SIZE, ctx.packed_documents, tuple(SCHEDULE.values()))
+           spec.block_mask.BLOCK_SIZE, ctx.packed_documents, varlen is not None and varlen[3],
+           tuple(SCHEDULE.values()))
     if compile_ahead.seen(key):
         return
     B, H, S = q.shape[:3]
     out = out_like(q, v.shape[-1])  # stand-ins with the layouts the backward will see
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     score_grad_fn = spec.elementwise(q).kernel_grad_fn if score_fn is not None else None
+    if varlen is not None:
+        compile_ahead.start(key, q.device, functools.partial(
+            varlen_backward, q, k, v, out, lse, out, *varlen, score_fn, score_args, score_grad_fn, None, (),
+            spec.scale, warmup=True,
+        ))
+        return
     compile_ahead.start(key, q.device, functools.partial(
         flex_backward, q, k, v, out, lse, out, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
         mask_fn, mask_args, score_fn, score_args, score_grad_fn, None, (),
@@ -160,12 +198,23 @@ class FlexAttentionFunction(torch.autograd.Function):
         score_fn, score_args = spec.score(q)
         ctx.packed_documents = spec.packs_documents()  # the backward's launch choices read it too
         ctx.n_learnables = len(learnables)
-        _compile_backward_ahead(ctx, spec, q, k, v, mask_fn, mask_args, score_fn, score_args)
-        out, lse2 = flex_forward(
-            q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
-            sink, spec.scale, packed_documents=ctx.packed_documents,
-        )
+        varlen = spec.varlen(q, v)
+        _compile_backward_ahead(ctx, spec, q, k, v, mask_fn, mask_args, score_fn, score_args, varlen)
+        if varlen is not None:
+            out, lse2 = varlen_forward(q, k, v, *varlen, score_fn, score_args, sink, spec.scale,
+                                       packed_documents=ctx.packed_documents)
+        else:
+            out, lse2 = flex_forward(
+                q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
+                sink, spec.scale, packed_documents=ctx.packed_documents,
+            )
         spec_tensors, ctx.hollow_spec = _hollow(spec)
+        # the document-aligned backward's spans, tile list and count (the spans are among the mask's
+        # tensors already: its index there)
+        ctx.varlen = None
+        if varlen is not None:
+            ctx.varlen = (next(i for i, t in enumerate(spec_tensors) if t is varlen[2]), varlen[3])
+            spec_tensors = spec_tensors + [varlen[0], varlen[1]]
         # lse2 (log2 units, the backward's form) is saved; the natural-log LSE exists only for a caller
         # that asked for it
         ctx.save_for_backward(q, k, v, out, lse2, sink, *spec_tensors)
@@ -176,6 +225,10 @@ class FlexAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         compile_ahead.wait()  # kernels compiling in the background since the first forward
         q, k, v, out, lse2, sink, *spec_tensors = ctx.saved_tensors
+        varlen = None
+        if ctx.varlen is not None:
+            *spec_tensors, tiles, n_tiles = spec_tensors
+            varlen = (tiles, n_tiles, spec_tensors[ctx.varlen[0]], ctx.varlen[1])
         spec, fwd_tables, bwd_tables, mask_args = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)
         if dout is None and dlse is None:
@@ -191,14 +244,20 @@ class FlexAttentionFunction(torch.autograd.Function):
         # that order no longer shows in the float32 result (float32 atomics drifted run to run, past
         # the float32 reference's own error, on relative_bias tables)
         grads = tuple(torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in sm.learnable_tensors()) if want_params else ()
-        dq, dk, dv, delta = flex_backward(
-            q, k, v, out, lse2, dout, fwd_tables, bwd_tables, spec.block_mask.BLOCK_SIZE,
-            mask_fn, mask_args, score_fn, score_args,
-            em.kernel_grad_fn if score_fn is not None else None,
-            em.kernel_param_grad_fn if want_params else None,
-            grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
-            packed_documents=ctx.packed_documents,
-        )
+        score_grad_fn = em.kernel_grad_fn if score_fn is not None else None
+        score_param_grad_fn = em.kernel_param_grad_fn if want_params else None
+        if varlen is not None:
+            dq, dk, dv, delta = varlen_backward(
+                q, k, v, out, lse2, dout, *varlen, score_fn, score_args, score_grad_fn, score_param_grad_fn,
+                grads, spec.scale, dlse=dlse,
+            )
+        else:
+            dq, dk, dv, delta = flex_backward(
+                q, k, v, out, lse2, dout, fwd_tables, bwd_tables, spec.block_mask.BLOCK_SIZE,
+                mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn,
+                grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
+                packed_documents=ctx.packed_documents,
+            )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
             # d sink_h = -sum_{b,q} p_sink * delta, p_sink = exp(sink_h - lse) = exp2(sink_h log2(e) - lse2)

@@ -346,6 +346,22 @@ def and_holds(structure, leaf: tuple) -> bool:
     return structure[0] == "and" and any(and_holds(child, leaf) for _, child in structure[1:])
 
 
+def and_leaves(structure, offset: int = 0) -> Optional[list]:
+    """[(position in args of the leaf's first argument, leaf)] of a mask of this ``MaskMod.structure``
+    that is a leaf or nested "and"s of leaves; None where the structure is unknown."""
+    if not structure:
+        return None
+    if structure[0] != "and":
+        return [(offset, structure)]
+    out = []
+    for off, child in structure[1:]:
+        sub = and_leaves(child, offset + off)
+        if sub is None:
+            return None
+        out += sub
+    return out
+
+
 # Combinators: generated Triton functions that call their children, cached by structure.
 
 

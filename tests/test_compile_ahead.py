@@ -18,10 +18,11 @@ import torch
 import hf_flex
 from hf_flex import autograd, mods
 from hf_flex.dispatch import triton_runs_on
-from hf_flex.kernels import compile_ahead, launch
+from hf_flex.kernels import compile_ahead, launch, launch_varlen
 from helpers import rand_qkv, random_doc_ids
 
 BACKWARD_KERNELS = ("attn_bwd_delta_kernel", "attn_bwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
+VARLEN_KERNELS = ("attn_bwd_varlen_kernel",)
 
 
 class _Recorder:
@@ -69,8 +70,9 @@ def ahead(monkeypatch):
     monkeypatch.setattr(compile_ahead, "errors", [])
     monkeypatch.setattr(compile_ahead, "enabled", True)
     log = []
-    for name in BACKWARD_KERNELS:
-        monkeypatch.setattr(launch, name, _Recorder(name, getattr(launch, name), log))
+    for module, names in ((launch, BACKWARD_KERNELS), (launch_varlen, VARLEN_KERNELS)):
+        for name in names:
+            monkeypatch.setattr(module, name, _Recorder(name, getattr(module, name), log))
     return log
 
 
@@ -85,9 +87,11 @@ def _packed_gqa(seed):
     return q, k, v, bm
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
-def test_warmup_compiles_what_the_backward_launches(ahead, fused, monkeypatch):
+@pytest.mark.parametrize("fused, varlen", [(True, False), (False, False), (True, True)],
+                         ids=["fused_bwd", "two_launches", "varlen"])
+def test_warmup_compiles_what_the_backward_launches(ahead, fused, varlen, monkeypatch):
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", varlen)
     q, k, v, bm = _packed_gqa(seed=5)
     out = hf_flex.flex_attention(q, k, v, mods.softcap(4.0), bm, enable_gqa=True)
     dout = torch.randn_like(out.transpose(1, 2).contiguous()).transpose(1, 2)
@@ -95,7 +99,8 @@ def test_warmup_compiles_what_the_backward_launches(ahead, fused, monkeypatch):
     assert compile_ahead.errors == []
     warm = [(n, a, kw) for kind, n, a, kw in ahead if kind == "warmup"]
     launched = [(n, a, kw) for kind, n, a, kw in ahead if kind == "launch"]
-    expected = ["attn_bwd_delta_kernel"] + (["attn_bwd_kernel"] if fused else ["attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"])
+    expected = ["attn_bwd_delta_kernel"] + (
+        ["attn_bwd_varlen_kernel"] if varlen else ["attn_bwd_kernel"] if fused else ["attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"])
     assert [n for n, _, _ in warm] == expected and [n for n, _, _ in launched] == expected
     for (n, wa, wkw), (_, la, lkw) in zip(warm, launched):
         assert len(wa) == len(la) and set(wkw) == set(lkw), n
@@ -111,7 +116,8 @@ def test_warmup_compiles_what_the_backward_launches(ahead, fused, monkeypatch):
         torch.testing.assert_close(g, g2, rtol=0, atol=0)
 
 
-def test_one_warmup_per_configuration_and_none_without_gradients(ahead):
+def test_one_warmup_per_configuration_and_none_without_gradients(ahead, monkeypatch):
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", False)
     q, k, v, bm = _packed_gqa(seed=7)
     for _ in range(2):
         hf_flex.flex_attention(q, k, v, None, bm, enable_gqa=True)

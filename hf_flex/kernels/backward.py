@@ -99,6 +99,7 @@ def _dkdv_inner(
     s_doh=0,
     s_lh=0,
     s_dqh=0,
+    base=0,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
@@ -106,7 +107,9 @@ def _dkdv_inner(
 
     FLAT: the same blocks for ``n_heads`` query heads h, h + 1, ... (their Q, dO, LSE, delta, dQ rows
     ``s_qh`` ... apart) in one loop, head after head: one pipeline fill and drain for the whole GQA
-    group instead of one per head (the tables must not differ between heads; not with AHEAD)."""
+    group instead of one per head (the tables must not differ between heads; not with AHEAD).
+
+    ``idx_ptr`` None: ``n_blocks`` consecutive blocks from position ``base`` (forward.block_start)."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
@@ -127,7 +130,7 @@ def _dkdv_inner(
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_Q)
         elif not AHEAD:
-            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False, base)
         offs_m = start + (i % SUB) * BLOCK_M + offs_m0
         # Q^T [DP, BLOCK_M] and dO [BLOCK_M, DVP]; queries past the end (not Q_DIVISIBLE) load zeros
         # and LSE +inf: they add nothing to dK, dV
@@ -314,9 +317,11 @@ def _dq_inner(
     AHEAD: tl.constexpr,
     IDX2=None,
     n_blocks2=0,
+    base=0,
 ):
     """dQ accumulated over the key blocks ``idx_ptr[:n_blocks]`` lists, then (IDX2, one loop) over
-    ``IDX2[:n_blocks2]`` in the same loop, as in :func:`_dkdv_inner`."""
+    ``IDX2[:n_blocks2]`` in the same loop, as in :func:`_dkdv_inner` (``idx_ptr`` None: consecutive
+    blocks from ``base``)."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
@@ -326,7 +331,7 @@ def _dq_inner(
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
         elif not AHEAD:
-            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False, base)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         if K_DESC is not None:  # TMA: keys past the end arrive as zeros

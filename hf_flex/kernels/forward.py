@@ -90,12 +90,17 @@ def partial_list(NUM, IDX, HALF_NUM, HALF_IDX, num_off, idx_off, HALVES: tl.cons
 
 
 @triton.jit
-def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr):
+def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr, base=0):
     """First position of the table block that tile ``i`` of a loop lies in (SUB tiles per block).
 
     Not AHEAD: loads the block's index now. AHEAD (i = -1 before the loop, then at the end of each
     iteration): ``start`` carried from the previous call, and the next block's index loaded when the
-    next tile starts a block (torch flex's order; the compiler schedules the loads differently)."""
+    next tile starts a block (torch flex's order; the compiler schedules the loads differently).
+    No table (``idx_ptr`` None, never with AHEAD): consecutive blocks from position ``base`` (the
+    document-aligned kernels, kernels/varlen.py)."""
+    if idx_ptr is None:
+        # int32 as a table's entries are (the interpreter's loop counter is int64; TMA wants int32)
+        return tl.cast(base + (i // SUB) * SPARSE, tl.int32)
     if not AHEAD:
         return tl.load(idx_ptr + i // SUB) * SPARSE
     j = (i + 1) // SUB
@@ -205,10 +210,12 @@ def _fwd_inner(
     hk=0,
     IDX2=None,
     n_blocks2=0,
+    base=0,
 ):
     """The online softmax over the key blocks ``idx_ptr[:n_blocks]`` lists; with IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop (the caller passes partial blocks first, full ones
-    second; the mask and position checks then apply to both)."""
+    second; the mask and position checks then apply to both). ``idx_ptr`` None: ``n_blocks``
+    consecutive blocks from position ``base`` (block_start)."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
@@ -218,7 +225,7 @@ def _fwd_inner(
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
         elif not AHEAD:
-            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False, base)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         if K_DESC is not None:

@@ -96,11 +96,14 @@ OVERRIDES: dict = {}
 # halves: where a block mask has half-block tables (the packed builder's), every partial-block loop
 #   walks the live halves of its partial blocks (MaskTables.partial_unit) and skips the dead ones at
 #   document boundaries; full blocks stay whole. Measured in NOTES.md (ninth round).
+# varlen: causal attention over packed documents (and_masks(causal(), document(ids))) runs the
+#   document-aligned kernels (kernels/varlen.py: tiles from each document's start, no partial block
+#   but the diagonal, no block table read) instead of the block-sparse ones. NOTES.md, twelfth round.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
-    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents",
+    "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
 }
 
 
@@ -371,6 +374,40 @@ def flex_forward(
     return out, lse
 
 
+def _launcher(warmup: bool):
+    """kernel, grid -> what launches it, or (warmup) what compiles it for those arguments and
+    launches nothing (JITFunction.warmup)."""
+    def go(kernel, grid):
+        return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
+    return go
+
+
+def backward_buffers(q, lse, dout, dlse, warmup: bool):
+    """(lse, dout, dlse, delta) as the backward kernels read them: dout and dlse with unit last
+    strides, lse contiguous (the loops read lse and delta with lse's strides), and delta, the one
+    per-row buffer, as torch's flex backward allocates (lse itself stands in for it in a warm-up)."""
+    B, HQ, SQ = q.shape[:3]
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    if lse.stride() != (HQ * SQ, SQ, 1):
+        lse = lse.contiguous()
+    delta = lse if warmup else torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    if dlse is not None and dlse.stride(-1) != 1:
+        dlse = dlse.contiguous()
+    return lse, dout, dlse, delta
+
+
+def delta_pass(go, out, dout, dlse, delta) -> None:
+    """delta = rowsum(dO * O) - dLSE ([B, Hq, Sq] float32), through ``go`` (_launcher)."""
+    B, HQ, SQ, DV = out.shape
+    dm = 64
+    go(attn_bwd_delta_kernel, (_cdiv(SQ, dm), B * HQ))(
+        out, dout, dlse if dlse is not None else delta, delta,
+        *out.stride(), *dout.stride(),
+        *(dlse.stride()[:2] if dlse is not None else (0, 0)), delta.stride(0), delta.stride(1),
+        SQ, HQ, BLOCK_M=dm, DV=DV, DVP=_pow2(max(DV, 16)), HAS_DLSE=dlse is not None,
+    )
+
+
 def flex_backward(
     q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
     mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
@@ -395,25 +432,10 @@ def flex_backward(
     sq, skv = sparse
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
     t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
-    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    # delta: the one per-row buffer, as torch's flex backward allocates (the loops read lse as the
-    # forward wrote it). The loops read both with lse's strides
-    if lse.stride() != (HQ * SQ, SQ, 1):
-        lse = lse.contiguous()
-    delta = lse if warmup else torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
-    if dlse is not None and dlse.stride(-1) != 1:
-        dlse = dlse.contiguous()
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup)
 
-    def go(kernel, grid):  # launch, or (warmup) compile only
-        return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
-
-    dm = 64
-    go(attn_bwd_delta_kernel, (_cdiv(SQ, dm), B * HQ))(
-        out, dout, dlse if dlse is not None else delta, delta,
-        *out.stride(), *dout.stride(),
-        *(dlse.stride()[:2] if dlse is not None else (0, 0)), delta.stride(0), delta.stride(1),
-        SQ, HQ, BLOCK_M=dm, DV=DV, DVP=DVP, HAS_DLSE=dlse is not None,
-    )
+    go = _launcher(warmup)
+    delta_pass(go, out, dout, dlse, delta)
     atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
               and not torch.are_deterministic_algorithms_enabled())
     q_desc = do_desc = k_desc = v_desc = None

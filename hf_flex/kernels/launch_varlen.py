@@ -1,0 +1,116 @@
+"""Launch helpers for the document-aligned kernels (kernels/varlen.py): the tile list, the forward,
+the backward. Tensors in, tensors out; shapes as in launch.py, spans [B or 1, S] int64
+(mods.document_spans)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import cdiv as _cdiv
+from .launch import (
+    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, _tma_descriptors, backward_buffers, delta_pass,
+    dkdv_tiles, dq_tiles, fwd_tiles, out_like,
+)
+from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
+
+__all__ = ["varlen_tile", "varlen_tiles", "varlen_forward", "varlen_backward"]
+
+# a sort key past every tile's
+_NOT_A_TILE = 1 << 40
+
+
+def varlen_tile(dp: int, dvp: int, element_size: int) -> Optional[int]:
+    """Positions per tile of the document-aligned kernels for these head dims and element size: the
+    forward's and dQ pass's query tile and the dK/dV pass's key tile, where the three agree (the
+    dK/dV and dQ programs share one tile list); None where they do not (the block-sparse kernels run)."""
+    f = fwd_tiles(dp, dvp, element_size, 128, 128)
+    if f.block_m == dkdv_tiles(dp, dvp, element_size, 128, 128).block_n == dq_tiles(dp, dvp, element_size, 128, 128).block_m:
+        return f.block_m
+    return None
+
+
+def varlen_tiles(spans: torch.Tensor, tile: int):
+    """(tiles [Bs, S] int32, n_tiles [Bs] int32): per row of ``spans``, the first position of every
+    document-aligned tile (positions p with (p - lo[p]) % tile == 0), larger index in the document
+    first (those see the most keys), then the row's positions that start no tile (never read); and
+    how many tiles the row has. Built on the device, no host sync."""
+    if spans.dim() != 2 or spans.dtype != torch.int64:
+        raise ValueError("varlen_tiles: spans must be int64 [B, S] (mods.document_spans)")
+    S = spans.shape[1]
+    off = torch.arange(S, device=spans.device) - (spans & 0xFFFFFFFF)
+    starts = off % tile == 0
+    key = torch.where(starts, -(off // tile), _NOT_A_TILE)
+    tiles = torch.sort(key, dim=1, stable=True).indices.to(torch.int32)
+    return tiles, starts.sum(1, dtype=torch.int32)
+
+
+def _list_args(tiles, n_tiles, spans):
+    # a one-row list (spans of B = 1) serves every batch row: stride 0
+    stride_b = tiles.stride(0) if tiles.shape[0] > 1 else 0
+    return (tiles, n_tiles, spans, stride_b, spans.stride(0) if spans.shape[0] > 1 else 0,
+            n_tiles.stride(0) if n_tiles.shape[0] > 1 else 0)
+
+
+def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_args, sink, sm_scale,
+                   packed_documents: bool = True):
+    """(out [B, Hq, S, Dv], lse2 [B, Hq, S] float32 in log2 units) as launch.flex_forward returns
+    them, for and_masks(causal(), document(ids)) with spans = document_spans(ids)."""
+    B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
+    t = fwd_tiles(DP, DVP, q.element_size(), 128, 128)
+    out = out_like(q, DV)
+    lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    k_desc = v_desc = k_desc_p = v_desc_p = None
+    if SCHEDULE["tma"] != "none" and t.tma:
+        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
+    if SCHEDULE["tma"] == "both" and k_desc is not None:
+        k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
+    n_programs = _cdiv(SQ, tile)
+    heads_first = _per_mask("heads_first", packed_documents)
+    grid = (B * HQ, n_programs) if heads_first else (n_programs, B * HQ)
+    attn_fwd_varlen_kernel[grid](
+        q, k, v, out, lse, sink if sink is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+        *_list_args(tiles, n_tiles, spans), n_programs,
+        SQ, HQ, HQ // HKV, sm_scale, score_args,
+        SCORE_MOD=score_fn, HAS_SINK=sink is not None, TILE=tile, BLOCK_N=t.block_n,
+        BLOCK_N_FULL=t.block_n_full or t.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
+        HEADS_FIRST=heads_first, K_DESC=k_desc, V_DESC=v_desc, K_DESC_PARTIAL=k_desc_p, V_DESC_PARTIAL=v_desc_p,
+        num_warps=t.num_warps, num_stages=t.num_stages, **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
+    )
+    return out, lse
+
+
+def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, score_fn, score_args,
+                    score_grad_fn, score_param_grad_fn, score_grads, sm_scale, dlse=None, warmup: bool = False):
+    """(dq, dk, dv, delta) as launch.flex_backward returns them (``warmup``: compile, launch nothing,
+    return None), for the mask of :func:`varlen_forward`. One launch of dK/dV and dQ programs, no
+    atomics (deterministic)."""
+    B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
+    t = dkdv_tiles(DP, DVP, q.element_size(), 128, 128)
+    t2 = dq_tiles(DP, DVP, q.element_size(), 128, 128)
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup)
+    go = _launcher(warmup)
+    delta_pass(go, out, dout, dlse, delta)
+    q_desc = do_desc = k_desc = v_desc = None
+    if SCHEDULE["bwd_tma"] and t.tma:
+        q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
+    if SCHEDULE["bwd_tma"] and t2.tma:
+        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
+    dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    n_programs = _cdiv(SQ, tile)
+    n_dkdv = n_programs * B * HKV
+    go(attn_bwd_varlen_kernel, (n_dkdv + n_programs * B * HQ,))(
+        q, k, v, dout, dq, dk, dv, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        lse.stride(0), lse.stride(1),
+        *_list_args(tiles, n_tiles, spans), n_programs,
+        SQ, HQ, HKV, HQ // HKV, sm_scale, n_dkdv, score_args, score_grads,
+        SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn, SCORE_PARAM_GRAD=score_param_grad_fn, TILE=tile,
+        DKDV_BLOCK_M=t.block_m, DQ_BLOCK_N=t2.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
+        FLAT_GROUP=HQ > HKV and SCHEDULE["bwd_flat_group"] is not False,
+        Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return None if warmup else (dq, dk, dv, delta)

@@ -1,0 +1,291 @@
+"""Kernels for causal attention over packed documents, in tiles aligned to each document's start.
+
+The block-sparse kernels (forward.py, backward.py) cut every row into TILE-position blocks counted
+from position 0: a document starting inside a block shares it with the one before, so every row of
+blocks holds two partial blocks (the document's first, which also holds the previous document's
+tail, and the diagonal), and partial blocks cost the mask's evaluation and its span loads. Here the
+tiles start at each document's first position, as FlashAttention's variable-length kernels do: tile
+i of a document holds its positions lo + i * TILE .. lo + (i + 1) * TILE - 1 (the last tile ragged),
+sees keys lo .. lo + i * TILE - 1 whole (no mask), and one diagonal tile under the causal mask alone
+(keys past the document's end are past every query of the tile: the causal mask removes them). No
+block table is read: the loops walk consecutive key (or query) tiles from a position.
+
+The tile list (launch_varlen.varlen_tiles): per batch row, the first position of every tile, tiles of
+larger index in their document (more keys) first, and their count. A program walks tiles
+t, t + N_PROGRAMS, ... of its row's list (N_PROGRAMS = cdiv(S, TILE) tile programs per head): the
+count of tiles is only known on the device, and it may exceed the grid when documents are short. The
+dK/dV programs walk the list from its end (the first tiles of their documents, which see the most
+queries, first).
+
+Allowed pairs: kv <= q and both in one document, i.e. ``and_masks(causal(), document(ids))`` of
+non-decreasing ids; the score mod, sinks and GQA as in the block-sparse kernels.
+"""
+
+import triton
+import triton.language as tl
+
+from .backward import _dkdv_inner, _dq_inner, row_inputs
+from .forward import _fwd_inner, tile_and_head
+
+
+@triton.jit
+def _causal(b, h, q, kv, args):
+    # the diagonal tile's mask: in a document-aligned tile, kv <= q is the whole predicate for every
+    # query the kernels store
+    return kv <= q
+
+
+@triton.jit
+def doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb):
+    """(first position, document's first position, document's end) of tile ``t`` of row ``b``'s list;
+    SPANS [B, S] int64 ``lo | hi << 32`` (mods.document_spans), hi the document's last position."""
+    start = tl.load(TILES + b * stride_tb + t)
+    sp = tl.load(SPANS + b * stride_sb + start)
+    # lo < 2**31: the truncation to 32 bits is lo itself
+    return start, sp.to(tl.int32), (sp >> 32).to(tl.int32) + 1
+
+
+_FWD_DYNAMIC = ["stride_lb", "stride_lh", "stride_tb", "stride_sb", "stride_nb", "N_PROGRAMS", "Q_LEN"]
+
+
+@triton.jit(do_not_specialize=_FWD_DYNAMIC)
+def attn_fwd_varlen_kernel(
+    Q, K, V, O, LSE, SINK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    TILES, N_TILES, SPANS, stride_tb, stride_sb, stride_nb, N_PROGRAMS,
+    Q_LEN, HQ, GROUP, sm_scale,
+    score_args,
+    SCORE_MOD: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    TILE: tl.constexpr,  # queries per tile (BLOCK_M): the tile list's unit
+    BLOCK_N: tl.constexpr,  # keys per step of the diagonal tile's loop (mask evaluated)
+    BLOCK_N_FULL: tl.constexpr,  # keys per step of the loop over earlier keys (no mask)
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HEADS_FIRST: tl.constexpr = False,
+    K_DESC=None,  # with V_DESC: tensor descriptors (BLOCK_N_FULL-key boxes) of the no-mask loop (TMA)
+    V_DESC=None,
+    K_DESC_PARTIAL=None,  # the same with BLOCK_N-key boxes, for the diagonal tile
+    V_DESC_PARTIAL=None,
+):
+    """Output and LSE (log2 units, as attn_fwd_kernel writes them) of the tiles of one (batch, query
+    head) this program walks."""
+    pid_t, pid_bh = tile_and_head(HEADS_FIRST, False)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    K_ptr = K + b * stride_kb + hk * stride_kh
+    V_ptr = V + b * stride_vb + hk * stride_vh
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    n_tiles = tl.load(N_TILES + b * stride_nb)
+    for t in range(pid_t, n_tiles, N_PROGRAMS):
+        start_m, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
+        q_end = tl.minimum(start_m + TILE, end)
+        offs_m = start_m + tl.arange(0, TILE)
+        q_in = offs_m < q_end
+        q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]  # mods never see positions past the end
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=q_in[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        m_i = tl.full([TILE], float("-inf"), tl.float32)
+        l_i = tl.zeros([TILE], tl.float32)
+        acc = tl.zeros([TILE, DVP], tl.float32)
+        # the diagonal tile: keys start_m .. q_end - 1 under the causal mask (keys past q_end, in the
+        # next document or past the end, are past every stored query)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            None, tl.cdiv(q_end - start_m, BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale, (),
+            score_args, _causal, SCORE_MOD, True, False, BLOCK_N, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+            False, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, base=start_m,
+        )
+        # the document's earlier keys lo .. start_m - 1 (a multiple of TILE of them): all allowed
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            None, (start_m - lo) // BLOCK_N_FULL, b, h, b, h, q_idx, Q_LEN, sm_scale, (),
+            score_args, _causal, SCORE_MOD, False, True, BLOCK_N_FULL, BLOCK_N_FULL, D, DP, DV, DVP,
+            DOT_PREC, False, K_DESC, V_DESC, hk, base=lo,
+        )
+        if HAS_SINK:
+            sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
+            m_fin = tl.maximum(m_i, sink)
+            alpha = tl.math.exp2(m_i - m_fin)
+            l_i = l_i * alpha + tl.math.exp2(sink - m_fin)
+            acc = acc * alpha[:, None]
+            m_i = m_fin
+        # a score mod may leave a row nothing: +inf LSE, zero output, as attn_fwd_kernel writes it
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(
+            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+            out.to(O.dtype.element_ty),
+            mask=q_in[:, None] & (offs_dv[None, :] < DV),
+        )
+        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=q_in)
+
+
+_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV"]
+
+
+@triton.jit(do_not_specialize=_BWD_DYNAMIC)
+def attn_bwd_varlen_kernel(
+    Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh,
+    TILES, N_TILES, SPANS, stride_tb, stride_sb, stride_nb, N_PROGRAMS,
+    Q_LEN, HQ, HKV, GROUP, sm_scale, N_DKDV,
+    score_args, score_grads,
+    SCORE_MOD: tl.constexpr,
+    SCORE_GRAD: tl.constexpr,
+    SCORE_PARAM_GRAD: tl.constexpr,
+    TILE: tl.constexpr,  # keys per dK/dV program and queries per dQ program: the tile list's unit
+    DKDV_BLOCK_M: tl.constexpr,  # queries per step of the dK/dV loops
+    DQ_BLOCK_N: tl.constexpr,  # keys per step of the dQ loops
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    DV: tl.constexpr,
+    DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FLAT_GROUP: tl.constexpr = False,  # one loop over the GQA group's query heads (_dkdv_inner's FLAT)
+    Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
+):
+    """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor) and dQ (the rest:
+    slot major, (batch, query head) minor) of the tiles each program walks; no atomics."""
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    if pid < N_DKDV:
+        n_kv_heads = N_DKDV // N_PROGRAMS  # B * HKV
+        grp = pid % n_kv_heads
+        b = grp // HKV
+        hk = grp % HKV
+        n_tiles = tl.load(N_TILES + b * stride_nb)
+        for t in range(pid // n_kv_heads, n_tiles, N_PROGRAMS):
+            # from the list's end: the first tiles of their documents see the most queries
+            start_n, lo, end = doc_tile(TILES, SPANS, b, n_tiles - 1 - t, stride_tb, stride_sb)
+            kv_end = tl.minimum(start_n + TILE, end)
+            offs_n = start_n + tl.arange(0, TILE)
+            kv_in = offs_n < kv_end
+            kv_idx = tl.minimum(offs_n, Q_LEN - 1)[:, None]
+            k = tl.load(
+                K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_in[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            v = tl.load(
+                V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            dk = tl.zeros([TILE, DP], tl.float32)
+            dv = tl.zeros([TILE, DVP], tl.float32)
+            n_passes = GROUP
+            n_heads = 1
+            if FLAT_GROUP:
+                n_passes = 1
+                n_heads = GROUP
+            # queries past the document's end (``end`` as the loops' query length) read LSE +inf:
+            # they add nothing
+            n_later = tl.cdiv(tl.maximum(end - (start_n + TILE), 0), DKDV_BLOCK_M)
+            for g in range(0, n_passes):
+                h = hk * GROUP + g
+                Q_ptr = Q + b * stride_qb + h * stride_qh
+                DO_ptr = DO + b * stride_dob + h * stride_doh
+                LSE_ptr = LSE + b * stride_lb + h * stride_lh
+                DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
+                # the diagonal tile: queries start_n .. kv_end - 1, causal
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                    None, tl.cdiv(kv_end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx, kv_in[:, None],
+                    end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
+                    _causal, SCORE_MOD, SCORE_GRAD, False, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                    D, DP, DV, DVP, DOT_PREC, False, None, 0,
+                    FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n,
+                )
+                # the document's later queries start_n + TILE .. end - 1: all allowed
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                    None, n_later, b, h, b, h, kv_idx, kv_in[:, None],
+                    end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
+                    _causal, SCORE_MOD, SCORE_GRAD, False, False, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                    D, DP, DV, DVP, DOT_PREC, False, None, 0,
+                    FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n + TILE,
+                )
+            dk = dk * sm_scale
+            tl.store(
+                DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                dk.to(DK.dtype.element_ty),
+                mask=kv_in[:, None] & (offs_d[None, :] < D),
+            )
+            tl.store(
+                DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+                dv.to(DV_.dtype.element_ty),
+                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
+            )
+    else:
+        p = pid - N_DKDV
+        n_q_heads = N_DKDV // N_PROGRAMS * GROUP  # B * HQ
+        q_bh = p % n_q_heads
+        b = q_bh // HQ
+        h = q_bh % HQ
+        hk = h // GROUP
+        K_ptr = K + b * stride_kb + hk * stride_kh
+        V_ptr = V + b * stride_vb + hk * stride_vh
+        n_tiles = tl.load(N_TILES + b * stride_nb)
+        for t in range(p // n_q_heads, n_tiles, N_PROGRAMS):
+            start_m, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
+            q_end = tl.minimum(start_m + TILE, end)
+            offs_m = start_m + tl.arange(0, TILE)
+            q_in = offs_m < q_end
+            q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_in[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                mask=q_in[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            # rows past the tile (the next document's) read LSE +inf: P = 0, nothing reaches the
+            # score mod's parameter gradients from them
+            lse2, delta = row_inputs(LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_lb + h * stride_lh,
+                                     offs_m, q_end, True)
+            dq = tl.zeros([TILE, DP], tl.float32)
+            dq = _dq_inner(
+                dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                None, tl.cdiv(q_end - start_m, DQ_BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale,
+                (), score_args, score_grads, K_DESC, V_DESC, hk,
+                _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, False, DQ_BLOCK_N, DQ_BLOCK_N,
+                D, DP, DV, DVP, DOT_PREC, False, base=start_m,
+            )
+            dq = _dq_inner(
+                dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                None, (start_m - lo) // DQ_BLOCK_N, b, h, b, h, q_idx, Q_LEN, sm_scale,
+                (), score_args, score_grads, K_DESC, V_DESC, hk,
+                _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, True, DQ_BLOCK_N, DQ_BLOCK_N,
+                D, DP, DV, DVP, DOT_PREC, False, base=lo,
+            )
+            dq = dq * sm_scale
+            tl.store(
+                DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                dq.to(DQ.dtype.element_ty),
+                mask=q_in[:, None] & (offs_d[None, :] < D),
+            )

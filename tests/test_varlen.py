@@ -1,0 +1,167 @@
+"""The document-aligned kernels (hf_flex/kernels/varlen.py): causal attention over packed documents in
+tiles that start at each document's first position.
+
+Against float64 on random inputs: documents of every length class relative to the tile (1 position,
+shorter than a key step, exactly one tile, one more than a tile, several tiles, the row's end inside a
+tile), several rows with different documents, one row of documents broadcast over the batch, GQA,
+score mods with and without learnable tensors, sinks, the LSE's gradient. Each case checks that the
+document-aligned kernels ran (and the block-sparse ones did not), and that masks other than causal AND
+packed documents keep the block-sparse kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_flex
+from hf_flex import autograd, mods
+from hf_flex.kernels import launch
+from hf_flex.kernels.launch_varlen import varlen_tile, varlen_tiles
+from helpers import check_attention, make_param, rand_qkv
+
+TILE = 32
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 32 queries / keys (the interpreter's speed), key steps of 16, query steps of 16."""
+    monkeypatch.setitem(launch.OVERRIDES, "fwd", launch.Tiles(TILE, 16, 4, 2, TILE))
+    monkeypatch.setitem(launch.OVERRIDES, "dkdv", launch.Tiles(16, TILE, 4, 2))
+    monkeypatch.setitem(launch.OVERRIDES, "dq", launch.Tiles(TILE, 16, 4, 2))
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", True)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Which launchers ran: "varlen_forward" / "varlen_backward" / "flex_forward" / "flex_backward"."""
+    seen = []
+    for name in ("varlen_forward", "varlen_backward", "flex_forward", "flex_backward"):
+        real = getattr(autograd, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(autograd, name, spy)
+    return seen
+
+
+def _ids(lengths_per_row):
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths_per_row]).int()
+
+
+# rows of document lengths (each row sums to S = 150): with TILE 32 and key steps of 16
+LAYOUTS = {
+    "short_and_exact": [[1, 15, 16, 17, 32, 33, 36]],  # 1, < step, = step, > step, = tile, tile + 1
+    "long_and_ragged_end": [[70, 80]],  # several tiles; the row ends inside a tile
+    "one_document": [[150]],
+    "rows_differ": [[1, 31, 32, 33, 20, 33], [64, 40, 46]],
+}
+
+
+def _mask(ids, device):
+    return mods.and_masks(mods.causal(), mods.document(ids.to(device), packed=True))
+
+
+def test_tile_list():
+    """Every position starts at most one tile; the tiles start where (p - document start) % tile == 0;
+    the list holds them first, larger index in the document first, and their count."""
+    ids = _ids(LAYOUTS["rows_differ"])
+    spans = mods.document_spans(ids)
+    tiles, n = varlen_tiles(spans, TILE)
+    assert tiles.dtype == torch.int32 and n.dtype == torch.int32 and tiles.shape == ids.shape
+    for b, lengths in enumerate(LAYOUTS["rows_differ"]):
+        want, lo = [], 0
+        for L in lengths:
+            want += [(i, lo + i * TILE) for i in range(-(-L // TILE))]
+            lo += L
+        assert int(n[b]) == len(want)
+        got = tiles[b, : int(n[b])].tolist()
+        assert sorted(got) == sorted(p for _, p in want)
+        index = {p: i for i, p in want}
+        assert [index[p] for p in got] == sorted((index[p] for p in got), reverse=True)
+        assert sorted(tiles[b].tolist()) == list(range(ids.shape[1]))  # a permutation: nothing lost
+
+
+def test_tile_size_follows_the_passes(monkeypatch):
+    assert varlen_tile(128, 128, 2) == 128  # the H100 tiles of bf16 at head dim 128
+    monkeypatch.setitem(launch.OVERRIDES, "dq", launch.Tiles(64, 64, 8, 2))
+    assert varlen_tile(128, 128, 2) is None  # dK/dV and dQ programs would need two tile lists
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_matches_fp64(device, small_tiles, calls, layout, gqa):
+    ids = _ids(LAYOUTS[layout])
+    B, S = ids.shape
+    q, k, v = rand_qkv(B, 4, 2 if gqa else 4, S, S, 16, dtype=torch.float32, device=device, seed=len(layout))
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, None, bm, enable_gqa=gqa)
+    assert calls == ["varlen_forward", "varlen_backward"], calls
+
+
+@pytest.mark.parametrize("score", ["softcap", "relative_bias", "sinks"])
+def test_score_mods(device, small_tiles, calls, score):
+    ids = _ids(LAYOUTS["rows_differ"])
+    B, S = ids.shape
+    H = 2
+    params = ()
+    if score == "softcap":
+        sm = mods.softcap(1.5)
+    elif score == "relative_bias":
+        table = make_param((H, 2 * 40 - 1), 12, 1.0, device, "table")  # clamped past 39: exercised
+        sm, params = mods.relative_bias(table), (table,)
+    else:
+        logit = make_param((H,), 13, 1.0, device, "sinks")
+        sm, params = mods.sinks(logit), (logit,)
+    q, k, v = rand_qkv(B, H, H, S, S, 16, dtype=torch.float32, device=device, seed=3)
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, sm, bm, params=params)
+    assert calls == ["varlen_forward", "varlen_backward"], calls
+
+
+def test_documents_broadcast_over_the_batch(device, small_tiles, calls):
+    """One row of documents for a batch of 2 (block mask of B = 1): the tile list is read with stride 0."""
+    ids = _ids(LAYOUTS["short_and_exact"])
+    S = ids.shape[1]
+    q, k, v = rand_qkv(2, 2, 1, S, S, 16, dtype=torch.float32, device=device, seed=9)
+    bm = hf_flex.create_block_mask(_mask(ids, device), None, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, None, bm, enable_gqa=True)
+    assert calls == ["varlen_forward", "varlen_backward"], calls
+
+
+def test_the_same_as_the_block_sparse_kernels(device, small_tiles, monkeypatch):
+    """SCHEDULE["varlen"] off gives the block-sparse kernels' results, to float32 rounding."""
+    ids = _ids(LAYOUTS["rows_differ"])
+    B, S = ids.shape
+    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=4)
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    dout = torch.randn(B, 4, S, 16, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def run():
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(qq, kk, vv, block_mask=bm, enable_gqa=True)
+        return (out, *torch.autograd.grad(out, (qq, kk, vv), dout))
+
+    a = run()
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", False)
+    bm.__dict__.pop("_varlen", None)
+    b = run()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("other", ["window", "no_causal", "schedule_off"])
+def test_other_masks_keep_the_block_sparse_kernels(device, small_tiles, calls, monkeypatch, other):
+    ids = _ids(LAYOUTS["rows_differ"])
+    B, S = ids.shape
+    doc = mods.document(ids.to(device), packed=True)
+    mm = {"window": mods.and_masks(mods.causal(), mods.sliding_window(20), doc), "no_causal": doc,
+          "schedule_off": mods.and_masks(mods.causal(), doc)}[other]
+    if other == "schedule_off":
+        monkeypatch.setitem(launch.SCHEDULE, "varlen", False)
+    q, k, v = rand_qkv(B, 2, 2, S, S, 16, dtype=torch.float32, device=device, seed=6)
+    bm = hf_flex.create_block_mask(mm, B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, None, bm)
+    assert calls == ["flex_forward", "flex_backward"], calls
