@@ -76,6 +76,8 @@ class KernelSpec:
                 and bm.seq_lengths == (S, S):
             at = next(off for off, leaf in leaves if leaf == ("packed_documents",))
             spans = bm.mask_mod.args[at + 2]  # mods.document: (starts, meta, spans)
+            if bm.shape[0] == 1:
+                spans = spans[:1]  # a block mask built for B = None: every row takes row 0's documents
             tile = varlen_tile(_pow2(q.shape[-1]), _pow2(v.shape[-1]), q.element_size())
             if tile is not None and spans.shape[1] == S and spans.shape[0] in (1, q.shape[0]):
                 found = (*varlen_tiles(spans, tile), spans, tile)
@@ -209,12 +211,11 @@ class FlexAttentionFunction(torch.autograd.Function):
                 sink, spec.scale, packed_documents=ctx.packed_documents,
             )
         spec_tensors, ctx.hollow_spec = _hollow(spec)
-        # the document-aligned backward's spans, tile list and count (the spans are among the mask's
-        # tensors already: its index there)
+        # the document-aligned backward's tile list, its count and the spans (a view of the mask's)
         ctx.varlen = None
         if varlen is not None:
-            ctx.varlen = (next(i for i, t in enumerate(spec_tensors) if t is varlen[2]), varlen[3])
-            spec_tensors = spec_tensors + [varlen[0], varlen[1]]
+            ctx.varlen = varlen[3]
+            spec_tensors = spec_tensors + list(varlen[:3])
         # lse2 (log2 units, the backward's form) is saved; the natural-log LSE exists only for a caller
         # that asked for it
         ctx.save_for_backward(q, k, v, out, lse2, sink, *spec_tensors)
@@ -227,8 +228,8 @@ class FlexAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse2, sink, *spec_tensors = ctx.saved_tensors
         varlen = None
         if ctx.varlen is not None:
-            *spec_tensors, tiles, n_tiles = spec_tensors
-            varlen = (tiles, n_tiles, spec_tensors[ctx.varlen[0]], ctx.varlen[1])
+            *spec_tensors, tiles, n_tiles, spans = spec_tensors
+            varlen = (tiles, n_tiles, spans, ctx.varlen)
         spec, fwd_tables, bwd_tables, mask_args = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)
         if dout is None and dlse is None:

@@ -189,10 +189,10 @@ def _kernel_variants_all() -> int:
     """Compiled variants of every Triton kernel in hf_flex.kernels (attention and block tables)."""
     import triton
 
-    from hf_flex.kernels import backward, block_tables, document_tables, forward
+    from hf_flex.kernels import backward, block_tables, document_tables, forward, varlen
     from hf_flex.kernels.launch import count_variants
 
-    return count_variants(obj for mod in (forward, backward, block_tables, document_tables)
+    return count_variants(obj for mod in (forward, backward, varlen, block_tables, document_tables)
                           for obj in vars(mod).values() if isinstance(obj, triton.runtime.jit.JITFunction))
 
 

@@ -106,6 +106,13 @@ SCHEDULES = {
     "bs128x64": {"block_size": (128, 64)},
     "bs64x128": {"block_size": (64, 128)},
     "bs64": {"block_size": (64, 64)},
+    # twelfth round: causal AND packed documents through the block-sparse kernels instead of the
+    # document-aligned ones (kernels/varlen.py), and tile choices of the document-aligned ones
+    "block_path": {"varlen": False},
+    "varlen_part128": {"tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
+    "varlen_fwd_stages2": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
+    "varlen_bwd_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
+    "varlen_no_flat": {"bwd_flat_group": False},
 }
 
 

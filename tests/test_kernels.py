@@ -321,6 +321,7 @@ def test_heads_first_for_documents(device, monkeypatch):
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "heads_first", "documents")
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", False)  # causal & document: the block-sparse forward
     fwd = _LaunchSpy(launch.attn_fwd_kernel)
     monkeypatch.setattr(launch, "attn_fwd_kernel", fwd)
     q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, dtype=torch.float32, device=device, seed=81)

@@ -528,6 +528,9 @@ def count_variants(kernels) -> int:
 
 
 def compiled_variants() -> int:
-    """How many compiled variants of the attention kernels exist in this process."""
+    """How many compiled variants of the attention kernels (block-sparse and document-aligned) exist
+    in this process."""
+    from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
+
     return count_variants((attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
-                           attn_bwd_kernel))
+                           attn_bwd_kernel, attn_fwd_varlen_kernel, attn_bwd_varlen_kernel))
