@@ -110,7 +110,10 @@ def main():
                     help="causal; document: 4 packed documents + causal; softcap: causal with softcap(50)")
     ap.add_argument("--tiles", action="append", default=[],
                     help="PASS=block_m,block_n,warps,stages[,block_n_full] for launch.OVERRIDES (fwd, dkdv, dq)")
+    ap.add_argument("--varlen", action="store_true", help="with --mask document: the document-aligned kernels")
     a = ap.parse_args()
+    if a.varlen and a.mask != "document":
+        raise SystemExit("--varlen needs --mask document")
     compiled = _compile_only()
 
     import hf_flex
@@ -140,8 +143,20 @@ def main():
     if a.mask == "softcap":
         sm = mods.softcap(50.0)
         sm_fn, sm_args, sm_grad = sm.kernel_fn, sm.args, sm.kernel_grad_fn
-    launch.flex_forward(q, q, q, tables, bm.BLOCK_SIZE, mm.kernel_fn, mm.args, sm_fn, sm_args, None, 0.125)
-    if a.backward:
+    if a.varlen:  # the document-aligned kernels (kernels/varlen.py) on the same documents
+        from hf_flex.kernels import launch_varlen
+
+        spans = mods.document_spans(ids)
+        tile = launch_varlen.varlen_tile(a.D, a.D, 2)
+        tiles, n_tiles = launch_varlen.varlen_tiles(spans, tile)
+        launch_varlen.varlen_forward(q, q, q, tiles, n_tiles, spans, tile, sm_fn, sm_args, None, 0.125)
+        if a.backward:
+            lse = torch.empty(1, 2, a.S)
+            launch_varlen.varlen_backward(q, q, q, q, lse, q, tiles, n_tiles, spans, tile, sm_fn, sm_args, sm_grad,
+                                          None, (), 0.125, warmup=True)
+    else:
+        launch.flex_forward(q, q, q, tables, bm.BLOCK_SIZE, mm.kernel_fn, mm.args, sm_fn, sm_args, None, 0.125)
+    if a.backward and not a.varlen:
         bwd = launch.MaskTables.of(bm, transposed=True)
         lse = torch.empty(1, 2, a.S)
         try:  # the launches only compile here; the delta folding after them reads garbage, harmlessly

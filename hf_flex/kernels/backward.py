@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .forward import (
-    _reversed, block_start, kv_tiles, partial_list, scores_tile, tile_and_head, tile_positions, tma_tiles,
+    _reversed, block_start, kv_tiles, partial_list, run_start, scores_tile, tile_and_head, tile_positions, tma_tiles,
     two_tables_start,
 )
 
@@ -109,7 +109,7 @@ def _dkdv_inner(
     ``s_qh`` ... apart) in one loop, head after head: one pipeline fill and drain for the whole GQA
     group instead of one per head (the tables must not differ between heads; not with AHEAD).
 
-    ``idx_ptr`` None: ``n_blocks`` consecutive blocks from position ``base`` (forward.block_start)."""
+    ``idx_ptr`` None: ``n_blocks`` consecutive blocks from position ``base`` (forward.run_start)."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
@@ -129,8 +129,10 @@ def _dkdv_inner(
             Qg, DOg, DQg, LSEg, DELTAg, hg, hqg = Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, DELTA_ptr, h, hq
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_Q)
+        elif idx_ptr is None:
+            start = run_start(base, i, SUB, SPARSE_Q)
         elif not AHEAD:
-            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False, base)
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
         offs_m = start + (i % SUB) * BLOCK_M + offs_m0
         # Q^T [DP, BLOCK_M] and dO [BLOCK_M, DVP]; queries past the end (not Q_DIVISIBLE) load zeros
         # and LSE +inf: they add nothing to dK, dV
@@ -330,8 +332,10 @@ def _dq_inner(
     for i in range(0, (n_blocks + n_blocks2) * SUB):
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
+        elif idx_ptr is None:
+            start = run_start(base, i, SUB, SPARSE_KV)
         elif not AHEAD:
-            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False, base)
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         if K_DESC is not None:  # TMA: keys past the end arrive as zeros

@@ -90,17 +90,20 @@ def partial_list(NUM, IDX, HALF_NUM, HALF_IDX, num_off, idx_off, HALVES: tl.cons
 
 
 @triton.jit
-def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr, base=0):
+def run_start(base, i, SUB: tl.constexpr, SPARSE: tl.constexpr):
+    """First position of the block tile ``i`` of a loop lies in, where the loop walks consecutive
+    blocks from position ``base`` and no table (the document-aligned kernels, kernels/varlen.py)."""
+    # int32 as a table's entries are (the interpreter's loop counter is int64; TMA wants int32)
+    return tl.cast(base + (i // SUB) * SPARSE, tl.int32)
+
+
+@triton.jit
+def block_start(idx_ptr, i, n_blocks, start, SUB: tl.constexpr, SPARSE: tl.constexpr, AHEAD: tl.constexpr):
     """First position of the table block that tile ``i`` of a loop lies in (SUB tiles per block).
 
     Not AHEAD: loads the block's index now. AHEAD (i = -1 before the loop, then at the end of each
     iteration): ``start`` carried from the previous call, and the next block's index loaded when the
-    next tile starts a block (torch flex's order; the compiler schedules the loads differently).
-    No table (``idx_ptr`` None, never with AHEAD): consecutive blocks from position ``base`` (the
-    document-aligned kernels, kernels/varlen.py)."""
-    if idx_ptr is None:
-        # int32 as a table's entries are (the interpreter's loop counter is int64; TMA wants int32)
-        return tl.cast(base + (i // SUB) * SPARSE, tl.int32)
+    next tile starts a block (torch flex's order; the compiler schedules the loads differently)."""
     if not AHEAD:
         return tl.load(idx_ptr + i // SUB) * SPARSE
     j = (i + 1) // SUB
@@ -215,7 +218,7 @@ def _fwd_inner(
     """The online softmax over the key blocks ``idx_ptr[:n_blocks]`` lists; with IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop (the caller passes partial blocks first, full ones
     second; the mask and position checks then apply to both). ``idx_ptr`` None: ``n_blocks``
-    consecutive blocks from position ``base`` (block_start)."""
+    consecutive blocks from position ``base`` (run_start)."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
@@ -224,8 +227,10 @@ def _fwd_inner(
     for i in range(0, (n_blocks + n_blocks2) * SUB):
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
+        elif idx_ptr is None:
+            start = run_start(base, i, SUB, SPARSE_KV)
         elif not AHEAD:
-            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False, base)
+            start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0
         kv_in = offs_n < KV_LEN
         if K_DESC is not None:
