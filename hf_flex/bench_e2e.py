@@ -38,6 +38,8 @@ first step (computed on the initial weights). Cold caches: by default (``cache="
 subprocess gets a new empty TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR; ``cache="inherit"`` keeps
 the environment's (``triton_cache_empty`` records what the process found before importing triton).
 To reproduce a cold first step by hand: ``TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``.
+``HF_FLEX_E2E_SCHEDULE='{"varlen": false}'`` (JSON) sets hf_flex.kernels.launch.SCHEDULE knobs in every
+worker, for an end-to-end A/B of launch schedules; the rows record it (``schedule``).
 
 Correctness (a wrong fast run is not a result): a separate ``reference`` subprocess computes, on the
 same initial weights and row, the truth -- eager attention run on each document separately, the
@@ -212,6 +214,15 @@ def worker(spec: dict, before_steps=None) -> dict:
     variant = spec["variant"]
     if variant in ("hf_flex", "recompiles"):
         import hf_flex  # noqa: F401  (registers attn_implementation="flex")
+    if os.environ.get("HF_FLEX_E2E_SCHEDULE"):  # an A/B of launch schedules (tests/benchmarks/NOTES.md)
+        from hf_flex.kernels.launch import SCHEDULE
+
+        knobs = json.loads(os.environ["HF_FLEX_E2E_SCHEDULE"])
+        unknown = set(knobs) - set(SCHEDULE)
+        if unknown:
+            raise ValueError(f"HF_FLEX_E2E_SCHEDULE: unknown SCHEDULE keys {sorted(unknown)}")
+        SCHEDULE.update(knobs)
+        res["schedule"] = knobs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

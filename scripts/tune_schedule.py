@@ -111,8 +111,10 @@ SCHEDULES = {
     "block_path": {"varlen": False},
     "varlen_part128": {"tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
     "varlen_fwd_stages2": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
-    "varlen_bwd_stages3": {"tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
     "varlen_no_flat": {"bwd_flat_group": False},
+    "varlen_one_loop": {"varlen_one_loop": True},
+    "varlen_one_loop128": {"varlen_one_loop": True, "tiles": {"fwd": launch.Tiles(128, 128, 8, 3, 128)}},
+    "varlen_bwd_stages2": {"varlen_bwd_stages": 2},
 }
 
 

@@ -66,22 +66,25 @@ def _mask(ids, device):
 
 def test_tile_list():
     """Every position starts at most one tile; the tiles start where (p - document start) % tile == 0;
-    the list holds them first, larger index in the document first, and their count."""
+    both lists hold them first, the query-major one by more keys before the tile (larger index in the
+    document) first, the key-major one by more of the document after the tile first; and their count."""
     ids = _ids(LAYOUTS["rows_differ"])
     spans = mods.document_spans(ids)
     tiles, n = varlen_tiles(spans, TILE)
-    assert tiles.dtype == torch.int32 and n.dtype == torch.int32 and tiles.shape == ids.shape
+    assert tiles.dtype == torch.int32 and n.dtype == torch.int32 and tiles.shape == (ids.shape[0], 2, ids.shape[1])
     for b, lengths in enumerate(LAYOUTS["rows_differ"]):
-        want, lo = [], 0
+        want, lo = {}, 0
         for L in lengths:
-            want += [(i, lo + i * TILE) for i in range(-(-L // TILE))]
+            for i in range(-(-L // TILE)):
+                want[lo + i * TILE] = (i, (L - 1 - i * TILE) // TILE)  # (tiles before, tiles after)
             lo += L
         assert int(n[b]) == len(want)
-        got = tiles[b, : int(n[b])].tolist()
-        assert sorted(got) == sorted(p for _, p in want)
-        index = {p: i for i, p in want}
-        assert [index[p] for p in got] == sorted((index[p] for p in got), reverse=True)
-        assert sorted(tiles[b].tolist()) == list(range(ids.shape[1]))  # a permutation: nothing lost
+        for order in (0, 1):
+            got = tiles[b, order, : int(n[b])].tolist()
+            assert sorted(got) == sorted(want)
+            rank = [want[p][order] for p in got]
+            assert rank == sorted(rank, reverse=True), (order, rank)
+            assert sorted(tiles[b, order].tolist()) == list(range(ids.shape[1]))  # a permutation
 
 
 def test_tile_size_follows_the_passes(monkeypatch):
@@ -165,3 +168,15 @@ def test_other_masks_keep_the_block_sparse_kernels(device, small_tiles, calls, m
     bm = hf_flex.create_block_mask(mm, B, None, S, S, device=device, BLOCK_SIZE=TILE)
     check_attention(q, k, v, None, bm)
     assert calls == ["flex_forward", "flex_backward"], calls
+
+
+@pytest.mark.parametrize("layout", ["short_and_exact", "rows_differ"])
+def test_one_loop(device, small_tiles, calls, monkeypatch, layout):
+    """SCHEDULE["varlen_one_loop"]: every program's steps in one masked loop; the same results."""
+    monkeypatch.setitem(launch.SCHEDULE, "varlen_one_loop", True)
+    ids = _ids(LAYOUTS[layout])
+    B, S = ids.shape
+    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=8)
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
+    assert calls == ["varlen_forward", "varlen_backward"], calls

@@ -100,6 +100,7 @@ def _dkdv_inner(
     s_lh=0,
     s_dqh=0,
     base=0,
+    base2=0,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
@@ -109,7 +110,8 @@ def _dkdv_inner(
     ``s_qh`` ... apart) in one loop, head after head: one pipeline fill and drain for the whole GQA
     group instead of one per head (the tables must not differ between heads; not with AHEAD).
 
-    ``idx_ptr`` None: ``n_blocks`` consecutive blocks from position ``base`` (forward.run_start)."""
+    ``idx_ptr`` None: ``n_blocks`` consecutive blocks from position ``base``, then ``n_blocks2`` from
+    ``base2`` (forward.run_start)."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
@@ -130,7 +132,7 @@ def _dkdv_inner(
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_Q)
         elif idx_ptr is None:
-            start = run_start(base, i, SUB, SPARSE_Q)
+            start = run_start(base, i, SUB, SPARSE_Q, n_blocks, base2)
         elif not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, False)
         offs_m = start + (i % SUB) * BLOCK_M + offs_m0
@@ -320,10 +322,11 @@ def _dq_inner(
     IDX2=None,
     n_blocks2=0,
     base=0,
+    base2=0,
 ):
     """dQ accumulated over the key blocks ``idx_ptr[:n_blocks]`` lists, then (IDX2, one loop) over
     ``IDX2[:n_blocks2]`` in the same loop, as in :func:`_dkdv_inner` (``idx_ptr`` None: consecutive
-    blocks from ``base``)."""
+    blocks from ``base``, then from ``base2``)."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
@@ -333,7 +336,7 @@ def _dq_inner(
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
         elif idx_ptr is None:
-            start = run_start(base, i, SUB, SPARSE_KV)
+            start = run_start(base, i, SUB, SPARSE_KV, n_blocks, base2)
         elif not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0

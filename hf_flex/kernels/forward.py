@@ -90,11 +90,13 @@ def partial_list(NUM, IDX, HALF_NUM, HALF_IDX, num_off, idx_off, HALVES: tl.cons
 
 
 @triton.jit
-def run_start(base, i, SUB: tl.constexpr, SPARSE: tl.constexpr):
-    """First position of the block tile ``i`` of a loop lies in, where the loop walks consecutive
-    blocks from position ``base`` and no table (the document-aligned kernels, kernels/varlen.py)."""
+def run_start(base, i, SUB: tl.constexpr, SPARSE: tl.constexpr, n_first, base2):
+    """First position of the block tile ``i`` of a loop lies in, where the loop walks no table but
+    ``n_first`` consecutive blocks from position ``base``, then consecutive blocks from ``base2`` (the
+    document-aligned kernels, kernels/varlen.py)."""
+    j = i // SUB
     # int32 as a table's entries are (the interpreter's loop counter is int64; TMA wants int32)
-    return tl.cast(base + (i // SUB) * SPARSE, tl.int32)
+    return tl.cast(tl.where(j < n_first, base + j * SPARSE, base2 + (j - n_first) * SPARSE), tl.int32)
 
 
 @triton.jit
@@ -214,11 +216,12 @@ def _fwd_inner(
     IDX2=None,
     n_blocks2=0,
     base=0,
+    base2=0,
 ):
     """The online softmax over the key blocks ``idx_ptr[:n_blocks]`` lists; with IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop (the caller passes partial blocks first, full ones
     second; the mask and position checks then apply to both). ``idx_ptr`` None: ``n_blocks``
-    consecutive blocks from position ``base`` (run_start)."""
+    consecutive blocks from position ``base``, then ``n_blocks2`` from ``base2`` (run_start)."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
@@ -228,7 +231,7 @@ def _fwd_inner(
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
         elif idx_ptr is None:
-            start = run_start(base, i, SUB, SPARSE_KV)
+            start = run_start(base, i, SUB, SPARSE_KV, n_blocks, base2)
         elif not AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_KV, False)
         offs_n = start + (i % SUB) * BLOCK_N + offs_n0

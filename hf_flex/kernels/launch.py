@@ -98,12 +98,17 @@ OVERRIDES: dict = {}
 #   document boundaries; full blocks stay whole. Measured in NOTES.md (ninth round).
 # varlen: causal attention over packed documents (and_masks(causal(), document(ids))) runs the
 #   document-aligned kernels (kernels/varlen.py: tiles from each document's start, no partial block
-#   but the diagonal, no block table read) instead of the block-sparse ones. NOTES.md, twelfth round.
+#   but the diagonal, no block table read) instead of the block-sparse ones. varlen_one_loop: their
+#   programs walk all their keys (queries) in one masked loop instead of the diagonal's loop and a
+#   loop without mask: one pipeline fill and drain per tile. varlen_bwd_stages: their backward's
+#   software-pipelining depth (0: the dK/dV tiles'); 3 measured +5 % forward+backward over 2 on both
+#   document anchor cases. NOTES.md, twelfth round.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
+    "varlen_one_loop": False, "varlen_bwd_stages": 3,
 }
 
 

@@ -32,25 +32,28 @@ def varlen_tile(dp: int, dvp: int, element_size: int) -> Optional[int]:
 
 
 def varlen_tiles(spans: torch.Tensor, tile: int):
-    """(tiles [Bs, S] int32, n_tiles [Bs] int32): per row of ``spans``, the first position of every
-    document-aligned tile (positions p with (p - lo[p]) % tile == 0), larger index in the document
-    first (those see the most keys), then the row's positions that start no tile (never read); and
-    how many tiles the row has. Built on the device, no host sync."""
+    """(tiles [Bs, 2, S] int32, n_tiles [Bs] int32): per row of ``spans``, the first position of every
+    document-aligned tile (positions p with (p - lo[p]) % tile == 0) in two orders, then the row's
+    positions that start no tile (never read): tiles[:, 0] more keys before the tile first (the
+    forward's and dQ pass's longest programs first), tiles[:, 1] more of the document after it first
+    (the dK/dV pass's); and how many tiles the row has. Built on the device, no host sync."""
     if spans.dim() != 2 or spans.dtype != torch.int64:
         raise ValueError("varlen_tiles: spans must be int64 [B, S] (mods.document_spans)")
     S = spans.shape[1]
-    off = torch.arange(S, device=spans.device) - (spans & 0xFFFFFFFF)
+    pos = torch.arange(S, device=spans.device)
+    off = pos - (spans & 0xFFFFFFFF)
     starts = off % tile == 0
-    key = torch.where(starts, -(off // tile), _NOT_A_TILE)
-    tiles = torch.sort(key, dim=1, stable=True).indices.to(torch.int32)
+    keys = torch.stack([torch.where(starts, -(off // tile), _NOT_A_TILE),
+                        torch.where(starts, -(((spans >> 32) - pos) // tile), _NOT_A_TILE)], 1)
+    tiles = torch.sort(keys, dim=2, stable=True).indices.to(torch.int32)
     return tiles, starts.sum(1, dtype=torch.int32)
 
 
-def _list_args(tiles, n_tiles, spans):
+def _list_args(tiles, n_tiles, spans, key_major: bool = False):
     # a one-row list (spans of B = 1) serves every batch row: stride 0
     stride_b = tiles.stride(0) if tiles.shape[0] > 1 else 0
-    return (tiles, n_tiles, spans, stride_b, spans.stride(0) if spans.shape[0] > 1 else 0,
-            n_tiles.stride(0) if n_tiles.shape[0] > 1 else 0)
+    return (tiles, n_tiles, spans, stride_b, *((tiles.stride(1),) if key_major else ()),
+            spans.stride(0) if spans.shape[0] > 1 else 0, n_tiles.stride(0) if n_tiles.shape[0] > 1 else 0)
 
 
 def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_args, sink, sm_scale,
@@ -76,7 +79,7 @@ def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_ar
         SQ, HQ, HQ // HKV, sm_scale, score_args,
         SCORE_MOD=score_fn, HAS_SINK=sink is not None, TILE=tile, BLOCK_N=t.block_n,
         BLOCK_N_FULL=t.block_n_full or t.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
-        HEADS_FIRST=heads_first, K_DESC=k_desc, V_DESC=v_desc, K_DESC_PARTIAL=k_desc_p, V_DESC_PARTIAL=v_desc_p,
+        HEADS_FIRST=heads_first, ONE_LOOP=SCHEDULE["varlen_one_loop"], K_DESC=k_desc, V_DESC=v_desc, K_DESC_PARTIAL=k_desc_p, V_DESC_PARTIAL=v_desc_p,
         num_warps=t.num_warps, num_stages=t.num_stages, **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
     )
     return out, lse
@@ -105,12 +108,12 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
         q, k, v, dout, dq, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        *_list_args(tiles, n_tiles, spans), n_programs,
+        *_list_args(tiles, n_tiles, spans, key_major=True), n_programs,
         SQ, HQ, HKV, HQ // HKV, sm_scale, n_dkdv, score_args, score_grads,
         SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn, SCORE_PARAM_GRAD=score_param_grad_fn, TILE=tile,
         DKDV_BLOCK_M=t.block_m, DQ_BLOCK_N=t2.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
-        FLAT_GROUP=HQ > HKV and SCHEDULE["bwd_flat_group"] is not False,
+        FLAT_GROUP=HQ > HKV and SCHEDULE["bwd_flat_group"] is not False, ONE_LOOP=SCHEDULE["varlen_one_loop"],
         Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        num_warps=t.num_warps, num_stages=SCHEDULE["varlen_bwd_stages"] or t.num_stages,
     )
     return None if warmup else (dq, dk, dv, delta)

@@ -10,12 +10,11 @@ sees keys lo .. lo + i * TILE - 1 whole (no mask), and one diagonal tile under t
 (keys past the document's end are past every query of the tile: the causal mask removes them). No
 block table is read: the loops walk consecutive key (or query) tiles from a position.
 
-The tile list (launch_varlen.varlen_tiles): per batch row, the first position of every tile, tiles of
-larger index in their document (more keys) first, and their count. A program walks tiles
+The tile lists (launch_varlen.varlen_tiles): per batch row, the first position of every tile in two
+orders, and their count: query-major (forward, dQ: tiles with more keys before them first) and
+key-major (dK/dV: tiles with more queries after them first), longest first. A program walks tiles
 t, t + N_PROGRAMS, ... of its row's list (N_PROGRAMS = cdiv(S, TILE) tile programs per head): the
-count of tiles is only known on the device, and it may exceed the grid when documents are short. The
-dK/dV programs walk the list from its end (the first tiles of their documents, which see the most
-queries, first).
+count of tiles is only known on the device, and it may exceed the grid when documents are short.
 
 Allowed pairs: kv <= q and both in one document, i.e. ``and_masks(causal(), document(ids))`` of
 non-decreasing ids; the score mod, sinks and GQA as in the block-sparse kernels.
@@ -70,6 +69,7 @@ def attn_fwd_varlen_kernel(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     HEADS_FIRST: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,  # one loop of BLOCK_N-key steps over the tile's keys, masked throughout
     K_DESC=None,  # with V_DESC: tensor descriptors (BLOCK_N_FULL-key boxes) of the no-mask loop (TMA)
     V_DESC=None,
     K_DESC_PARTIAL=None,  # the same with BLOCK_N-key boxes, for the diagonal tile
@@ -100,21 +100,29 @@ def attn_fwd_varlen_kernel(
         m_i = tl.full([TILE], float("-inf"), tl.float32)
         l_i = tl.zeros([TILE], tl.float32)
         acc = tl.zeros([TILE, DVP], tl.float32)
-        # the diagonal tile: keys start_m .. q_end - 1 under the causal mask (keys past q_end, in the
-        # next document or past the end, are past every stored query)
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            None, tl.cdiv(q_end - start_m, BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale, (),
-            score_args, _causal, SCORE_MOD, True, False, BLOCK_N, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
-            False, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, base=start_m,
-        )
-        # the document's earlier keys lo .. start_m - 1 (a multiple of TILE of them): all allowed
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            None, (start_m - lo) // BLOCK_N_FULL, b, h, b, h, q_idx, Q_LEN, sm_scale, (),
-            score_args, _causal, SCORE_MOD, False, True, BLOCK_N_FULL, BLOCK_N_FULL, D, DP, DV, DVP,
-            DOT_PREC, False, K_DESC, V_DESC, hk, base=lo,
-        )
+        if ONE_LOOP:  # keys lo .. q_end - 1 in one loop, the causal mask evaluated throughout
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                None, tl.cdiv(q_end - lo, BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale, (),
+                score_args, _causal, SCORE_MOD, True, False, BLOCK_N, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+                False, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, base=lo,
+            )
+        else:
+            # the diagonal tile: keys start_m .. q_end - 1 under the causal mask (keys past q_end, in
+            # the next document or past the end, are past every stored query)
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                None, tl.cdiv(q_end - start_m, BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale, (),
+                score_args, _causal, SCORE_MOD, True, False, BLOCK_N, BLOCK_N, D, DP, DV, DVP, DOT_PREC,
+                False, K_DESC_PARTIAL, V_DESC_PARTIAL, hk, base=start_m,
+            )
+            # the document's earlier keys lo .. start_m - 1 (a multiple of TILE of them): all allowed
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                None, (start_m - lo) // BLOCK_N_FULL, b, h, b, h, q_idx, Q_LEN, sm_scale, (),
+                score_args, _causal, SCORE_MOD, False, True, BLOCK_N_FULL, BLOCK_N_FULL, D, DP, DV, DVP,
+                DOT_PREC, False, K_DESC, V_DESC, hk, base=lo,
+            )
         if HAS_SINK:
             sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
             m_fin = tl.maximum(m_i, sink)
@@ -134,7 +142,7 @@ def attn_fwd_varlen_kernel(
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=q_in)
 
 
-_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV"]
+_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV", "stride_to"]
 
 
 @triton.jit(do_not_specialize=_BWD_DYNAMIC)
@@ -148,7 +156,7 @@ def attn_bwd_varlen_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_lb, stride_lh,
-    TILES, N_TILES, SPANS, stride_tb, stride_sb, stride_nb, N_PROGRAMS,
+    TILES, N_TILES, SPANS, stride_tb, stride_to, stride_sb, stride_nb, N_PROGRAMS,
     Q_LEN, HQ, HKV, GROUP, sm_scale, N_DKDV,
     score_args, score_grads,
     SCORE_MOD: tl.constexpr,
@@ -163,6 +171,7 @@ def attn_bwd_varlen_kernel(
     DVP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FLAT_GROUP: tl.constexpr = False,  # one loop over the GQA group's query heads (_dkdv_inner's FLAT)
+    ONE_LOOP: tl.constexpr = False,  # each program's steps in one loop, masked and checked throughout
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
 ):
     """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor) and dQ (the rest:
@@ -177,8 +186,8 @@ def attn_bwd_varlen_kernel(
         hk = grp % HKV
         n_tiles = tl.load(N_TILES + b * stride_nb)
         for t in range(pid // n_kv_heads, n_tiles, N_PROGRAMS):
-            # from the list's end: the first tiles of their documents see the most queries
-            start_n, lo, end = doc_tile(TILES, SPANS, b, n_tiles - 1 - t, stride_tb, stride_sb)
+            # the key-major list: tiles with more of their document after them (more queries) first
+            start_n, lo, end = doc_tile(TILES + stride_to, SPANS, b, t, stride_tb, stride_sb)
             kv_end = tl.minimum(start_n + TILE, end)
             offs_n = start_n + tl.arange(0, TILE)
             kv_in = offs_n < kv_end
@@ -202,31 +211,47 @@ def attn_bwd_varlen_kernel(
                 n_heads = GROUP
             # queries past the document's end (``end`` as the loops' query length) read LSE +inf:
             # they add nothing
-            n_later = tl.cdiv(tl.maximum(end - (start_n + TILE), 0), DKDV_BLOCK_M)
+            # the later queries: n_full whole steps, then a ragged one (tail: 0 or 1) walked with the
+            # diagonal's steps, whose query checks it needs
+            n_later = tl.maximum(end - (start_n + TILE), 0)
+            n_full = n_later // DKDV_BLOCK_M
+            tail = (n_later % DKDV_BLOCK_M > 0).to(tl.int32)
             for g in range(0, n_passes):
                 h = hk * GROUP + g
                 Q_ptr = Q + b * stride_qb + h * stride_qh
                 DO_ptr = DO + b * stride_dob + h * stride_doh
                 LSE_ptr = LSE + b * stride_lb + h * stride_lh
                 DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
-                # the diagonal tile: queries start_n .. kv_end - 1, causal
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                    None, tl.cdiv(kv_end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx, kv_in[:, None],
-                    end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
-                    _causal, SCORE_MOD, SCORE_GRAD, False, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
-                    D, DP, DV, DVP, DOT_PREC, False, None, 0,
-                    FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n,
-                )
-                # the document's later queries start_n + TILE .. end - 1: all allowed
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
-                    None, n_later, b, h, b, h, kv_idx, kv_in[:, None],
-                    end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
-                    _causal, SCORE_MOD, SCORE_GRAD, False, False, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
-                    D, DP, DV, DVP, DOT_PREC, False, None, 0,
-                    FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n + TILE,
-                )
+                if ONE_LOOP:  # queries start_n .. end - 1 in one loop, masked and checked throughout
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
+                        stride_dod, None, tl.cdiv(end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx,
+                        kv_in[:, None], end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
+                        _causal, SCORE_MOD, SCORE_GRAD, False, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                        D, DP, DV, DVP, DOT_PREC, False, None, 0,
+                        FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n,
+                    )
+                else:
+                    # the diagonal tile (queries start_n .. kv_end - 1, causal), then the ragged last
+                    # step of the later queries (the causal mask holds there; the query checks matter)
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
+                        stride_dod, None, tl.cdiv(kv_end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx,
+                        kv_in[:, None], end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
+                        _causal, SCORE_MOD, SCORE_GRAD, False, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                        D, DP, DV, DVP, DOT_PREC, False, None, tail,
+                        FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0,
+                        base=start_n, base2=start_n + TILE + n_full * DKDV_BLOCK_M,
+                    )
+                    # the document's later queries in whole steps: all allowed, all in the document
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
+                        stride_dod, None, n_full, b, h, b, h, kv_idx, kv_in[:, None],
+                        end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
+                        _causal, SCORE_MOD, SCORE_GRAD, False, False, True, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                        D, DP, DV, DVP, DOT_PREC, False, None, 0,
+                        FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n + TILE,
+                    )
             dk = dk * sm_scale
             tl.store(
                 DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -269,20 +294,29 @@ def attn_bwd_varlen_kernel(
             lse2, delta = row_inputs(LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_lb + h * stride_lh,
                                      offs_m, q_end, True)
             dq = tl.zeros([TILE, DP], tl.float32)
-            dq = _dq_inner(
-                dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                None, tl.cdiv(q_end - start_m, DQ_BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale,
-                (), score_args, score_grads, K_DESC, V_DESC, hk,
-                _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, False, DQ_BLOCK_N, DQ_BLOCK_N,
-                D, DP, DV, DVP, DOT_PREC, False, base=start_m,
-            )
-            dq = _dq_inner(
-                dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                None, (start_m - lo) // DQ_BLOCK_N, b, h, b, h, q_idx, Q_LEN, sm_scale,
-                (), score_args, score_grads, K_DESC, V_DESC, hk,
-                _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, True, DQ_BLOCK_N, DQ_BLOCK_N,
-                D, DP, DV, DVP, DOT_PREC, False, base=lo,
-            )
+            if ONE_LOOP:  # keys lo .. q_end - 1 in one loop, masked throughout
+                dq = _dq_inner(
+                    dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                    None, tl.cdiv(q_end - lo, DQ_BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale,
+                    (), score_args, score_grads, K_DESC, V_DESC, hk,
+                    _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, False, DQ_BLOCK_N, DQ_BLOCK_N,
+                    D, DP, DV, DVP, DOT_PREC, False, base=lo,
+                )
+            else:
+                dq = _dq_inner(
+                    dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                    None, tl.cdiv(q_end - start_m, DQ_BLOCK_N), b, h, b, h, q_idx, Q_LEN, sm_scale,
+                    (), score_args, score_grads, K_DESC, V_DESC, hk,
+                    _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, True, False, DQ_BLOCK_N, DQ_BLOCK_N,
+                    D, DP, DV, DVP, DOT_PREC, False, base=start_m,
+                )
+                dq = _dq_inner(
+                    dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                    None, (start_m - lo) // DQ_BLOCK_N, b, h, b, h, q_idx, Q_LEN, sm_scale,
+                    (), score_args, score_grads, K_DESC, V_DESC, hk,
+                    _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, True, DQ_BLOCK_N, DQ_BLOCK_N,
+                    D, DP, DV, DVP, DOT_PREC, False, base=lo,
+                )
             dq = dq * sm_scale
             tl.store(
                 DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
