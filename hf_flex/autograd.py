@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .block_mask import BlockMask
+from .block_mask import TABLE_NAMES, BlockMask
 from .kernels import compile_ahead, interpreted
 from .kernels.forward import LOG2E
 from .kernels.launch import OVERRIDES, SCHEDULE, MaskTables, out_like, flex_backward, flex_forward, natural_lse
@@ -102,17 +102,17 @@ class KernelSpec:
         return sm.kernel_fn, sm.args
 
 
-_TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
-           "kv_half_num", "kv_half_idx", "q_half_num", "q_half_idx")  # the last four may be None
+_TABLES = TABLE_NAMES  # the last four may be None
 
 
-def _hollow(spec: KernelSpec):
+def _hollow(spec: KernelSpec, with_tables: bool = True):
     """(tensors, hollow spec): the block mask's tables and its mask_mod's tensors, and a spec holding
     neither (their places empty) for :func:`_fill`. The tensors go through save_for_backward: autograd
     frees them after the backward, as it does q, k, v, while a spec kept on ctx would keep the tables
     and the mask's per-token tensors (document spans) alive as long as the graph's outputs are, e.g.
-    through the next step's forward when a training loop keeps the last step's output."""
+    through the next step's forward when a training loop keeps the last step's output.
+    ``with_tables`` False (the document-aligned kernels, which read none): the tables' places hold
+    None, and a deferred block mask's tables stay unbuilt."""
     bm, mm = spec.block_mask, spec.block_mask.mask_mod
     # every layer of a batch shares one block mask: its hollow copy is made once, on the first layer
     key = (mm, bm.seq_lengths, bm.BLOCK_SIZE, bm.tail_partial)
@@ -125,12 +125,14 @@ def _hollow(spec: KernelSpec):
         hollow_bm.__dict__.pop("_hollow", None)
         hollow_bm.__dict__.pop("_packs_documents", None)  # it holds the full mask_mod
         hollow_bm.__dict__.pop("_varlen", None)  # and this one the tile list
+        hollow_bm.__dict__.pop("_deferred", None)  # and this one the tables' builder (with the ids)
         for n in _TABLES:
             setattr(hollow_bm, n, None)
         hollow_bm.mask_mod = hollow_mm
         cached = bm._hollow = (key, hollow_bm, where)
     _, hollow_bm, where = cached
-    tensors = [getattr(bm, n) for n in _TABLES] + [mm.args[i] for i in where]
+    tables = [getattr(bm, n) for n in _TABLES] if with_tables else [None] * len(_TABLES)
+    tensors = tables + [mm.args[i] for i in where]
     return tensors, (replace(spec, block_mask=hollow_bm), where)
 
 
@@ -210,7 +212,7 @@ class FlexAttentionFunction(torch.autograd.Function):
                 q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
                 sink, spec.scale, packed_documents=ctx.packed_documents,
             )
-        spec_tensors, ctx.hollow_spec = _hollow(spec)
+        spec_tensors, ctx.hollow_spec = _hollow(spec, with_tables=varlen is None)
         # the document-aligned backward's tile list, its count and the spans (a view of the mask's)
         ctx.varlen = None
         if varlen is not None:

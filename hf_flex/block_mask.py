@@ -120,6 +120,12 @@ def _tables(skip: torch.Tensor, num: torch.Tensor, idx: torch.Tensor) -> None:
     idx.copy_(torch.argsort(skip, dim=-1, stable=True))
 
 
+# every table a BlockMask holds (the half-block ones may be None)
+TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+               "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+               "kv_half_num", "kv_half_idx", "q_half_num", "q_half_idx")
+
+
 class BlockMask:
     """Block-sparse description of an attention mask (see the module docstring for the tables).
 
@@ -129,12 +135,10 @@ class BlockMask:
     small masks only).
     """
 
-    # half-block tables of the partial blocks (module docstring), or None: the packed builder's only.
-    # Anything that makes a new BlockMask from this one's whole-block tables leaves them None.
-    kv_half_num: Optional[torch.Tensor] = None
-    kv_half_idx: Optional[torch.Tensor] = None
-    q_half_num: Optional[torch.Tensor] = None
-    q_half_idx: Optional[torch.Tensor] = None
+    # Half-block tables of the partial blocks (module docstring), kv_half_num, kv_half_idx, q_half_num,
+    # q_half_idx, or None: the packed builder's only. Anything that makes a new BlockMask from this
+    # one's whole-block tables leaves them None. Instance attributes (never class defaults), so that a
+    # deferred BlockMask (:meth:`deferred`) builds them on first access like the other tables.
 
     def __init__(
         self,
@@ -190,6 +194,7 @@ class BlockMask:
             raise TypeError(f"BlockMask: mask_mod must be a MaskMod, got {type(mask_mod).__name__}")
         for name, t in got.items():
             setattr(self, name, t.contiguous())
+        self.kv_half_num = self.kv_half_idx = self.q_half_num = self.q_half_idx = None
         self.seq_lengths = (q_len, kv_len)
         self.BLOCK_SIZE = (qb, kb)
         self.mask_mod = mask_mod
@@ -216,19 +221,51 @@ class BlockMask:
         self.mask_mod = mask_mod
         self.builder = builder
         self.tail_partial = True  # both builders list a full block past the lengths as partial
-        if halves is not None:
-            self.kv_half_num, self.kv_half_idx, self.q_half_num, self.q_half_idx = halves
+        self.kv_half_num, self.kv_half_idx, self.q_half_num, self.q_half_idx = halves if halves is not None else (None,) * 4
         return self
+
+    @classmethod
+    def deferred(cls, build, batch_heads, device, seq_lengths, block_size, mask_mod, builder) -> "BlockMask":
+        """A BlockMask whose tables ``build()`` (a BlockMask of the same mask) makes on their first
+        access, not before. The document-aligned kernels (hf_flex/kernels/varlen.py) read none of
+        them: causal attention over packed documents then never builds them (their memory and the
+        builder's launches saved); anything else that reads one (the block-sparse kernels, to_dense,
+        ...) builds all at once. ``batch_heads`` (Bm, Hm) and ``device`` answer shape and device
+        without building."""
+        self = cls.__new__(cls)
+        self.seq_lengths, self.BLOCK_SIZE, self.mask_mod, self.builder = seq_lengths, block_size, mask_mod, builder
+        self.tail_partial = True
+        self._deferred = (build, tuple(batch_heads), torch.device(device))
+        return self
+
+    def __getattr__(self, name):
+        # reached only where normal lookup fails: a table of a deferred BlockMask not built yet
+        d = self.__dict__.get("_deferred")
+        if d is None or name not in TABLE_NAMES:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        built = d[0]()
+        for n in TABLE_NAMES:
+            setattr(self, n, getattr(built, n))
+        self.tail_partial = built.tail_partial
+        del self.__dict__["_deferred"]
+        return getattr(self, name)
+
+    @property
+    def tables_built(self) -> bool:
+        """False for a :meth:`deferred` BlockMask none of whose tables was read yet."""
+        return "_deferred" not in self.__dict__
 
     # --- shape and device -------------------------------------------------------------------------
     @property
     def shape(self) -> Tuple[int, int, int, int]:
-        Bm, Hm, _ = self.kv_num_blocks.shape
+        d = self.__dict__.get("_deferred")
+        Bm, Hm = d[1] if d is not None else self.kv_num_blocks.shape[:2]
         return (Bm, Hm, self.seq_lengths[0], self.seq_lengths[1])
 
     @property
     def device(self) -> torch.device:
-        return self.kv_num_blocks.device
+        d = self.__dict__.get("_deferred")
+        return d[2] if d is not None else self.kv_num_blocks.device
 
     def to(self, device) -> "BlockMask":
         """A copy with the tables on ``device`` (the mask_mod's own tensors are not moved)."""

@@ -497,24 +497,36 @@ def test_tma_value_checked(device, monkeypatch):
         hf_flex.flex_attention(q, k, v)
 
 
-def test_backward_frees_the_block_mask(device):
-    """The graph holds the block mask's tables and its mask's tensors (document spans: per token) only
-    until its backward ran, as it holds q, k, v (save_for_backward): a training loop that keeps the last
-    step's output must not keep them through the next step. retain_graph=True keeps them for a second
-    backward, which then gives the same gradients."""
+@pytest.mark.parametrize("varlen", [False, True], ids=["block_sparse", "document_aligned"])
+def test_backward_frees_the_block_mask(device, monkeypatch, varlen):
+    """The graph holds the block mask's tables (the document-aligned kernels': its tile lists instead,
+    and no table) and its mask's tensors (document spans: per token) only until its backward ran, as
+    it holds q, k, v (save_for_backward): a training loop that keeps the last step's output must not
+    keep them through the next step. retain_graph=True keeps them for a second backward, which then
+    gives the same gradients."""
     import gc
     import weakref
 
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", varlen)
     ids = random_doc_ids(1, 100, seed=71, max_docs=4).to(device)
     q, k, v = rand_qkv(1, 2, 2, 100, 100, 16, dtype=torch.float32, device=device, seed=73)
     bm = hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(ids, packed=True)), 1, None, 100, 100,
                                    device=device, BLOCK_SIZE=32)
     per_token = [t for t in bm.mask_mod.tensors() if t.dim() == 2]  # spans and their starts (not the shared meta)
     assert len(per_token) == 2
-    held = [weakref.ref(t) for t in [bm.kv_indices, bm.full_q_indices] + per_token]
+    tables = [weakref.ref(t) for t in [bm.kv_indices, bm.full_q_indices]]
+    held = [weakref.ref(t) for t in per_token] + ([] if varlen else tables)
     del per_token
     out = hf_flex.flex_attention(q, k, v, block_mask=bm)
+    if varlen:
+        tile_lists = bm.__dict__["_varlen"][1][:2]
+        held += [weakref.ref(t) for t in tile_lists]
+        del tile_lists
     del bm
+    gc.collect()
+    assert not varlen or all(r() is None for r in tables)  # the document-aligned graph holds no table
     out.sum().backward(retain_graph=True)
     first = [t.grad.clone() for t in (q, k, v)]
     gc.collect()

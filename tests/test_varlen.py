@@ -180,3 +180,43 @@ def test_one_loop(device, small_tiles, calls, monkeypatch, layout):
     bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
     check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
     assert calls == ["varlen_forward", "varlen_backward"], calls
+
+
+def test_deferred_tables_stay_unbuilt(device, small_tiles, monkeypatch):
+    """A deferred BlockMask (what the packed builder returns on CUDA for causal + packed documents)
+    answers shape and device without building; the document-aligned kernels, forward and backward,
+    read no table, so none is built; the block-sparse kernels' first read builds them all, once."""
+    from hf_flex.block_mask import TABLE_NAMES, BlockMask
+
+    ids = _ids(LAYOUTS["rows_differ"]).to(device)
+    B, S = ids.shape
+    mm = _mask(ids, device)
+    eager = hf_flex.create_block_mask(mm, B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    built = []
+
+    def build():
+        built.append(1)
+        return hf_flex.create_block_mask(mm, B, None, S, S, device=device, BLOCK_SIZE=TILE)
+
+    bm = BlockMask.deferred(build, (B, 1), device, (S, S), (TILE, TILE), mm, "packed")
+    assert bm.shape == eager.shape and bm.device == eager.device and not bm.tables_built
+    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=10)
+    dout = torch.randn(B, 4, S, 16, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def run(m):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(qq, kk, vv, block_mask=m, enable_gqa=True)
+        return (out, *torch.autograd.grad(out, (qq, kk, vv), dout))
+
+    got, want = run(bm), run(eager)
+    assert built == [] and not bm.tables_built
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    monkeypatch.setitem(launch.SCHEDULE, "varlen", False)
+    bm.__dict__.pop("_varlen", None)
+    for x, y in zip(run(bm), want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert built == [1] and bm.tables_built
+    for n in TABLE_NAMES:
+        a, b = getattr(bm, n), getattr(eager, n)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), n
