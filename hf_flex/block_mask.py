@@ -235,7 +235,10 @@ class BlockMask:
         self = cls.__new__(cls)
         self.seq_lengths, self.BLOCK_SIZE, self.mask_mod, self.builder = seq_lengths, block_size, mask_mod, builder
         self.tail_partial = True
-        self._deferred = (build, tuple(batch_heads), torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # where "cuda" allocates: the current device
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._deferred = (build, tuple(batch_heads), device)
         return self
 
     def __getattr__(self, name):

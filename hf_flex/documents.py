@@ -130,9 +130,7 @@ def packed_tables(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[Blo
         def build():
             return _packed_tables_now(ids, B, H, q_len, kv_len, qb, kb, device, mask_mod, causal, window)
 
-        # the device the tables would be on: "cuda" allocates on the current device (cuda:0 ...)
-        where = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        return BlockMask.deferred(build, (Bm, Hm), where, (q_len, kv_len), (qb, kb), mask_mod, "packed")
+        return BlockMask.deferred(build, (Bm, Hm), device, (q_len, kv_len), (qb, kb), mask_mod, "packed")
     return _packed_tables_now(ids, B, H, q_len, kv_len, qb, kb, device, mask_mod, causal, window)
 
 
