@@ -21,6 +21,7 @@ import torch
 
 from . import mods
 from .block_mask import BlockMask, create_block_mask, table_buffers, tables_and_halves
+from .modtypes import and_leaves
 
 __all__ = [
     "packed_block_mask", "packed_parts", "packed_tables", "document_ids_from_position_ids",
@@ -82,32 +83,31 @@ def packed_parts(mask_mod) -> Optional[Tuple[torch.Tensor, bool, Optional[int]]]
     Read from ``MaskMod.structure``, which only the library's own mods set: a mask of your own never
     matches, whatever its name.
     """
-    docs, state = [], {"causal": False, "window": None}
-    args = mask_mod.args
-
-    def walk(st, offset) -> bool:
-        if st is None:
-            return False
-        kind = st[0]
-        if kind == "and":
-            return all(walk(child, offset + o) for o, child in st[1:])
+    # and_leaves walks the structure by module-level recursion: a nested recursive function here (the
+    # earlier form) sat in a reference cycle with its closure, which held the mask's args (a batch's
+    # document spans) until the cyclic garbage collector ran: measured at a training step's peak, two
+    # earlier steps' spans (tests/benchmarks/NOTES.md, twelfth round)
+    leaves = and_leaves(getattr(mask_mod, "structure", None))
+    if leaves is None:
+        return None
+    docs, causal, window = [], False, None
+    for offset, leaf in leaves:
+        kind = leaf[0]
         if kind == "causal":
-            state["causal"] = True
+            causal = True
         elif kind == "window":
-            state["window"] = st[1] if state["window"] is None else min(state["window"], st[1])
+            window = leaf[1] if window is None else min(window, leaf[1])
         elif kind == "packed_documents":
-            docs.append(args[offset])  # the document mask's ids: its first argument
+            docs.append(mask_mod.args[offset])  # the document mask's ids: its first argument
         elif kind != "noop":
-            return False
-        return True
-
-    if not walk(getattr(mask_mod, "structure", None), 0) or len(docs) != 1:
+            return None
+    if len(docs) != 1:
         return None
     if not isinstance(docs[0], torch.Tensor) or docs[0].dim() != 2:
         return None
-    if state["window"] is not None and not state["causal"]:
+    if window is not None and not causal:
         return None  # a window alone is not Transformers' (causal) sliding window: leave it to block_fn
-    return docs[0], state["causal"], state["window"]
+    return docs[0], causal, window
 
 
 def packed_tables(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[BlockMask]:

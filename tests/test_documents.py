@@ -482,3 +482,27 @@ def test_packed_builder_writes_half_tables():
     finally:
         launch.SCHEDULE["halves"] = True
     assert hf_flex.create_block_mask(bm.mask_mod, 1, 4, 1000, 1000).kv_half_num is None  # heads: no halves
+
+
+def test_packed_parts_holds_nothing_after_it_returns():
+    """packed_parts leaves no reference cycle behind: the mask's tensors die with their last reference,
+    without the cyclic garbage collector (a recursive closure once kept each batch's document spans
+    until a collection: two earlier steps' spans at a training step's peak, on the GPU)."""
+    import gc
+    import weakref
+
+    from hf_flex.documents import packed_parts
+
+    ids = document_ids_from_position_ids(random_positions(1, 90, seed=4))
+    mm = mods.and_masks(mods.causal(), mods.sliding_window(30), mods.document(ids, packed=True))
+    spans = weakref.ref(mm.args[-1])
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        parts = packed_parts(mm)
+        assert parts is not None and parts[1:] == (True, 30)
+        del parts, mm
+        assert spans() is None
+    finally:
+        if was:
+            gc.enable()
