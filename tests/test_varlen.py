@@ -71,7 +71,7 @@ def test_tile_list():
     ids = _ids(LAYOUTS["rows_differ"])
     spans = mods.document_spans(ids)
     tiles, n = varlen_tiles(spans, TILE)
-    assert tiles.dtype == torch.int32 and n.dtype == torch.int32 and tiles.shape == (ids.shape[0], 2, ids.shape[1])
+    assert tiles.dtype == torch.int16 and n.dtype == torch.int32 and tiles.shape == (ids.shape[0], 2, ids.shape[1])
     for b, lengths in enumerate(LAYOUTS["rows_differ"]):
         want, lo = {}, 0
         for L in lengths:
@@ -220,3 +220,11 @@ def test_deferred_tables_stay_unbuilt(device, small_tiles, monkeypatch):
     for n in TABLE_NAMES:
         a, b = getattr(bm, n), getattr(eager, n)
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), n
+
+
+def test_tile_list_past_int16():
+    """Past 2**15 positions the lists are int32 (int16 would wrap)."""
+    ids = _ids([[40000, 1000]])
+    tiles, n = varlen_tiles(mods.document_spans(ids), 128)
+    assert tiles.dtype == torch.int32 and int(n[0]) == 313 + 8
+    assert int(tiles[0, 0, 0]) == 312 * 128  # the last tile of the long document first

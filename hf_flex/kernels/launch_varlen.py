@@ -32,7 +32,8 @@ def varlen_tile(dp: int, dvp: int, element_size: int) -> Optional[int]:
 
 
 def varlen_tiles(spans: torch.Tensor, tile: int):
-    """(tiles [Bs, 2, S] int32, n_tiles [Bs] int32): per row of ``spans``, the first position of every
+    """(tiles [Bs, 2, S] int16 (int32 past 2**15 positions), n_tiles [Bs] int32): per row of ``spans``,
+    the first position of every
     document-aligned tile (positions p with (p - lo[p]) % tile == 0) in two orders, then the row's
     positions that start no tile (never read): tiles[:, 0] more keys before the tile first (the
     forward's and dQ pass's longest programs first), tiles[:, 1] more of the document after it first
@@ -45,7 +46,8 @@ def varlen_tiles(spans: torch.Tensor, tile: int):
     starts = off % tile == 0
     keys = torch.stack([torch.where(starts, -(off // tile), _NOT_A_TILE),
                         torch.where(starts, -(((spans >> 32) - pos) // tile), _NOT_A_TILE)], 1)
-    tiles = torch.sort(keys, dim=2, stable=True).indices.to(torch.int32)
+    # int16 positions where they fit: the lists live as long as the batch's activations (peak memory)
+    tiles = torch.sort(keys, dim=2, stable=True).indices.to(torch.int16 if S <= 2**15 else torch.int32)
     return tiles, starts.sum(1, dtype=torch.int32)
 
 

@@ -38,7 +38,7 @@ def _causal(b, h, q, kv, args):
 def doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb):
     """(first position, document's first position, document's end) of tile ``t`` of row ``b``'s list;
     SPANS [B, S] int64 ``lo | hi << 32`` (mods.document_spans), hi the document's last position."""
-    start = tl.load(TILES + b * stride_tb + t)
+    start = tl.load(TILES + b * stride_tb + t).to(tl.int32)  # int16 lists where positions fit
     sp = tl.load(SPANS + b * stride_sb + start)
     # lo < 2**31: the truncation to 32 bits is lo itself
     return start, sp.to(tl.int32), (sp >> 32).to(tl.int32) + 1
