@@ -58,6 +58,32 @@ def attn_bwd_delta_kernel(
 
 
 @triton.jit
+def load_pair(A, B_, offs, rows_in, stride_am, stride_ad, stride_bm, stride_bd,
+              D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """Rows ``offs`` of A (head dim D, padded to DP) and of B_ (DV, padded to DVP), e.g. a program's K
+    and V, or Q and dO; rows not ``rows_in`` and padding columns read 0."""
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    a = tl.load(A + offs[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                mask=rows_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    b = tl.load(B_ + offs[:, None] * stride_bm + offs_dv[None, :] * stride_bd,
+                mask=rows_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return a, b
+
+
+@triton.jit
+def store_pair(A, B_, a, b, offs, rows_in, stride_am, stride_ad, stride_bm, stride_bd,
+               D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """:func:`load_pair`'s stores (a program's dK and dV), in the outputs' dtypes."""
+    offs_d = tl.arange(0, DP)
+    offs_dv = tl.arange(0, DVP)
+    tl.store(A + offs[:, None] * stride_am + offs_d[None, :] * stride_ad, a.to(A.dtype.element_ty),
+             mask=rows_in[:, None] & (offs_d[None, :] < D))
+    tl.store(B_ + offs[:, None] * stride_bm + offs_dv[None, :] * stride_bd, b.to(B_.dtype.element_ty),
+             mask=rows_in[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
 def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr):
     """(LSE in log2 units, delta) of queries ``offs_m``; CHECK: some may lie past Q_LEN, which read
     LSE +inf and delta 0 (P = 0: they add nothing to dK, dV)."""
@@ -230,20 +256,10 @@ def _dkdv_program(
     start_n = pid_n * BLOCK_N
     col = start_n // SPARSE_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     kv_in = offs_n < KV_LEN
     kv_idx = tl.minimum(offs_n, KV_LEN - 1)[:, None]
-    k = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_in[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        mask=kv_in[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
+    k, v = load_pair(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, offs_n, kv_in,
+                     stride_kn, stride_kd, stride_vn, stride_vd, D, DP, DV, DVP)
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
     dv = tl.zeros([BLOCK_N, DVP], tl.float32)
     mb = tl.where(stride_nb != 0, b, 0)  # broadcast block-mask dims: the mask sees index 0
@@ -286,17 +302,8 @@ def _dkdv_program(
                 D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, None, 0,
                 FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh,
             )
-    dk = dk * sm_scale
-    tl.store(
-        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
-        mask=kv_in[:, None] & (offs_d[None, :] < D),
-    )
-    tl.store(
-        DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-        dv.to(DV_.dtype.element_ty),
-        mask=kv_in[:, None] & (offs_dv[None, :] < DV),
-    )
+    store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale, dv,
+               offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
 
 
 @triton.jit
@@ -410,19 +417,10 @@ def _dq_program(
     row = start_m // SPARSE_Q
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     q_in = offs_m < Q_LEN
     q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=q_in[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-        mask=q_in[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
+    q, do = load_pair(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, offs_m, q_in,
+                      stride_qm, stride_qd, stride_dom, stride_dod, D, DP, DV, DVP)
     lse2, delta = row_inputs(LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_lb + h * stride_lh, offs_m,
                              Q_LEN, True)
     K_ptr = K + b * stride_kb + hk * stride_kh

@@ -312,7 +312,6 @@ def attn_fwd_kernel(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     q_in = offs_m < Q_LEN
     q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]  # mods never see positions past the end
     q = tl.load(
@@ -350,6 +349,17 @@ def attn_fwd_kernel(
             DV, DVP, DOT_PREC, AHEAD_FULL, K_DESC, V_DESC, hk,
         )
 
+    store_rows(acc, l_i, m_i, SINK, O, LSE, b, h, offs_m, q_in, stride_ob, stride_oh, stride_om, stride_od,
+               stride_lb, stride_lh, HAS_SINK, DV, DVP)
+
+
+@triton.jit
+def store_rows(acc, l_i, m_i, SINK, O, LSE, b, h, offs_m, q_in, stride_ob, stride_oh, stride_om, stride_od,
+               stride_lb, stride_lh, HAS_SINK: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """The end of a forward program: the sink's share of the softmax (HAS_SINK), then the output rows
+    ``offs_m`` where ``q_in`` and their LSE. The LSE in the backward loops' form (launch.flex_forward):
+    log2 units, a row with no allowed key +inf (its P is then 0, not NaN). The backward reads it as
+    it is: no second per-row buffer."""
     if HAS_SINK:
         sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
         m_fin = tl.maximum(m_i, sink)
@@ -357,12 +367,10 @@ def attn_fwd_kernel(
         l_i = l_i * alpha + tl.math.exp2(sink - m_fin)
         acc = acc * alpha[:, None]
         m_i = m_fin
-
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # LSE in the backward loops' form (launch.flex_forward): log2 units, a row with no allowed key +inf
-    # (its P is then 0, not NaN). The backward reads it as it is: no second per-row buffer
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    offs_dv = tl.arange(0, DVP)
     tl.store(
         O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
         out.to(O.dtype.element_ty),

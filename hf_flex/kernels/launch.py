@@ -401,6 +401,18 @@ def backward_buffers(q, lse, dout, dlse, warmup: bool):
     return lse, dout, dlse, delta
 
 
+def backward_descriptors(q, k, v, dout, t: Tiles, t2: Tiles):
+    """Tensor descriptors (or None) of Q and dO for the dK/dV programs' tiles ``t`` and of K and V for
+    the dQ programs' tiles ``t2``, where SCHEDULE["bwd_tma"] and the tiles allow TMA."""
+    B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
+    q_desc = do_desc = k_desc = v_desc = None
+    if SCHEDULE["bwd_tma"] and t.tma:
+        q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
+    if SCHEDULE["bwd_tma"] and t2.tma:
+        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
+    return q_desc, do_desc, k_desc, v_desc
+
+
 def delta_pass(go, out, dout, dlse, delta) -> None:
     """delta = rowsum(dO * O) - dLSE ([B, Hq, Sq] float32), through ``go`` (_launcher)."""
     B, HQ, SQ, DV = out.shape
@@ -443,11 +455,7 @@ def flex_backward(
     delta_pass(go, out, dout, dlse, delta)
     atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
               and not torch.are_deterministic_algorithms_enabled())
-    q_desc = do_desc = k_desc = v_desc = None
-    if SCHEDULE["bwd_tma"] and t.tma:
-        q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
-    if SCHEDULE["bwd_tma"] and t2.tma:
-        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
+    q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)
     dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     prec = _dot_prec(q.dtype)
     c_nb, c_nh, c_ib, c_ih, c_ik = bwd_tables.strides()

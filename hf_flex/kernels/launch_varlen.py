@@ -10,7 +10,8 @@ import torch
 
 from . import cdiv as _cdiv
 from .launch import (
-    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, _tma_descriptors, backward_buffers, delta_pass,
+    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, _tma_descriptors, backward_buffers, backward_descriptors,
+    delta_pass,
     dkdv_tiles, dq_tiles, fwd_tiles, out_like,
 )
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
@@ -98,11 +99,7 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup)
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
-    q_desc = do_desc = k_desc = v_desc = None
-    if SCHEDULE["bwd_tma"] and t.tma:
-        q_desc, do_desc = _tma_descriptors(q, dout, D, DP, DV, DVP, t.block_m)
-    if SCHEDULE["bwd_tma"] and t2.tma:
-        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t2.block_n)
+    q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)
     dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     n_programs = _cdiv(SQ, tile)
     n_dkdv = n_programs * B * HKV

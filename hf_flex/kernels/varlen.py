@@ -23,8 +23,8 @@ non-decreasing ids; the score mod, sinks and GQA as in the block-sparse kernels.
 import triton
 import triton.language as tl
 
-from .backward import _dkdv_inner, _dq_inner, row_inputs
-from .forward import _fwd_inner, tile_and_head
+from .backward import _dkdv_inner, _dq_inner, load_pair, row_inputs, store_pair
+from .forward import _fwd_inner, store_rows, tile_and_head
 
 
 @triton.jit
@@ -84,7 +84,6 @@ def attn_fwd_varlen_kernel(
     K_ptr = K + b * stride_kb + hk * stride_kh
     V_ptr = V + b * stride_vb + hk * stride_vh
     offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     n_tiles = tl.load(N_TILES + b * stride_nb)
     for t in range(pid_t, n_tiles, N_PROGRAMS):
         start_m, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
@@ -123,23 +122,8 @@ def attn_fwd_varlen_kernel(
                 score_args, _causal, SCORE_MOD, False, True, BLOCK_N_FULL, BLOCK_N_FULL, D, DP, DV, DVP,
                 DOT_PREC, False, K_DESC, V_DESC, hk, base=lo,
             )
-        if HAS_SINK:
-            sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
-            m_fin = tl.maximum(m_i, sink)
-            alpha = tl.math.exp2(m_i - m_fin)
-            l_i = l_i * alpha + tl.math.exp2(sink - m_fin)
-            acc = acc * alpha[:, None]
-            m_i = m_fin
-        # a score mod may leave a row nothing: +inf LSE, zero output, as attn_fwd_kernel writes it
-        empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(
-            O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-            out.to(O.dtype.element_ty),
-            mask=q_in[:, None] & (offs_dv[None, :] < DV),
-        )
-        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=q_in)
+        store_rows(acc, l_i, m_i, SINK, O, LSE, b, h, offs_m, q_in, stride_ob, stride_oh, stride_om, stride_od,
+                   stride_lb, stride_lh, HAS_SINK, DV, DVP)
 
 
 _BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV", "stride_to"]
@@ -178,7 +162,6 @@ def attn_bwd_varlen_kernel(
     slot major, (batch, query head) minor) of the tiles each program walks; no atomics."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
     if pid < N_DKDV:
         n_kv_heads = N_DKDV // N_PROGRAMS  # B * HKV
         grp = pid % n_kv_heads
@@ -192,16 +175,8 @@ def attn_bwd_varlen_kernel(
             offs_n = start_n + tl.arange(0, TILE)
             kv_in = offs_n < kv_end
             kv_idx = tl.minimum(offs_n, Q_LEN - 1)[:, None]
-            k = tl.load(
-                K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_in[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            v = tl.load(
-                V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            k, v = load_pair(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, offs_n, kv_in,
+                             stride_kn, stride_kd, stride_vn, stride_vd, D, DP, DV, DVP)
             dk = tl.zeros([TILE, DP], tl.float32)
             dv = tl.zeros([TILE, DVP], tl.float32)
             n_passes = GROUP
@@ -252,17 +227,8 @@ def attn_bwd_varlen_kernel(
                         D, DP, DV, DVP, DOT_PREC, False, None, 0,
                         FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n + TILE,
                     )
-            dk = dk * sm_scale
-            tl.store(
-                DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                dk.to(DK.dtype.element_ty),
-                mask=kv_in[:, None] & (offs_d[None, :] < D),
-            )
-            tl.store(
-                DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-                dv.to(DV_.dtype.element_ty),
-                mask=kv_in[:, None] & (offs_dv[None, :] < DV),
-            )
+            store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale,
+                       dv, offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
     else:
         p = pid - N_DKDV
         n_q_heads = N_DKDV // N_PROGRAMS * GROUP  # B * HQ
@@ -279,16 +245,8 @@ def attn_bwd_varlen_kernel(
             offs_m = start_m + tl.arange(0, TILE)
             q_in = offs_m < q_end
             q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
-            q = tl.load(
-                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=q_in[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            do = tl.load(
-                DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                mask=q_in[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            q, do = load_pair(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, offs_m, q_in,
+                              stride_qm, stride_qd, stride_dom, stride_dod, D, DP, DV, DVP)
             # rows past the tile (the next document's) read LSE +inf: P = 0, nothing reaches the
             # score mod's parameter gradients from them
             lse2, delta = row_inputs(LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_lb + h * stride_lh,
