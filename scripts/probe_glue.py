@@ -21,7 +21,7 @@ import torch
 import hf_flex
 import hf_flex.attention as attention
 from hf_flex import mods
-from hf_flex.kernels import launch
+from hf_flex.kernels import launch, launch_varlen
 
 
 class _NoLaunch:
@@ -37,10 +37,15 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", type=int, default=18, help="rows of the cProfile listing (0: none)")
+    ap.add_argument("--block-sparse", action="store_true",
+                    help="SCHEDULE['varlen'] off: the block-sparse kernels' glue instead of the document-aligned")
     a = ap.parse_args()
     for name in ("attn_fwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_kernel", "attn_bwd_dkdv_kernel",
                  "attn_bwd_dq_kernel"):
         setattr(launch, name, _NoLaunch())
+    for name in ("attn_fwd_varlen_kernel", "attn_bwd_varlen_kernel"):
+        setattr(launch_varlen, name, _NoLaunch())
+    launch.SCHEDULE["varlen"] = not a.block_sparse
     attention.triton_runs_on = lambda device: True  # the kernel path, not the PyTorch reference
     launch.has_tma = lambda device: True  # descriptors built as on Hopper
 
