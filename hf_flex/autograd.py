@@ -17,7 +17,7 @@ import torch
 from .block_mask import TABLE_NAMES, BlockMask
 from .kernels import compile_ahead, interpreted
 from .kernels.forward import LOG2E
-from .kernels.launch import OVERRIDES, SCHEDULE, MaskTables, out_like, flex_backward, flex_forward, natural_lse
+from .kernels.launch import OVERRIDES, SCHEDULE, MaskTables, _pow2, out_like, flex_backward, flex_forward, natural_lse
 from .kernels.launch_varlen import varlen_backward, varlen_forward, varlen_tile, varlen_tiles
 from .modtypes import ScoreMod, and_holds, and_leaves
 
@@ -78,7 +78,7 @@ class KernelSpec:
             spans = bm.mask_mod.args[at + 2]  # mods.document: (starts, meta, spans)
             if bm.shape[0] == 1:
                 spans = spans[:1]  # a block mask built for B = None: every row takes row 0's documents
-            tile = varlen_tile(_pow2(q.shape[-1]), _pow2(v.shape[-1]), q.element_size())
+            tile = varlen_tile(_pow2(max(q.shape[-1], 16)), _pow2(max(v.shape[-1], 16)), q.element_size())
             if tile is not None and spans.shape[1] == S and spans.shape[0] in (1, q.shape[0]):
                 found = (*varlen_tiles(spans, tile), spans, tile)
         bm._varlen = (bm.mask_mod, found)
@@ -148,10 +148,6 @@ def _fill(hollow, tensors):
     return spec, MaskTables.of(tables), MaskTables.of(tables, transposed=True), tuple(args)
 
 
-def _pow2(x: int) -> int:
-    return 1 << (max(x, 16) - 1).bit_length()
-
-
 def _compiles(q: torch.Tensor) -> bool:
     """Whether kernels for ``q`` are compiled (CUDA, not Triton's interpreter)."""
     return q.device.type == "cuda" and not interpreted()
@@ -205,8 +201,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         varlen = spec.varlen(q, v)
         _compile_backward_ahead(ctx, spec, q, k, v, mask_fn, mask_args, score_fn, score_args, varlen)
         if varlen is not None:
-            out, lse2 = varlen_forward(q, k, v, *varlen, score_fn, score_args, sink, spec.scale,
-                                       packed_documents=ctx.packed_documents)
+            out, lse2 = varlen_forward(q, k, v, *varlen, score_fn, score_args, sink, spec.scale)
         else:
             out, lse2 = flex_forward(
                 q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
@@ -230,15 +225,16 @@ class FlexAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse2, sink, *spec_tensors = ctx.saved_tensors
         varlen = None
         if ctx.varlen is not None:
-            *spec_tensors, tiles, n_tiles, spans = spec_tensors
+            *_, tiles, n_tiles, spans = spec_tensors
             varlen = (tiles, n_tiles, spans, ctx.varlen)
-        spec, fwd_tables, bwd_tables, mask_args = _fill(ctx.hollow_spec, spec_tensors)
+            spec = ctx.hollow_spec[0]  # the document-aligned kernels read no table and no mask function
+        else:
+            spec, fwd_tables, bwd_tables, mask_args = _fill(ctx.hollow_spec, spec_tensors)
         none = (None,) * (4 + 1 + ctx.n_learnables)
         if dout is None and dlse is None:
             return none
         if dout is None:
             dout = torch.zeros_like(out)
-        mask_fn = spec.block_mask.mask_mod.kernel_fn
         score_fn, score_args = spec.score(q)
         sm = spec.score_mod
         em = spec.elementwise(q)  # the form whose functions the forward ran
@@ -257,7 +253,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         else:
             dq, dk, dv, delta = flex_backward(
                 q, k, v, out, lse2, dout, fwd_tables, bwd_tables, spec.block_mask.BLOCK_SIZE,
-                mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn,
+                spec.block_mask.mask_mod.kernel_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn,
                 grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
                 packed_documents=ctx.packed_documents,
             )

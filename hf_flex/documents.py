@@ -15,6 +15,7 @@ starts wherever the position does not grow by exactly one (position_ids), or at 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -123,15 +124,12 @@ def packed_tables(mask_mod, B, H, q_len, kv_len, qb, kb, device) -> Optional[Blo
     rows, S = ids.shape
     if ids.device.type != "cuda" or q_len > S or kv_len > S or (B is not None and B > rows):
         return None
-    Bm, Hm = B or 1, H or 1
+    build = functools.partial(_packed_tables_now, ids, B, H, q_len, kv_len, qb, kb, device, mask_mod, causal, window)
     if causal and window is None:
         # causal attention over packed documents: the document-aligned kernels read no table, so the
         # tables are built only if something else reads them (BlockMask.deferred)
-        def build():
-            return _packed_tables_now(ids, B, H, q_len, kv_len, qb, kb, device, mask_mod, causal, window)
-
-        return BlockMask.deferred(build, (Bm, Hm), device, (q_len, kv_len), (qb, kb), mask_mod, "packed")
-    return _packed_tables_now(ids, B, H, q_len, kv_len, qb, kb, device, mask_mod, causal, window)
+        return BlockMask.deferred(build, (B or 1, H or 1), device, (q_len, kv_len), (qb, kb), mask_mod, "packed")
+    return build()
 
 
 def _packed_tables_now(ids, B, H, q_len, kv_len, qb, kb, device, mask_mod, causal, window) -> BlockMask:

@@ -312,6 +312,22 @@ def _descriptor(t, shape, strides, block):
     return desc
 
 
+def forward_descriptors(q, k, v, t: Tiles):
+    """Tensor descriptors (or None) of K and V for the forward's loop without mask (``t.block_n_full``
+    keys per box) and for its masked loop (``t.block_n``), where SCHEDULE["tma"] ("full": the first
+    only, "both") and the tiles allow TMA."""
+    B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
+    tma = SCHEDULE["tma"]
+    if tma not in ("none", "full", "both"):
+        raise ValueError(f'SCHEDULE["tma"] must be "none", "full" or "both", got {tma!r}')
+    k_desc = v_desc = k_desc_p = v_desc_p = None
+    if tma != "none" and t.tma:
+        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
+    if tma == "both" and k_desc is not None:
+        k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
+    return k_desc, v_desc, k_desc_p, v_desc_p
+
+
 def flex_forward(
     q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale,
     packed_documents: bool = False,
@@ -331,14 +347,7 @@ def flex_forward(
     out = out_like(q, DV)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
-    tma = SCHEDULE["tma"]
-    if tma not in ("none", "full", "both"):
-        raise ValueError(f'SCHEDULE["tma"] must be "none", "full" or "both", got {tma!r}')
-    k_desc = v_desc = k_desc_p = v_desc_p = None
-    if tma != "none" and t.tma:
-        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
-    if tma == "both" and k_desc is not None:
-        k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
+    k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     heads_first = _per_mask("heads_first", packed_documents)
     attn_fwd_kernel[_grid(_cdiv(SQ, t.block_m), B * HQ, heads_first)](
         q, k, v, out, lse, sink if sink is not None else lse,

@@ -10,9 +10,8 @@ import torch
 
 from . import cdiv as _cdiv
 from .launch import (
-    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, _tma_descriptors, backward_buffers, backward_descriptors,
-    delta_pass,
-    dkdv_tiles, dq_tiles, fwd_tiles, out_like,
+    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, backward_buffers, backward_descriptors, delta_pass,
+    dkdv_tiles, dq_tiles, forward_descriptors, fwd_tiles, out_like,
 )
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
@@ -59,21 +58,16 @@ def _list_args(tiles, n_tiles, spans, key_major: bool = False):
             spans.stride(0) if spans.shape[0] > 1 else 0, n_tiles.stride(0) if n_tiles.shape[0] > 1 else 0)
 
 
-def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_args, sink, sm_scale,
-                   packed_documents: bool = True):
+def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_args, sink, sm_scale):
     """(out [B, Hq, S, Dv], lse2 [B, Hq, S] float32 in log2 units) as launch.flex_forward returns
     them, for and_masks(causal(), document(ids)) with spans = document_spans(ids)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = fwd_tiles(DP, DVP, q.element_size(), 128, 128)
     out = out_like(q, DV)
     lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
-    k_desc = v_desc = k_desc_p = v_desc_p = None
-    if SCHEDULE["tma"] != "none" and t.tma:
-        k_desc, v_desc = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n_full)
-    if SCHEDULE["tma"] == "both" and k_desc is not None:
-        k_desc_p, v_desc_p = _tma_descriptors(k, v, D, DP, DV, DVP, t.block_n)
+    k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     n_programs = _cdiv(SQ, tile)
-    heads_first = _per_mask("heads_first", packed_documents)
+    heads_first = _per_mask("heads_first", True)  # the mask packs documents
     grid = (B * HQ, n_programs) if heads_first else (n_programs, B * HQ)
     attn_fwd_varlen_kernel[grid](
         q, k, v, out, lse, sink if sink is not None else lse,
@@ -81,7 +75,7 @@ def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_ar
         *_list_args(tiles, n_tiles, spans), n_programs,
         SQ, HQ, HQ // HKV, sm_scale, score_args,
         SCORE_MOD=score_fn, HAS_SINK=sink is not None, TILE=tile, BLOCK_N=t.block_n,
-        BLOCK_N_FULL=t.block_n_full or t.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_N_FULL=t.block_n_full, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
         HEADS_FIRST=heads_first, ONE_LOOP=SCHEDULE["varlen_one_loop"], K_DESC=k_desc, V_DESC=v_desc, K_DESC_PARTIAL=k_desc_p, V_DESC_PARTIAL=v_desc_p,
         num_warps=t.num_warps, num_stages=t.num_stages, **({"maxnreg": t.maxnreg} if t.maxnreg else {}),
     )
