@@ -48,6 +48,19 @@ SCHEDULES = {
     "atomic_dq_m32": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(32, 128, 8, 2)}},
     "atomic_dq_s3": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3)}},
     "atomic_dq_m32s3": {"atomic_dq": True, "tiles": {"dkdv": launch.Tiles(32, 128, 8, 3)}},
+    # thirteenth round: dQ by the tensor-memory accelerator's bulk reduction (atomic_dq_tma, the default
+    # form of atomic_dq on Hopper) against per-thread atomics; the same for the document-aligned kernels
+    "atomic_dq_ptr": {"atomic_dq": True, "atomic_dq_tma": False},
+    "varlen_atomic": {"varlen_atomic_dq": True},
+    "varlen_atomic_ptr": {"varlen_atomic_dq": True, "atomic_dq_tma": False},
+    "varlen_atomic_s2": {"varlen_atomic_dq": True, "varlen_bwd_stages": 2},
+    "block_atomic": {"varlen": False, "atomic_dq": True},  # document masks on the block-sparse kernels
+    # the dK/dV loops issue dP^T before the softmax (P^T dO then runs under dS's elementwise work)
+    "dp_first": {"bwd_dp_first": True, "varlen_dp_first": True},
+    "varlen_dp_first": {"varlen_dp_first": True},
+    "block_dp_first": {"varlen": False, "bwd_dp_first": True},
+    # the document-aligned backward's dK/dV programs walking the tile list (the twelfth round's form)
+    "varlen_bwd_walk": {"varlen_bwd_one_per_tile": False},
     # K/V tiles of the forward through tensor descriptors (TMA): full-block loop, both loops
     "tma_full": {"tma": "full"},
     "tma_both": {"tma": "both"},

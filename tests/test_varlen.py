@@ -182,6 +182,59 @@ def test_one_loop(device, small_tiles, calls, monkeypatch, layout):
     assert calls == ["varlen_forward", "varlen_backward"], calls
 
 
+@pytest.mark.parametrize("layout,one_loop", [("short_and_exact", False), ("rows_differ", False),
+                                             ("long_and_ragged_end", False), ("rows_differ", True)])
+def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
+    """SCHEDULE["varlen_atomic_dq"]: the dK/dV programs add dQ (float32 atomics; the bulk reduction on
+    Hopper), no dQ programs run: the same results; the dQ programs still run for learnable score-mod
+    tensors and under torch.use_deterministic_algorithms."""
+    monkeypatch.setitem(launch.SCHEDULE, "varlen_atomic_dq", True)
+    monkeypatch.setitem(launch.SCHEDULE, "varlen_one_loop", one_loop)
+    from hf_flex.kernels import launch_varlen
+
+    grids = []
+    real = launch_varlen.attn_bwd_varlen_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                grids.append((grid[0], kw["ATOMIC_DQ"]))
+                return real[grid](*a, **kw)
+            return run
+
+    monkeypatch.setattr(launch_varlen, "attn_bwd_varlen_kernel", Spy())
+    ids = _ids(LAYOUTS[layout])
+    B, S = ids.shape
+    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=21)
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
+    slots = -(-S // TILE)
+    slots += -(-slots // 4)  # the slots of the tiles past the first cdiv(S, TILE) (varlen_backward)
+    assert grids == [(slots * B * 2, True)], grids  # dK/dV programs only: (tile slots) x B x Hkv
+
+    grids.clear()
+    table = make_param((4, 2 * 40 - 1), 12, 1.0, device, "table")
+    check_attention(q, k, v, mods.relative_bias(table), bm, enable_gqa=True, params=(table,))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
+    assert [a for _, a in grids] == [False, False], grids
+    assert calls.count("varlen_backward") == 3, calls
+
+
+@pytest.mark.parametrize("layout", ["short_and_exact", "rows_differ"])
+def test_backward_walking_the_tile_list(device, small_tiles, calls, monkeypatch, layout):
+    """SCHEDULE["varlen_bwd_one_per_tile"] off: every dK/dV program walks tiles t, t + cdiv(S, tile),
+    ... of its row's list (the default gives each of the first cdiv(S, tile) tiles a program and the
+    rest to programs that walk them: both forms run in test_matches_fp64's layouts of short documents)."""
+    monkeypatch.setitem(launch.SCHEDULE, "varlen_bwd_one_per_tile", False)
+    ids = _ids(LAYOUTS[layout])
+    B, S = ids.shape
+    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=27)
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
+    assert calls == ["varlen_forward", "varlen_backward"], calls
+
+
 def test_deferred_tables_stay_unbuilt(device, small_tiles, monkeypatch):
     """A deferred BlockMask (what the packed builder returns on CUDA for causal + packed documents)
     answers shape and device without building; the document-aligned kernels, forward and backward,

@@ -127,6 +127,8 @@ def _dkdv_inner(
     s_dqh=0,
     base=0,
     base2=0,
+    DQ_DESC=None,
+    DP_FIRST: tl.constexpr = False,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
@@ -137,7 +139,18 @@ def _dkdv_inner(
     group instead of one per head (the tables must not differ between heads; not with AHEAD).
 
     ``idx_ptr`` None: ``n_blocks`` consecutive blocks from position ``base``, then ``n_blocks2`` from
-    ``base2`` (forward.run_start)."""
+    ``base2`` (forward.run_start).
+
+    ATOMIC_DQ: each step also adds its share of dQ (dS K * sm_scale) into the float32 accumulator,
+    through DQ_DESC (a tensor descriptor over it, [1, 1, BLOCK_M, DP] boxes: the tensor-memory
+    accelerator's bulk reduction, asynchronous, rows past the end dropped) or, without one, by pointer
+    atomics at DQ_ptr.
+
+    DP_FIRST: dP^T = V dO^T is issued right after S^T = K Q^T instead of after dV's product. The
+    compiler waits for every product whose result is not a loop-carried accumulator as soon as it is
+    issued (and a wait covers all products in flight); in the default order the wait for dP^T also
+    waits for P^T dO, and dS's elementwise work runs with the tensor cores idle; issued first, dP^T is
+    waited for with S^T, and P^T dO runs under dS's work."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
@@ -175,13 +188,16 @@ def _dkdv_inner(
         # rows of dK, dV are never stored and, row by row, touch no other row; only the dQ this
         # program adds (ATOMIC_DQ) sums over keys
         qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+        if DP_FIRST:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
             qkT, b, hg, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
             MASK_MOD, SCORE_MOD, APPLY_MASK, ATOMIC_DQ and not KV_DIVISIBLE,
         )
         pT = tl.math.exp2(sT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if not DP_FIRST:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         if SCORE_GRAD is not None:
             dsT = SCORE_GRAD(s_inT, dsT, b, hg, q_idx, kv_idx, score_args)
@@ -190,11 +206,14 @@ def _dkdv_inner(
         if ATOMIC_DQ:
             # this key tile's share of dQ = dS K, added into the float32 accumulator (no dQ pass)
             dq = tl.dot(tl.trans(dsT_lp), k, input_precision=DOT_PREC) * sm_scale
-            dq_ptrs = DQg + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-            if Q_DIVISIBLE:
-                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
+            if DQ_DESC is not None:
+                DQ_DESC.atomic_add([b, hqg, start + (i % SUB) * BLOCK_M, 0], tl.reshape(dq, (1, 1, BLOCK_M, DP)))
             else:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < D), sem="relaxed")
+                dq_ptrs = DQg + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+                if Q_DIVISIBLE:
+                    tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D, sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < D), sem="relaxed")
         if AHEAD:
             start = block_start(idx_ptr, i, n_blocks, start, SUB, SPARSE_Q, True)
     return dk, dv
@@ -237,6 +256,8 @@ def _dkdv_program(
     AHEAD_FULL: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
     FLAT_GROUP: tl.constexpr = False,
+    DQ_DESC=None,
+    DP_FIRST: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
 
@@ -290,7 +311,7 @@ def _dkdv_program(
             Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
-            FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh,
+            FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
         )
         if not ONE_LOOP:
             dk, dv = _dkdv_inner(
@@ -300,7 +321,7 @@ def _dkdv_program(
                 MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
                 KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
                 D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, None, 0,
-                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh,
+                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
             )
     store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale, dv,
                offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
@@ -484,6 +505,8 @@ def attn_bwd_dkdv_kernel(
     ATOMIC_DQ: tl.constexpr = False, ONE_LOOP: tl.constexpr = False, HEADS_FIRST: tl.constexpr = False,
     Q_DESC=None, DO_DESC=None,  # tensor descriptors of Q and dO (TMA), or pointer loads
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
+    DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
+    DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
 ):
     pid_n, pid_bh = tile_and_head(HEADS_FIRST, False)  # key tile 0 first: the longest under causal masks
     _dkdv_program(
@@ -498,7 +521,7 @@ def attn_bwd_dkdv_kernel(
         DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q, SPARSE_KV,
         BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, DQ_DESC, DP_FIRST,
     )
 
 
@@ -573,6 +596,7 @@ def attn_bwd_kernel(
     MASK_MOD_BY_KEY: tl.constexpr = None,  # the dK/dV programs' form of MASK_MOD (MaskMod.by_key_fn)
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
+    DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
     # per (batch, key head) its dK/dV programs then the dQ programs of its query heads. Within a pass,
@@ -616,7 +640,7 @@ def attn_bwd_kernel(
             DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
             MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q,
             SPARSE_KV,
-            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP,
+            DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, None, DP_FIRST,
         )
     else:
         _dq_program(

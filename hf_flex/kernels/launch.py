@@ -75,6 +75,17 @@ OVERRIDES: dict = {}
 #   runs (five tile products per tile pair instead of seven; dQ's summation order, hence its last
 #   bits, then varies between runs). Never while torch.use_deterministic_algorithms(True) holds, nor
 #   for score mods with learnable tensors (their gradients come from the dQ pass).
+# atomic_dq_tma: where descriptors apply (Hopper, TMA-able tensors), the dK/dV programs add dQ by the
+#   tensor-memory accelerator's bulk reduction (cp.reduce.async.bulk.tensor: one asynchronous request
+#   per tile) instead of per-thread atomics. varlen_atomic_dq: atomic_dq for the document-aligned
+#   kernels (their dK/dV programs add dQ; no dQ programs). Measured in NOTES.md (thirteenth round).
+# bwd_dp_first (block-sparse kernels), varlen_dp_first (document-aligned): the dK/dV loops issue
+#   dP^T = V dO^T right after S^T = K Q^T, so that P^T dO runs under dS's elementwise work
+#   (backward._dkdv_inner's DP_FIRST). Measured in NOTES.md (thirteenth round).
+# varlen_bwd_one_per_tile: the document-aligned backward's dK/dV programs take one tile each (the
+#   first cdiv(S, tile) of a row's list), later tiles going to a quarter as many programs that walk
+#   them; off, every dK/dV program walks tiles t, t + cdiv(S, tile), ... (a loop whose state made
+#   ptxas spill in the inner loops). Measured in NOTES.md (thirteenth round).
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -108,7 +119,8 @@ SCHEDULE: dict = {
     "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
-    "varlen_one_loop": False, "varlen_bwd_stages": 3,
+    "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
+    "bwd_dp_first": False, "varlen_dp_first": False, "varlen_bwd_one_per_tile": True,
 }
 
 
@@ -422,6 +434,26 @@ def backward_descriptors(q, k, v, dout, t: Tiles, t2: Tiles):
     return q_desc, do_desc, k_desc, v_desc
 
 
+def use_atomic_dq(knob: str, score_param_grad_fn) -> bool:
+    """Whether the backward adds dQ with atomics (SCHEDULE[knob]): never for learnable score-mod
+    tensors (their gradients come from the dQ programs) nor under torch.use_deterministic_algorithms."""
+    return bool(SCHEDULE[knob]) and score_param_grad_fn is None and not torch.are_deterministic_algorithms_enabled()
+
+
+def atomic_dq_buffer(q, d: int, dp: int, rows: int):
+    """(float32 zeros [B, Hq, Sq, d], its tensor descriptor with [1, 1, rows, d] boxes or None): the
+    accumulator the dK/dV programs add dQ into; the descriptor where SCHEDULE["atomic_dq_tma"] holds and
+    TMA applies (has_tma, not Triton's interpreter; the buffer is contiguous and new)."""
+    acc = torch.zeros((*q.shape[:3], d), dtype=torch.float32, device=q.device)
+    desc = None
+    from . import interpreted
+
+    # not in Triton's interpreter, which has no bulk reduction (its CPU tests take the pointer atomics)
+    if SCHEDULE["atomic_dq_tma"] and d == dp and has_tma(q.device) and not interpreted():
+        desc = _descriptor(acc, list(acc.shape), list(acc.stride()), [1, 1, rows, d])
+    return acc, desc
+
+
 def delta_pass(go, out, dout, dlse, delta) -> None:
     """delta = rowsum(dO * O) - dLSE ([B, Hq, Sq] float32), through ``go`` (_launcher)."""
     B, HQ, SQ, DV = out.shape
@@ -462,8 +494,7 @@ def flex_backward(
 
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
-    atomic = (SCHEDULE["atomic_dq"] and score_param_grad_fn is None
-              and not torch.are_deterministic_algorithms_enabled())
+    atomic = use_atomic_dq("atomic_dq", score_param_grad_fn)
     q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)
     dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     prec = _dot_prec(q.dtype)
@@ -486,7 +517,7 @@ def flex_backward(
     flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
                   and not one_loop and not SCHEDULE["bwd_index_ahead"])
 
-    def dkdv_pass(dq_out, atomic_dq: bool):
+    def dkdv_pass(dq_out, atomic_dq: bool, dq_desc=None):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
         go(attn_bwd_dkdv_kernel, _grid(n_kv, B * HKV, heads_first))(
             q, k, v, dout, dk, dv, lse, delta,
@@ -496,14 +527,15 @@ def flex_backward(
             SQ, SKV, HKV, HQ // HKV, sm_scale,
             mask_args, score_args, dq_out, *dq_out.stride(),
             Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
-            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, **dict(common, MASK_MOD=by_key),
+            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=SCHEDULE["bwd_dp_first"],
+            **dict(common, MASK_MOD=by_key),
         )
 
     if atomic:
         if warmup:
             return None  # its float32 accumulator is not worth allocating to compile ahead
-        dq_acc = torch.zeros((B, HQ, SQ, D), dtype=torch.float32, device=q.device)
-        dkdv_pass(dq_acc, True)
+        dq_acc, dq_desc = atomic_dq_buffer(q, D, DP, t.block_m)
+        dkdv_pass(dq_acc, True, dq_desc)
         return dq.copy_(dq_acc), dk, dv, delta
     if SCHEDULE["fused_bwd"] and (t.num_warps, t.num_stages) == (t2.num_warps, t2.num_stages):
         n_dkdv = n_kv * B * HKV
@@ -520,7 +552,8 @@ def flex_backward(
             PARTIAL_Q=partial_q, PARTIAL_KV=fwd_tables.partial_unit(skv, t2.block_n, one_loop),
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
-            Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group, **common,
+            Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group,
+            DP_FIRST=SCHEDULE["bwd_dp_first"], **common,
         )
         return None if warmup else (dq, dk, dv, delta)
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)

@@ -10,8 +10,8 @@ import torch
 
 from . import cdiv as _cdiv
 from .launch import (
-    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, backward_buffers, backward_descriptors, delta_pass,
-    dkdv_tiles, dq_tiles, forward_descriptors, fwd_tiles, out_like,
+    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
+    delta_pass, dkdv_tiles, dq_tiles, forward_descriptors, fwd_tiles, out_like, use_atomic_dq,
 )
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
@@ -86,27 +86,43 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
                     score_grad_fn, score_param_grad_fn, score_grads, sm_scale, dlse=None, warmup: bool = False):
     """(dq, dk, dv, delta) as launch.flex_backward returns them (``warmup``: compile, launch nothing,
     return None), for the mask of :func:`varlen_forward`. One launch of dK/dV and dQ programs, no
-    atomics (deterministic)."""
+    atomics (deterministic); with SCHEDULE["varlen_atomic_dq"] (use_atomic_dq), dK/dV programs alone
+    that add dQ into a float32 accumulator (its compile-ahead is skipped)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = dkdv_tiles(DP, DVP, q.element_size(), 128, 128)
     t2 = dq_tiles(DP, DVP, q.element_size(), 128, 128)
+    atomic = use_atomic_dq("varlen_atomic_dq", score_param_grad_fn)
+    if atomic and warmup:
+        return None
     lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup)
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
     q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)
-    dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    dk, dv = (k, v) if warmup else (torch.empty_like(k), torch.empty_like(v))
+    dq_desc = None
+    if atomic:
+        dq, dq_desc = atomic_dq_buffer(q, D, DP, t.block_m)
+    else:
+        dq = q if warmup else torch.empty_like(q)
     n_programs = _cdiv(SQ, tile)
-    n_dkdv = n_programs * B * HKV
-    go(attn_bwd_varlen_kernel, (n_dkdv + n_programs * B * HQ,))(
+    # dK/dV: a program per tile for the first n_main tiles of a row's list, then n_over programs for
+    # the rest (each document adds at most one partial tile past S / tile); or, with
+    # SCHEDULE["varlen_bwd_one_per_tile"] off, n_programs programs walking the whole list
+    n_main, n_over = (n_programs, _cdiv(n_programs, 4)) if SCHEDULE["varlen_bwd_one_per_tile"] else (0, n_programs)
+    n_dkdv = (n_main + n_over) * B * HKV
+    go(attn_bwd_varlen_kernel, (n_dkdv + (0 if atomic else n_programs * B * HQ),))(
         q, k, v, dout, dq, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        *_list_args(tiles, n_tiles, spans, key_major=True), n_programs,
+        *_list_args(tiles, n_tiles, spans, key_major=True), n_programs, n_main, n_over,
         SQ, HQ, HKV, HQ // HKV, sm_scale, n_dkdv, score_args, score_grads,
         SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn, SCORE_PARAM_GRAD=score_param_grad_fn, TILE=tile,
         DKDV_BLOCK_M=t.block_m, DQ_BLOCK_N=t2.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
         FLAT_GROUP=HQ > HKV and SCHEDULE["bwd_flat_group"] is not False, ONE_LOOP=SCHEDULE["varlen_one_loop"],
-        Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc,
+        Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, ATOMIC_DQ=atomic, DQ_DESC=dq_desc,
+        DP_FIRST=SCHEDULE["varlen_dp_first"],
         num_warps=t.num_warps, num_stages=SCHEDULE["varlen_bwd_stages"] or t.num_stages,
     )
-    return None if warmup else (dq, dk, dv, delta)
+    if warmup:
+        return None
+    return (dq.to(q.dtype) if atomic else dq), dk, dv, delta

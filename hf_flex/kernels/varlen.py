@@ -126,7 +126,88 @@ def attn_fwd_varlen_kernel(
                    stride_lb, stride_lh, HAS_SINK, DV, DVP)
 
 
-_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV", "stride_to"]
+@triton.jit
+def _dkdv_tile(
+    t, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh,
+    TILES, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args, Q_DESC, DO_DESC, DQ_DESC,
+    SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TILE: tl.constexpr,
+    DKDV_BLOCK_M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    DOT_PREC: tl.constexpr, FLAT_GROUP: tl.constexpr, ONE_LOOP: tl.constexpr, DP_FIRST: tl.constexpr,
+):
+    """dK, dV of tile ``t`` of row ``b``'s key-major list (TILES: that list; tiles with more of their
+    document after them, more queries, first) for key head ``hk``: the tile's diagonal queries and the
+    document's later ones, over the GROUP query heads that read ``hk``."""
+    start_n, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
+    kv_end = tl.minimum(start_n + TILE, end)
+    offs_n = start_n + tl.arange(0, TILE)
+    kv_in = offs_n < kv_end
+    kv_idx = tl.minimum(offs_n, Q_LEN - 1)[:, None]
+    k, v = load_pair(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, offs_n, kv_in,
+                     stride_kn, stride_kd, stride_vn, stride_vd, D, DP, DV, DVP)
+    dk = tl.zeros([TILE, DP], tl.float32)
+    dv = tl.zeros([TILE, DVP], tl.float32)
+    n_passes = GROUP
+    n_heads = 1
+    if FLAT_GROUP:
+        n_passes = 1
+        n_heads = GROUP
+    # queries past the document's end (``end`` as the loops' query length) read LSE +inf:
+    # they add nothing
+    # the later queries: n_full whole steps, then a ragged one (tail: 0 or 1) walked with the
+    # diagonal's steps, whose query checks it needs
+    n_later = tl.maximum(end - (start_n + TILE), 0)
+    n_full = n_later // DKDV_BLOCK_M
+    tail = (n_later % DKDV_BLOCK_M > 0).to(tl.int32)
+    for g in range(0, n_passes):
+        h = hk * GROUP + g
+        Q_ptr = Q + b * stride_qb + h * stride_qh
+        DO_ptr = DO + b * stride_dob + h * stride_doh
+        LSE_ptr = LSE + b * stride_lb + h * stride_lh
+        DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
+        DQ_ptr = DQ + b * stride_dqb + h * stride_dqh
+        if ONE_LOOP:  # queries start_n .. end - 1 in one loop, masked and checked throughout
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
+                stride_dod, None, tl.cdiv(end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx,
+                kv_in[:, None], end, sm_scale, (), score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                _causal, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, False, None, 0,
+                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, base=start_n, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+            )
+        else:
+            # the diagonal tile (queries start_n .. kv_end - 1, causal), then the ragged last
+            # step of the later queries (the causal mask holds there; the query checks matter)
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
+                stride_dod, None, tl.cdiv(kv_end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx,
+                kv_in[:, None], end, sm_scale, (), score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                _causal, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, False, None, tail,
+                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+                base=start_n, base2=start_n + TILE + n_full * DKDV_BLOCK_M,
+            )
+            # the document's later queries in whole steps: all allowed, all in the document
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
+                stride_dod, None, n_full, b, h, b, h, kv_idx, kv_in[:, None],
+                end, sm_scale, (), score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
+                _causal, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, True, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
+                D, DP, DV, DVP, DOT_PREC, False, None, 0,
+                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, base=start_n + TILE, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+            )
+    store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale,
+               dv, offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
+
+
+_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV", "N_MAIN", "N_OVER", "stride_to"]
 
 
 @triton.jit(do_not_specialize=_BWD_DYNAMIC)
@@ -140,7 +221,7 @@ def attn_bwd_varlen_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_lb, stride_lh,
-    TILES, N_TILES, SPANS, stride_tb, stride_to, stride_sb, stride_nb, N_PROGRAMS,
+    TILES, N_TILES, SPANS, stride_tb, stride_to, stride_sb, stride_nb, N_PROGRAMS, N_MAIN, N_OVER,
     Q_LEN, HQ, HKV, GROUP, sm_scale, N_DKDV,
     score_args, score_grads,
     SCORE_MOD: tl.constexpr,
@@ -157,81 +238,56 @@ def attn_bwd_varlen_kernel(
     FLAT_GROUP: tl.constexpr = False,  # one loop over the GQA group's query heads (_dkdv_inner's FLAT)
     ONE_LOOP: tl.constexpr = False,  # each program's steps in one loop, masked and checked throughout
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
+    ATOMIC_DQ: tl.constexpr = False,  # the dK/dV programs add dQ into DQ (float32, zeroed); no dQ programs
+    DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
+    DP_FIRST: tl.constexpr = False,  # see backward._dkdv_inner
 ):
-    """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor) and dQ (the rest:
-    slot major, (batch, query head) minor) of the tiles each program walks; no atomics."""
+    """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor; slots 0 ..
+    N_MAIN - 1 one tile each, the N_OVER slots after them the rest of the list) and dQ (the rest
+    of the programs: slot major, (batch, query head) minor, walking tiles t, t + N_PROGRAMS, ...); no
+    atomics. ATOMIC_DQ: only
+    the N_DKDV programs, each adding its keys' share of dQ (_dkdv_inner's ATOMIC_DQ): five tile
+    products per tile pair instead of seven, dQ's summation order (its last bits) varying run to run."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, DP)
-    if pid < N_DKDV:
-        n_kv_heads = N_DKDV // N_PROGRAMS  # B * HKV
+    if ATOMIC_DQ or pid < N_DKDV:
+        n_kv_heads = N_DKDV // (N_MAIN + N_OVER)  # B * HKV
         grp = pid % n_kv_heads
         b = grp // HKV
         hk = grp % HKV
         n_tiles = tl.load(N_TILES + b * stride_nb)
-        for t in range(pid // n_kv_heads, n_tiles, N_PROGRAMS):
-            # the key-major list: tiles with more of their document after them (more queries) first
-            start_n, lo, end = doc_tile(TILES + stride_to, SPANS, b, t, stride_tb, stride_sb)
-            kv_end = tl.minimum(start_n + TILE, end)
-            offs_n = start_n + tl.arange(0, TILE)
-            kv_in = offs_n < kv_end
-            kv_idx = tl.minimum(offs_n, Q_LEN - 1)[:, None]
-            k, v = load_pair(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, offs_n, kv_in,
-                             stride_kn, stride_kd, stride_vn, stride_vd, D, DP, DV, DVP)
-            dk = tl.zeros([TILE, DP], tl.float32)
-            dv = tl.zeros([TILE, DVP], tl.float32)
-            n_passes = GROUP
-            n_heads = 1
-            if FLAT_GROUP:
-                n_passes = 1
-                n_heads = GROUP
-            # queries past the document's end (``end`` as the loops' query length) read LSE +inf:
-            # they add nothing
-            # the later queries: n_full whole steps, then a ragged one (tail: 0 or 1) walked with the
-            # diagonal's steps, whose query checks it needs
-            n_later = tl.maximum(end - (start_n + TILE), 0)
-            n_full = n_later // DKDV_BLOCK_M
-            tail = (n_later % DKDV_BLOCK_M > 0).to(tl.int32)
-            for g in range(0, n_passes):
-                h = hk * GROUP + g
-                Q_ptr = Q + b * stride_qb + h * stride_qh
-                DO_ptr = DO + b * stride_dob + h * stride_doh
-                LSE_ptr = LSE + b * stride_lb + h * stride_lh
-                DELTA_ptr = DELTA + b * stride_lb + h * stride_lh
-                if ONE_LOOP:  # queries start_n .. end - 1 in one loop, masked and checked throughout
-                    dk, dv = _dkdv_inner(
-                        dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
-                        stride_dod, None, tl.cdiv(end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx,
-                        kv_in[:, None], end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
-                        _causal, SCORE_MOD, SCORE_GRAD, False, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
-                        D, DP, DV, DVP, DOT_PREC, False, None, 0,
-                        FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n,
-                    )
-                else:
-                    # the diagonal tile (queries start_n .. kv_end - 1, causal), then the ragged last
-                    # step of the later queries (the causal mask holds there; the query checks matter)
-                    dk, dv = _dkdv_inner(
-                        dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
-                        stride_dod, None, tl.cdiv(kv_end - start_n, DKDV_BLOCK_M), b, h, b, h, kv_idx,
-                        kv_in[:, None], end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
-                        _causal, SCORE_MOD, SCORE_GRAD, False, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
-                        D, DP, DV, DVP, DOT_PREC, False, None, tail,
-                        FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0,
-                        base=start_n, base2=start_n + TILE + n_full * DKDV_BLOCK_M,
-                    )
-                    # the document's later queries in whole steps: all allowed, all in the document
-                    dk, dv = _dkdv_inner(
-                        dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_qm, stride_qd, stride_dom,
-                        stride_dod, None, n_full, b, h, b, h, kv_idx, kv_in[:, None],
-                        end, sm_scale, (), score_args, DQ, 0, 0, Q_DESC, DO_DESC, h,
-                        _causal, SCORE_MOD, SCORE_GRAD, False, False, True, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
-                        D, DP, DV, DVP, DOT_PREC, False, None, 0,
-                        FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, 0, base=start_n + TILE,
-                    )
-            store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale,
-                       dv, offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
+        slot = pid // n_kv_heads
+        if slot < N_MAIN:
+            # one tile per program: a loop over tiles here kept its state in registers through the
+            # inner loops, which then spilled (ptxas, sm_90: 344 bytes against 40)
+            if slot < n_tiles:
+                _dkdv_tile(
+                    slot, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh,
+                    TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args,
+                    Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
+                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST,
+                )
+        else:
+            # the tiles past the first N_MAIN (rows of short documents: each adds a partial tile), the
+            # shortest of the list, walked by the N_OVER programs that follow
+            for t in range(slot, n_tiles, N_OVER):
+                _dkdv_tile(
+                    t, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh,
+                    TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args,
+                    Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
+                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST,
+                )
     else:
         p = pid - N_DKDV
-        n_q_heads = N_DKDV // N_PROGRAMS * GROUP  # B * HQ
+        n_q_heads = N_DKDV // (N_MAIN + N_OVER) * GROUP  # B * HQ
         q_bh = p % n_q_heads
         b = q_bh // HQ
         h = q_bh % HQ
