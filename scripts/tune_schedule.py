@@ -59,8 +59,6 @@ SCHEDULES = {
     "dp_first": {"bwd_dp_first": True, "varlen_dp_first": True},
     "varlen_dp_first": {"varlen_dp_first": True},
     "block_dp_first": {"varlen": False, "bwd_dp_first": True},
-    # the document-aligned backward's dK/dV programs walking the tile list (the twelfth round's form)
-    "varlen_bwd_walk": {"varlen_bwd_one_per_tile": False},
     # K/V tiles of the forward through tensor descriptors (TMA): full-block loop, both loops
     "tma_full": {"tma": "full"},
     "tma_both": {"tma": "both"},

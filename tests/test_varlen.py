@@ -221,20 +221,6 @@ def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
     assert calls.count("varlen_backward") == 3, calls
 
 
-@pytest.mark.parametrize("layout", ["short_and_exact", "rows_differ"])
-def test_backward_walking_the_tile_list(device, small_tiles, calls, monkeypatch, layout):
-    """SCHEDULE["varlen_bwd_one_per_tile"] off: every dK/dV program walks tiles t, t + cdiv(S, tile),
-    ... of its row's list (the default gives each of the first cdiv(S, tile) tiles a program and the
-    rest to programs that walk them: both forms run in test_matches_fp64's layouts of short documents)."""
-    monkeypatch.setitem(launch.SCHEDULE, "varlen_bwd_one_per_tile", False)
-    ids = _ids(LAYOUTS[layout])
-    B, S = ids.shape
-    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=27)
-    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
-    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
-    assert calls == ["varlen_forward", "varlen_backward"], calls
-
-
 def test_deferred_tables_stay_unbuilt(device, small_tiles, monkeypatch):
     """A deferred BlockMask (what the packed builder returns on CUDA for causal + packed documents)
     answers shape and device without building; the document-aligned kernels, forward and backward,

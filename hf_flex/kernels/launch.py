@@ -82,10 +82,6 @@ OVERRIDES: dict = {}
 # bwd_dp_first (block-sparse kernels), varlen_dp_first (document-aligned): the dK/dV loops issue
 #   dP^T = V dO^T right after S^T = K Q^T, so that P^T dO runs under dS's elementwise work
 #   (backward._dkdv_inner's DP_FIRST). Measured in NOTES.md (thirteenth round).
-# varlen_bwd_one_per_tile: the document-aligned backward's dK/dV programs take one tile each (the
-#   first cdiv(S, tile) of a row's list), later tiles going to a quarter as many programs that walk
-#   them; off, every dK/dV program walks tiles t, t + cdiv(S, tile), ... (a loop whose state made
-#   ptxas spill in the inner loops). Measured in NOTES.md (thirteenth round).
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -120,7 +116,7 @@ SCHEDULE: dict = {
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
-    "bwd_dp_first": False, "varlen_dp_first": False, "varlen_bwd_one_per_tile": True,
+    "bwd_dp_first": False, "varlen_dp_first": False,
 }
 
 

@@ -105,16 +105,15 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     else:
         dq = q if warmup else torch.empty_like(q)
     n_programs = _cdiv(SQ, tile)
-    # dK/dV: a program per tile for the first n_main tiles of a row's list, then n_over programs for
-    # the rest (each document adds at most one partial tile past S / tile); or, with
-    # SCHEDULE["varlen_bwd_one_per_tile"] off, n_programs programs walking the whole list
-    n_main, n_over = (n_programs, _cdiv(n_programs, 4)) if SCHEDULE["varlen_bwd_one_per_tile"] else (0, n_programs)
-    n_dkdv = (n_main + n_over) * B * HKV
+    # dK/dV: a program per tile for the first n_programs tiles of a row's list, then n_over programs
+    # walking the rest (each document adds at most one partial tile past S / tile)
+    n_over = _cdiv(n_programs, 4)
+    n_dkdv = (n_programs + n_over) * B * HKV
     go(attn_bwd_varlen_kernel, (n_dkdv + (0 if atomic else n_programs * B * HQ),))(
         q, k, v, dout, dq, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        *_list_args(tiles, n_tiles, spans, key_major=True), n_programs, n_main, n_over,
+        *_list_args(tiles, n_tiles, spans, key_major=True), n_programs, n_over,
         SQ, HQ, HKV, HQ // HKV, sm_scale, n_dkdv, score_args, score_grads,
         SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn, SCORE_PARAM_GRAD=score_param_grad_fn, TILE=tile,
         DKDV_BLOCK_M=t.block_m, DQ_BLOCK_N=t2.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),

@@ -12,9 +12,11 @@ block table is read: the loops walk consecutive key (or query) tiles from a posi
 
 The tile lists (launch_varlen.varlen_tiles): per batch row, the first position of every tile in two
 orders, and their count: query-major (forward, dQ: tiles with more keys before them first) and
-key-major (dK/dV: tiles with more queries after them first), longest first. A program walks tiles
-t, t + N_PROGRAMS, ... of its row's list (N_PROGRAMS = cdiv(S, TILE) tile programs per head): the
-count of tiles is only known on the device, and it may exceed the grid when documents are short.
+key-major (dK/dV: tiles with more queries after them first), longest first. The count of tiles is
+only known on the device, and it exceeds N_PROGRAMS = cdiv(S, TILE) by up to one per document. A
+forward or dQ program walks tiles t, t + N_PROGRAMS, ... of its row's list; a dK/dV program takes
+one of the first N_PROGRAMS tiles, and N_OVER more programs walk the rest (the dK/dV loops spilled
+registers under a loop over tiles).
 
 Allowed pairs: kv <= q and both in one document, i.e. ``and_masks(causal(), document(ids))`` of
 non-decreasing ids; the score mod, sinks and GQA as in the block-sparse kernels.
@@ -207,7 +209,7 @@ def _dkdv_tile(
                dv, offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
 
 
-_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV", "N_MAIN", "N_OVER", "stride_to"]
+_BWD_DYNAMIC = _FWD_DYNAMIC + ["N_DKDV", "N_OVER", "stride_to"]
 
 
 @triton.jit(do_not_specialize=_BWD_DYNAMIC)
@@ -221,7 +223,7 @@ def attn_bwd_varlen_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_lb, stride_lh,
-    TILES, N_TILES, SPANS, stride_tb, stride_to, stride_sb, stride_nb, N_PROGRAMS, N_MAIN, N_OVER,
+    TILES, N_TILES, SPANS, stride_tb, stride_to, stride_sb, stride_nb, N_PROGRAMS, N_OVER,
     Q_LEN, HQ, HKV, GROUP, sm_scale, N_DKDV,
     score_args, score_grads,
     SCORE_MOD: tl.constexpr,
@@ -243,7 +245,7 @@ def attn_bwd_varlen_kernel(
     DP_FIRST: tl.constexpr = False,  # see backward._dkdv_inner
 ):
     """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor; slots 0 ..
-    N_MAIN - 1 one tile each, the N_OVER slots after them the rest of the list) and dQ (the rest
+    N_PROGRAMS - 1 one tile each, the N_OVER slots after them the rest of the list) and dQ (the rest
     of the programs: slot major, (batch, query head) minor, walking tiles t, t + N_PROGRAMS, ...); no
     atomics. ATOMIC_DQ: only
     the N_DKDV programs, each adding its keys' share of dQ (_dkdv_inner's ATOMIC_DQ): five tile
@@ -251,15 +253,16 @@ def attn_bwd_varlen_kernel(
     pid = tl.program_id(0)
     offs_d = tl.arange(0, DP)
     if ATOMIC_DQ or pid < N_DKDV:
-        n_kv_heads = N_DKDV // (N_MAIN + N_OVER)  # B * HKV
+        n_kv_heads = N_DKDV // (N_PROGRAMS + N_OVER)  # B * HKV
         grp = pid % n_kv_heads
         b = grp // HKV
         hk = grp % HKV
         n_tiles = tl.load(N_TILES + b * stride_nb)
         slot = pid // n_kv_heads
-        if slot < N_MAIN:
+        if slot < N_PROGRAMS:
             # one tile per program: a loop over tiles here kept its state in registers through the
-            # inner loops, which then spilled (ptxas, sm_90: 344 bytes against 40)
+            # inner loops, which then spilled (ptxas, sm_90, Triton 3.6: 42 spill stores and 42
+            # loads per step of the diagonal's loop; 2 and 4 without the loop)
             if slot < n_tiles:
                 _dkdv_tile(
                     slot, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
@@ -272,8 +275,9 @@ def attn_bwd_varlen_kernel(
                     D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST,
                 )
         else:
-            # the tiles past the first N_MAIN (rows of short documents: each adds a partial tile), the
-            # shortest of the list, walked by the N_OVER programs that follow
+            # the tiles past the first N_PROGRAMS (each document adds at most one partial tile past
+            # S / TILE): the list's shortest, walked by the N_OVER programs that follow, in one loop
+            # each (less code to compile; these tiles have few or no later queries)
             for t in range(slot, n_tiles, N_OVER):
                 _dkdv_tile(
                     t, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
@@ -283,11 +287,11 @@ def attn_bwd_varlen_kernel(
                     stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh,
                     TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args,
                     Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
-                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST,
+                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, True, DP_FIRST,
                 )
     else:
         p = pid - N_DKDV
-        n_q_heads = N_DKDV // (N_MAIN + N_OVER) * GROUP  # B * HQ
+        n_q_heads = N_DKDV // (N_PROGRAMS + N_OVER) * GROUP  # B * HQ
         q_bh = p % n_q_heads
         b = q_bh // HQ
         h = q_bh % HQ
