@@ -125,8 +125,16 @@ def main():
         k, v = kv.split("=")
         if k not in launch.SCHEDULE:
             raise SystemExit(f"--schedule: unknown knob {k!r} (known: {sorted(launch.SCHEDULE)})")
-        # boolean knobs take 0/1, the others their value (index_ahead=full)
-        launch.SCHEDULE[k] = bool(int(v)) if isinstance(launch.SCHEDULE[k], bool) else v
+        # boolean knobs take 0/1, integer ones a number or true/false (bwd_dp_first), the others their
+        # value (index_ahead=full)
+        old = launch.SCHEDULE[k]
+        if isinstance(old, bool):
+            launch.SCHEDULE[k] = bool(int(v))
+        elif isinstance(old, int):
+            launch.SCHEDULE[k] = {"true": True, "false": False}.get(v.lower(), None)
+            launch.SCHEDULE[k] = int(v) if launch.SCHEDULE[k] is None else launch.SCHEDULE[k]
+        else:
+            launch.SCHEDULE[k] = v
     launch.has_tma = lambda device: True  # the stand-in target is sm_90 (SCHEDULE["tma"] still decides)
     for spec in a.tiles:
         name, vals = spec.split("=")

@@ -405,6 +405,30 @@ def test_atomic_dq(device, fused, monkeypatch):
     assert not any(c.get("ATOMIC_DQ") for c in dkdv.calls)
 
 
+@pytest.mark.parametrize("setting,expect", [(True, True), (False, False), (64, True), (8, False)])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_dp_first(device, setting, expect, fused, monkeypatch):
+    """SCHEDULE["bwd_dp_first"]: the dK/dV loops issue dP^T before the softmax or after dV's product
+    (the default at head dims past 64, the tests' 16 taking the other): the same answers either way
+    (ragged lengths, GQA, a score mod's derivative, documents and a sliding window); an int bounds
+    the head dims it applies to; anything else is refused by name."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_dp_first", setting)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
+    spy = _LaunchSpy(getattr(launch, name))
+    monkeypatch.setattr(launch, name, spy)
+    for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=61)
+        check_attention(q, k, v, mods.softcap(3.0), _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=63),
+                        enable_gqa=True)
+    assert [c["DP_FIRST"] for c in spy.calls] == [expect, expect]
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_dp_first", "yes")
+    with pytest.raises(ValueError, match=r'SCHEDULE\["bwd_dp_first"\]'):
+        check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
+
+
 @pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):

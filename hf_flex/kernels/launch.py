@@ -81,7 +81,9 @@ OVERRIDES: dict = {}
 #   kernels (their dK/dV programs add dQ; no dQ programs). Measured in NOTES.md (thirteenth round).
 # bwd_dp_first (block-sparse kernels), varlen_dp_first (document-aligned): the dK/dV loops issue
 #   dP^T = V dO^T right after S^T = K Q^T, so that P^T dO runs under dS's elementwise work
-#   (backward._dkdv_inner's DP_FIRST). Measured in NOTES.md (thirteenth round).
+#   (backward._dkdv_inner's DP_FIRST): True, False, or a head dim up to which it applies (bwd_dp_first's
+#   default 64: measured +5-7 % forward+backward at D = 64, -7-8 % on causal GQA at D = 128, within
+#   noise elsewhere; NOTES.md, thirteenth round).
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -116,7 +118,7 @@ SCHEDULE: dict = {
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
-    "bwd_dp_first": False, "varlen_dp_first": False,
+    "bwd_dp_first": 64, "varlen_dp_first": False,
 }
 
 
@@ -430,6 +432,17 @@ def backward_descriptors(q, k, v, dout, t: Tiles, t2: Tiles):
     return q_desc, do_desc, k_desc, v_desc
 
 
+def dp_first(knob: str, dp: int, dvp: int) -> bool:
+    """SCHEDULE[knob] (bwd_dp_first, varlen_dp_first) for padded head dims dp, dvp: True / False as
+    set, or an int: whether both are at most that."""
+    value = SCHEDULE[knob]
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, int):
+        raise ValueError(f'SCHEDULE["{knob}"] must be True, False or a head dim, got {value!r}')
+    return max(dp, dvp) <= value
+
+
 def use_atomic_dq(knob: str, score_param_grad_fn) -> bool:
     """Whether the backward adds dQ with atomics (SCHEDULE[knob]): never for learnable score-mod
     tensors (their gradients come from the dQ programs) nor under torch.use_deterministic_algorithms."""
@@ -523,7 +536,7 @@ def flex_backward(
             SQ, SKV, HKV, HQ // HKV, sm_scale,
             mask_args, score_args, dq_out, *dq_out.stride(),
             Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
-            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=SCHEDULE["bwd_dp_first"],
+            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=dp_first("bwd_dp_first", DP, DVP),
             **dict(common, MASK_MOD=by_key),
         )
 
@@ -549,7 +562,7 @@ def flex_backward(
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group,
-            DP_FIRST=SCHEDULE["bwd_dp_first"], **common,
+            DP_FIRST=dp_first("bwd_dp_first", DP, DVP), **common,
         )
         return None if warmup else (dq, dk, dv, delta)
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)

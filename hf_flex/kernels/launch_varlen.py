@@ -11,7 +11,7 @@ import torch
 from . import cdiv as _cdiv
 from .launch import (
     SCHEDULE, _common, _dot_prec, _launcher, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
-    delta_pass, dkdv_tiles, dq_tiles, forward_descriptors, fwd_tiles, out_like, use_atomic_dq,
+    delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, out_like, use_atomic_dq,
 )
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
@@ -119,7 +119,7 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
         DKDV_BLOCK_M=t.block_m, DQ_BLOCK_N=t2.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
         FLAT_GROUP=HQ > HKV and SCHEDULE["bwd_flat_group"] is not False, ONE_LOOP=SCHEDULE["varlen_one_loop"],
         Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, ATOMIC_DQ=atomic, DQ_DESC=dq_desc,
-        DP_FIRST=SCHEDULE["varlen_dp_first"],
+        DP_FIRST=dp_first("varlen_dp_first", DP, DVP),
         num_warps=t.num_warps, num_stages=SCHEDULE["varlen_bwd_stages"] or t.num_stages,
     )
     if warmup:
