@@ -170,22 +170,12 @@ def test_other_masks_keep_the_block_sparse_kernels(device, small_tiles, calls, m
     assert calls == ["flex_forward", "flex_backward"], calls
 
 
+@pytest.mark.parametrize("knob", ["varlen_one_loop", "varlen_dp_first"])
 @pytest.mark.parametrize("layout", ["short_and_exact", "rows_differ"])
-def test_dp_first(device, small_tiles, calls, monkeypatch, layout):
-    """SCHEDULE["varlen_dp_first"]: the dK/dV loops issue dP^T before the softmax; the same results."""
-    monkeypatch.setitem(launch.SCHEDULE, "varlen_dp_first", True)
-    ids = _ids(LAYOUTS[layout])
-    B, S = ids.shape
-    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=29)
-    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
-    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
-    assert calls == ["varlen_forward", "varlen_backward"], calls
-
-
-@pytest.mark.parametrize("layout", ["short_and_exact", "rows_differ"])
-def test_one_loop(device, small_tiles, calls, monkeypatch, layout):
-    """SCHEDULE["varlen_one_loop"]: every program's steps in one masked loop; the same results."""
-    monkeypatch.setitem(launch.SCHEDULE, "varlen_one_loop", True)
+def test_schedule_variants(device, small_tiles, calls, monkeypatch, layout, knob):
+    """SCHEDULE["varlen_one_loop"] (every program's steps in one masked loop) and ["varlen_dp_first"]
+    (the dK/dV loops issue dP^T before the softmax): the same results."""
+    monkeypatch.setitem(launch.SCHEDULE, knob, True)
     ids = _ids(LAYOUTS[layout])
     B, S = ids.shape
     q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=8)

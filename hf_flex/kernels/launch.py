@@ -453,10 +453,10 @@ def atomic_dq_buffer(q, d: int, dp: int, rows: int):
     """(float32 zeros [B, Hq, Sq, d], its tensor descriptor with [1, 1, rows, d] boxes or None): the
     accumulator the dK/dV programs add dQ into; the descriptor where SCHEDULE["atomic_dq_tma"] holds and
     TMA applies (has_tma, not Triton's interpreter; the buffer is contiguous and new)."""
-    acc = torch.zeros((*q.shape[:3], d), dtype=torch.float32, device=q.device)
-    desc = None
     from . import interpreted
 
+    acc = torch.zeros((*q.shape[:3], d), dtype=torch.float32, device=q.device)
+    desc = None
     # not in Triton's interpreter, which has no bulk reduction (its CPU tests take the pointer atomics)
     if SCHEDULE["atomic_dq_tma"] and d == dp and has_tma(q.device) and not interpreted():
         desc = _descriptor(acc, list(acc.shape), list(acc.stride()), [1, 1, rows, d])
