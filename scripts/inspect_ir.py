@@ -131,8 +131,7 @@ def main():
         if isinstance(old, bool):
             launch.SCHEDULE[k] = bool(int(v))
         elif isinstance(old, int):
-            launch.SCHEDULE[k] = {"true": True, "false": False}.get(v.lower(), None)
-            launch.SCHEDULE[k] = int(v) if launch.SCHEDULE[k] is None else launch.SCHEDULE[k]
+            launch.SCHEDULE[k] = v.lower() == "true" if v.lower() in ("true", "false") else int(v)
         else:
             launch.SCHEDULE[k] = v
     launch.has_tma = lambda device: True  # the stand-in target is sm_90 (SCHEDULE["tma"] still decides)

@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: F401  (Triton wants it visible to the @tri
 import hf_flex
 from hf_flex import mods
 from hf_flex.dispatch import triton_runs_on
-from helpers import check_attention, make_param, rand_qkv, random_doc_ids
+from helpers import LaunchSpy, check_attention, make_param, rand_qkv, random_doc_ids
 
 
 @pytest.fixture(autouse=True)
@@ -300,20 +300,6 @@ def test_heads_first(device, fused, reverse, monkeypatch):
         check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
 
 
-class _LaunchSpy:
-    """Stands in for a Triton kernel in hf_flex.kernels.launch: records each launch's keyword arguments."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 def test_heads_first_for_documents(device, monkeypatch):
     """SCHEDULE["heads_first"] == "documents" (the default): the forward launches heads first exactly
     when the mask holds packed documents, alone or inside an "and"; True / False force it; anything
@@ -322,7 +308,7 @@ def test_heads_first_for_documents(device, monkeypatch):
 
     monkeypatch.setitem(launch.SCHEDULE, "heads_first", "documents")
     monkeypatch.setitem(launch.SCHEDULE, "varlen", False)  # causal & document: the block-sparse forward
-    fwd = _LaunchSpy(launch.attn_fwd_kernel)
+    fwd = LaunchSpy(launch.attn_fwd_kernel)
     monkeypatch.setattr(launch, "attn_fwd_kernel", fwd)
     q, k, v = rand_qkv(2, 2, 2, 70, 70, 16, dtype=torch.float32, device=device, seed=81)
     want = {"document": True, "causal&document": True, "causal": False, "causal&sliding": False,
@@ -351,7 +337,7 @@ def test_bwd_flat_group(device, fused, monkeypatch):
     monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", True)
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
-    spy = _LaunchSpy(getattr(launch, name))
+    spy = LaunchSpy(getattr(launch, name))
     monkeypatch.setattr(launch, name, spy)
     q, k, v = rand_qkv(2, 6, 2, 113, 90, 16, dtype=torch.float32, device=device, seed=61)
     for mask, bs in (("causal&document", (32, 16)), ("causal&sliding", (32, 64))):
@@ -387,7 +373,7 @@ def test_atomic_dq(device, fused, monkeypatch):
 
     monkeypatch.setitem(launch.SCHEDULE, "atomic_dq", True)
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
-    dkdv = _LaunchSpy(launch.attn_bwd_dkdv_kernel)
+    dkdv = LaunchSpy(launch.attn_bwd_dkdv_kernel)
     monkeypatch.setattr(launch, "attn_bwd_dkdv_kernel", dkdv)
     for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=51)
@@ -409,7 +395,7 @@ def test_atomic_dq(device, fused, monkeypatch):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_dp_first(device, setting, expect, fused, monkeypatch):
     """SCHEDULE["bwd_dp_first"]: the dK/dV loops issue dP^T before the softmax or after dV's product
-    (the default at head dims past 64, the tests' 16 taking the other): the same answers either way
+    (the default at head dims up to 64, so the tests' 16; the other order past 64): the same answers either way
     (ragged lengths, GQA, a score mod's derivative, documents and a sliding window); an int bounds
     the head dims it applies to; anything else is refused by name."""
     from hf_flex.kernels import launch
@@ -417,7 +403,7 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
     monkeypatch.setitem(launch.SCHEDULE, "bwd_dp_first", setting)
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
-    spy = _LaunchSpy(getattr(launch, name))
+    spy = LaunchSpy(getattr(launch, name))
     monkeypatch.setattr(launch, name, spy)
     for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=61)

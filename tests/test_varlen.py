@@ -18,7 +18,7 @@ import hf_flex
 from hf_flex import autograd, mods
 from hf_flex.kernels import launch
 from hf_flex.kernels.launch_varlen import varlen_tile, varlen_tiles
-from helpers import check_attention, make_param, rand_qkv
+from helpers import LaunchSpy, check_attention, make_param, rand_qkv
 
 TILE = 32
 
@@ -194,17 +194,12 @@ def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
     monkeypatch.setitem(launch.SCHEDULE, "varlen_one_loop", one_loop)
     from hf_flex.kernels import launch_varlen
 
-    grids = []
-    real = launch_varlen.attn_bwd_varlen_kernel
+    spy = LaunchSpy(launch_varlen.attn_bwd_varlen_kernel)
+    monkeypatch.setattr(launch_varlen, "attn_bwd_varlen_kernel", spy)
 
-    class Spy:
-        def __getitem__(self, grid):
-            def run(*a, **kw):
-                grids.append((grid[0], kw["ATOMIC_DQ"]))
-                return real[grid](*a, **kw)
-            return run
+    def launches():  # (programs, ATOMIC_DQ) of each backward launch
+        return [(g[0], kw["ATOMIC_DQ"]) for g, kw in zip(spy.grids, spy.calls)]
 
-    monkeypatch.setattr(launch_varlen, "attn_bwd_varlen_kernel", Spy())
     ids = _ids(LAYOUTS[layout])
     B, S = ids.shape
     q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=21)
@@ -212,14 +207,15 @@ def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
     check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
     slots = -(-S // TILE)
     slots += -(-slots // 4)  # the slots of the tiles past the first cdiv(S, TILE) (varlen_backward)
-    assert grids == [(slots * B * 2, True)], grids  # dK/dV programs only: (tile slots) x B x Hkv
+    assert launches() == [(slots * B * 2, True)], launches()  # dK/dV programs only: (tile slots) x B x Hkv
 
-    grids.clear()
+    spy.grids.clear()
+    spy.calls.clear()
     table = make_param((4, 2 * 40 - 1), 12, 1.0, device, "table")
     check_attention(q, k, v, mods.relative_bias(table), bm, enable_gqa=True, params=(table,))
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
-    assert [a for _, a in grids] == [False, False], grids
+    assert [a for _, a in launches()] == [False, False], launches()
     assert calls.count("varlen_backward") == 3, calls
 
 

@@ -58,29 +58,36 @@ def attn_bwd_delta_kernel(
 
 
 @triton.jit
+def load_tile(A, offs, rows_in, stride_am, stride_ad, D: tl.constexpr, DP: tl.constexpr):
+    """Rows ``offs`` of A (head dim D, padded to DP); rows not ``rows_in`` and padding columns read 0."""
+    offs_d = tl.arange(0, DP)
+    return tl.load(A + offs[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                   mask=rows_in[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_tile(A, a, offs, rows_in, stride_am, stride_ad, D: tl.constexpr, DP: tl.constexpr):
+    """:func:`load_tile`'s store (a program's dQ, dK or dV), in A's dtype."""
+    offs_d = tl.arange(0, DP)
+    tl.store(A + offs[:, None] * stride_am + offs_d[None, :] * stride_ad, a.to(A.dtype.element_ty),
+             mask=rows_in[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
 def load_pair(A, B_, offs, rows_in, stride_am, stride_ad, stride_bm, stride_bd,
               D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
     """Rows ``offs`` of A (head dim D, padded to DP) and of B_ (DV, padded to DVP), e.g. a program's K
-    and V, or Q and dO; rows not ``rows_in`` and padding columns read 0."""
-    offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
-    a = tl.load(A + offs[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                mask=rows_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    b = tl.load(B_ + offs[:, None] * stride_bm + offs_dv[None, :] * stride_bd,
-                mask=rows_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return a, b
+    and V, or Q and dO (:func:`load_tile`)."""
+    return (load_tile(A, offs, rows_in, stride_am, stride_ad, D, DP),
+            load_tile(B_, offs, rows_in, stride_bm, stride_bd, DV, DVP))
 
 
 @triton.jit
 def store_pair(A, B_, a, b, offs, rows_in, stride_am, stride_ad, stride_bm, stride_bd,
                D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
     """:func:`load_pair`'s stores (a program's dK and dV), in the outputs' dtypes."""
-    offs_d = tl.arange(0, DP)
-    offs_dv = tl.arange(0, DVP)
-    tl.store(A + offs[:, None] * stride_am + offs_d[None, :] * stride_ad, a.to(A.dtype.element_ty),
-             mask=rows_in[:, None] & (offs_d[None, :] < D))
-    tl.store(B_ + offs[:, None] * stride_bm + offs_dv[None, :] * stride_bd, b.to(B_.dtype.element_ty),
-             mask=rows_in[:, None] & (offs_dv[None, :] < DV))
+    store_tile(A, a, offs, rows_in, stride_am, stride_ad, D, DP)
+    store_tile(B_, b, offs, rows_in, stride_bm, stride_bd, DV, DVP)
 
 
 @triton.jit
@@ -437,7 +444,6 @@ def _dq_program(
     start_m = pid_m * BLOCK_M
     row = start_m // SPARSE_Q
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DP)
     q_in = offs_m < Q_LEN
     q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
     q, do = load_pair(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, offs_m, q_in,
@@ -471,12 +477,7 @@ def _dq_program(
             MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV,
             BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
         )
-    dq = dq * sm_scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=q_in[:, None] & (offs_d[None, :] < D),
-    )
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, q_in, stride_dqm, stride_dqd, D, DP)
 
 
 # Two launches (used where the passes want different warps or pipelining depths) ...

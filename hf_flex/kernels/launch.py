@@ -522,6 +522,7 @@ def flex_backward(
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
     one_loop = SCHEDULE["bwd_one_loop"]
+    dpf = dp_first("bwd_dp_first", DP, DVP)
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
     flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
                   and not one_loop and not SCHEDULE["bwd_index_ahead"])
@@ -536,7 +537,7 @@ def flex_backward(
             SQ, SKV, HKV, HQ // HKV, sm_scale,
             mask_args, score_args, dq_out, *dq_out.stride(),
             Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
-            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=dp_first("bwd_dp_first", DP, DVP),
+            Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=dpf,
             **dict(common, MASK_MOD=by_key),
         )
 
@@ -562,7 +563,7 @@ def flex_backward(
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group,
-            DP_FIRST=dp_first("bwd_dp_first", DP, DVP), **common,
+            DP_FIRST=dpf, **common,
         )
         return None if warmup else (dq, dk, dv, delta)
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)

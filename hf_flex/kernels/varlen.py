@@ -25,7 +25,7 @@ non-decreasing ids; the score mod, sinks and GQA as in the block-sparse kernels.
 import triton
 import triton.language as tl
 
-from .backward import _dkdv_inner, _dq_inner, load_pair, row_inputs, store_pair
+from .backward import _dkdv_inner, _dq_inner, load_pair, row_inputs, store_pair, store_tile
 from .forward import _fwd_inner, store_rows, tile_and_head
 
 
@@ -130,23 +130,21 @@ def attn_fwd_varlen_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    t, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_lb, stride_lh,
-    TILES, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args, Q_DESC, DO_DESC, DQ_DESC,
+    t, b, hk, tensors, strides, TILES, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args,
+    Q_DESC, DO_DESC, DQ_DESC,
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TILE: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     DOT_PREC: tl.constexpr, FLAT_GROUP: tl.constexpr, ONE_LOOP: tl.constexpr, DP_FIRST: tl.constexpr,
 ):
     """dK, dV of tile ``t`` of row ``b``'s key-major list (TILES: that list; tiles with more of their
     document after them, more queries, first) for key head ``hk``: the tile's diagonal queries and the
-    document's later ones, over the GROUP query heads that read ``hk``."""
+    document's later ones, over the GROUP query heads that read ``hk``. ``tensors`` and ``strides``:
+    the kernel's, as attn_bwd_varlen_kernel packs them (one argument list for its two call sites)."""
+    Q, K, V, DO, DQ, DK, DV_, LSE, DELTA = tensors
+    (stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+     stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+     stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+     stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh) = strides
     start_n, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
     kv_end = tl.minimum(start_n + TILE, end)
     offs_n = start_n + tl.arange(0, TILE)
@@ -251,7 +249,6 @@ def attn_bwd_varlen_kernel(
     the N_DKDV programs, each adding its keys' share of dQ (_dkdv_inner's ATOMIC_DQ): five tile
     products per tile pair instead of seven, dQ's summation order (its last bits) varying run to run."""
     pid = tl.program_id(0)
-    offs_d = tl.arange(0, DP)
     if ATOMIC_DQ or pid < N_DKDV:
         n_kv_heads = N_DKDV // (N_PROGRAMS + N_OVER)  # B * HKV
         grp = pid % n_kv_heads
@@ -259,19 +256,19 @@ def attn_bwd_varlen_kernel(
         hk = grp % HKV
         n_tiles = tl.load(N_TILES + b * stride_nb)
         slot = pid // n_kv_heads
+        tensors = (Q, K, V, DO, DQ, DK, DV_, LSE, DELTA)
+        strides = (stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh)
         if slot < N_PROGRAMS:
             # one tile per program: a loop over tiles here kept its state in registers through the
             # inner loops, which then spilled (ptxas, sm_90, Triton 3.6: 42 spill stores and 42
             # loads per step of the diagonal's loop; 2 and 4 without the loop)
             if slot < n_tiles:
                 _dkdv_tile(
-                    slot, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
-                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh,
-                    TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args,
-                    Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
+                    slot, b, hk, tensors, strides, TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP,
+                    sm_scale, score_args, Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
                     D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST,
                 )
         else:
@@ -280,13 +277,8 @@ def attn_bwd_varlen_kernel(
             # each (less code to compile; these tiles have few or no later queries)
             for t in range(slot, n_tiles, N_OVER):
                 _dkdv_tile(
-                    t, b, hk, Q, K, V, DO, DQ, DK, DV_, LSE, DELTA,
-                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                    stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh,
-                    TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP, sm_scale, score_args,
-                    Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
+                    t, b, hk, tensors, strides, TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP,
+                    sm_scale, score_args, Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
                     D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, True, DP_FIRST,
                 )
     else:
@@ -335,9 +327,5 @@ def attn_bwd_varlen_kernel(
                     _causal, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, True, DQ_BLOCK_N, DQ_BLOCK_N,
                     D, DP, DV, DVP, DOT_PREC, False, base=lo,
                 )
-            dq = dq * sm_scale
-            tl.store(
-                DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                dq.to(DQ.dtype.element_ty),
-                mask=q_in[:, None] & (offs_d[None, :] < D),
-            )
+            store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, q_in, stride_dqm, stride_dqd,
+                       D, DP)
