@@ -415,6 +415,45 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
         check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
 
 
+@pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkeypatch):
+    """SCHEDULE["row_select"] (the default): the backward reads LSE and delta up to a block past the
+    end unmasked (backward.row_inputs; launch.row_buffer's slack) and selects there. With every LSE /
+    delta buffer and its slack NaN before the kernels write it, lengths that end inside a block still
+    match float64 (each head's rows read the next head's, the last head's the slack), with the selects
+    and with masked loads; an LSE without the slack is copied into one that has it; the knob is
+    checked."""
+    from hf_flex.kernels import launch
+
+    def nan_rows(B, H, S, dev, slack):
+        return torch.full((B * H * S + slack,), float("nan"), dtype=torch.float32, device=dev)[: B * H * S].view(B, H, S)
+
+    monkeypatch.setattr(launch, "row_buffer", nan_rows)
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    monkeypatch.setitem(launch.SCHEDULE, "row_select", row_select)
+    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
+    spy = LaunchSpy(getattr(launch, name))
+    monkeypatch.setattr(launch, name, spy)
+    for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 90, (64, 32), "causal&sliding")):
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=67)
+        check_attention(q, k, v, None, _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=69), enable_gqa=True)
+    assert [c["ROW_SELECT"] for c in spy.calls] == [row_select, row_select]
+    monkeypatch.setitem(launch.SCHEDULE, "row_select", 1)
+    with pytest.raises(ValueError, match=r'SCHEDULE\["row_select"\]'):
+        check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
+    monkeypatch.setitem(launch.SCHEDULE, "row_select", row_select)
+
+    q = torch.randn(2, 3, 40, 16, device=device)
+    lse = torch.randn(2, 3, 40, device=device)
+    with_slack = launch.row_buffer(2, 3, 40, device, 128).copy_(lse)
+    kept, *_ = launch.backward_buffers(q, with_slack, q, None, False, 128)
+    assert kept is with_slack
+    copied, *_ = launch.backward_buffers(q, lse, q, None, False, 128)
+    assert copied.data_ptr() != lse.data_ptr() and torch.equal(copied, lse)
+    assert copied.untyped_storage().nbytes() >= (copied.numel() + 128) * 4
+
+
 @pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):

@@ -219,6 +219,37 @@ def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
     assert calls.count("varlen_backward") == 3, calls
 
 
+@pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
+def test_row_slack_never_reaches_the_gradients(device, small_tiles, calls, monkeypatch, row_select):
+    """SCHEDULE["varlen_row_select"] (the default): the backward reads LSE and delta a tile past a
+    document's (and the row's) end unmasked (backward.row_inputs; launch.row_buffer's slack) and
+    selects there. With every LSE / delta buffer and its slack filled with NaN before the kernels
+    write it, the rows the kernels do not write stay NaN, and the results still match float64 (the
+    last tile ends past the row: it reads the slack), with the selects and with masked loads."""
+    monkeypatch.setitem(launch.SCHEDULE, "varlen_row_select", row_select)
+    made = []
+
+    def nan_rows(B, H, S, dev, slack):
+        flat = torch.full((B * H * S + slack,), float("nan"), dtype=torch.float32, device=dev)
+        made.append(flat)
+        return flat[: B * H * S].view(B, H, S)
+
+    from hf_flex.kernels import launch_varlen
+
+    monkeypatch.setattr(launch, "row_buffer", nan_rows)
+    monkeypatch.setattr(launch_varlen, "row_buffer", nan_rows)
+    spy = LaunchSpy(launch_varlen.attn_bwd_varlen_kernel)
+    monkeypatch.setattr(launch_varlen, "attn_bwd_varlen_kernel", spy)
+    ids = _ids(LAYOUTS["long_and_ragged_end"])
+    B, S = ids.shape
+    q, k, v = rand_qkv(B, 4, 2, S, S, 16, dtype=torch.float32, device=device, seed=23)
+    bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
+    check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
+    assert calls == ["varlen_forward", "varlen_backward"], calls
+    assert len(made) >= 2 and all(torch.isnan(f[-1]) for f in made)  # LSE and delta, slack untouched
+    assert [c["ROW_SELECT"] for c in spy.calls] == [row_select]
+
+
 def test_deferred_tables_stay_unbuilt(device, small_tiles, monkeypatch):
     """A deferred BlockMask (what the packed builder returns on CUDA for causal + packed documents)
     answers shape and device without building; the document-aligned kernels, forward and backward,

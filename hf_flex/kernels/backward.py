@@ -8,9 +8,10 @@ tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's floa
 
 LSE arrives in the forward kernel's form (launch.flex_forward): log2 units, +inf for a row with no
 allowed key, so P = exp2(s - LSE) is 0 there, not NaN. The loops read it and delta (one buffer of its
-size, attn_bwd_delta_kernel) as they are, the size torch's flex backward allocates; only loops that
-may reach queries past the end (the partial-block loops of lengths that do not divide the block)
-check them, loading LSE +inf and delta 0 there.
+size, attn_bwd_delta_kernel) as they are, the size torch's flex backward allocates, plus a slack past
+the last row (launch.row_buffer); loops that may reach queries past the end (the partial-block loops
+of lengths that do not divide the block) read there unmasked and select LSE +inf and delta 0 for
+those queries (row_inputs).
 """
 
 import triton
@@ -91,14 +92,22 @@ def store_pair(A, B_, a, b, offs, rows_in, stride_am, stride_ad, stride_bm, stri
 
 
 @triton.jit
-def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr):
+def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr, SELECT: tl.constexpr = True):
     """(LSE in log2 units, delta) of queries ``offs_m``; CHECK: some may lie past Q_LEN, which read
-    LSE +inf and delta 0 (P = 0: they add nothing to dK, dV)."""
-    if CHECK:
-        q_ok = offs_m < Q_LEN
-        return (tl.load(LSE_ptr + offs_m, mask=q_ok, other=float("inf")),
-                tl.load(DELTA_ptr + offs_m, mask=q_ok, other=0.0))
-    return tl.load(LSE_ptr + offs_m), tl.load(DELTA_ptr + offs_m)
+    LSE +inf and delta 0 (P = 0: they add nothing to dK, dV).
+
+    SELECT: the loads carry no mask: LSE and delta are row buffers (launch.row_buffer) readable a
+    tile of rows past their last row, and what a query past Q_LEN reads there (the next row's values,
+    or the slack's garbage) is replaced by a select. Masked loads instead cost the dK/dV loops about
+    200 instructions a step (sm_90, Triton 3.6: per-element predicates kept as bits in a register for
+    the asynchronous copies), the selects about 32."""
+    if not CHECK:
+        return tl.load(LSE_ptr + offs_m), tl.load(DELTA_ptr + offs_m)
+    q_ok = offs_m < Q_LEN
+    if SELECT:
+        return tl.where(q_ok, tl.load(LSE_ptr + offs_m), float("inf")), tl.where(q_ok, tl.load(DELTA_ptr + offs_m), 0.0)
+    return (tl.load(LSE_ptr + offs_m, mask=q_ok, other=float("inf")),
+            tl.load(DELTA_ptr + offs_m, mask=q_ok, other=0.0))
 
 
 @triton.jit
@@ -136,6 +145,7 @@ def _dkdv_inner(
     base2=0,
     DQ_DESC=None,
     DP_FIRST: tl.constexpr = False,
+    ROW_SELECT: tl.constexpr = True,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
@@ -157,7 +167,10 @@ def _dkdv_inner(
     compiler waits for every product whose result is not a loop-carried accumulator as soon as it is
     issued (and a wait covers all products in flight); in the default order the wait for dP^T also
     waits for P^T dO, and dS's elementwise work runs with the tensor cores idle; issued first, dP^T is
-    waited for with S^T, and P^T dO runs under dS's work."""
+    waited for with S^T, and P^T dO runs under dS's work.
+
+    ROW_SELECT: queries past Q_LEN get LSE +inf and delta 0 by selects after unmasked loads (row_inputs'
+    SELECT), not by masked loads."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
@@ -190,7 +203,7 @@ def _dkdv_inner(
         else:
             qT, do, q_idx = kv_tiles(Qg, DOg, offs_m, stride_qm, stride_qd, stride_dom, stride_dod, Q_LEN,
                                      D, DP, DV, DVP, not Q_DIVISIBLE, False)
-        lse2, delta = row_inputs(LSEg, DELTAg, offs_m, Q_LEN, not Q_DIVISIBLE)
+        lse2, delta = row_inputs(LSEg, DELTAg, offs_m, Q_LEN, not Q_DIVISIBLE, ROW_SELECT)
         # transposed tile: rows are keys, columns are queries. Keys past the end need no check: their
         # rows of dK, dV are never stored and, row by row, touch no other row; only the dQ this
         # program adds (ATOMIC_DQ) sums over keys
@@ -199,9 +212,9 @@ def _dkdv_inner(
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         s_inT, sT = scores_tile(
             qkT, b, hg, mb, mh, q_idx, kv_idx, kv_in, sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, APPLY_MASK, ATOMIC_DQ and not KV_DIVISIBLE,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, ATOMIC_DQ and not KV_DIVISIBLE, lse2[None, :],
         )
-        pT = tl.math.exp2(sT - lse2[None, :])
+        pT = tl.math.exp2(sT)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         if not DP_FIRST:
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -265,6 +278,7 @@ def _dkdv_program(
     FLAT_GROUP: tl.constexpr = False,
     DQ_DESC=None,
     DP_FIRST: tl.constexpr = False,
+    ROW_SELECT: tl.constexpr = True,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
 
@@ -318,7 +332,7 @@ def _dkdv_program(
             Q_LEN, sm_scale, mask_args, score_args, DQ_ptr, stride_dqm, stride_dqd, Q_DESC, DO_DESC, h,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, Q_DIVISIBLE, KV_DIVISIBLE, PARTIAL_Q, BLOCK_M,
             D, DP, DV, DVP, DOT_PREC, False, full_idx, n_full,
-            FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+            FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST, ROW_SELECT=ROW_SELECT,
         )
         if not ONE_LOOP:
             dk, dv = _dkdv_inner(
@@ -328,7 +342,7 @@ def _dkdv_program(
                 MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, Q_DIVISIBLE or TAIL_PARTIAL,
                 KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
                 D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, None, 0,
-                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+                FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST, ROW_SELECT=ROW_SELECT,
             )
     store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale, dv,
                offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
@@ -386,9 +400,9 @@ def _dq_inner(
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
         s_in, s = scores_tile(
             qk, b, h, mb, mh, q_idx, kv_idx, kv_in[None, :], sm_scale, mask_args, score_args,
-            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE,
+            MASK_MOD, SCORE_MOD, APPLY_MASK, not KV_DIVISIBLE, lse2[:, None],
         )
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(s)
         dp = tl.dot(do, vT, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if SCORE_PARAM_GRAD is not None:
@@ -508,6 +522,7 @@ def attn_bwd_dkdv_kernel(
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
     DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
     DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
+    ROW_SELECT: tl.constexpr = True,  # see _dkdv_inner
 ):
     pid_n, pid_bh = tile_and_head(HEADS_FIRST, False)  # key tile 0 first: the longest under causal masks
     _dkdv_program(
@@ -522,7 +537,7 @@ def attn_bwd_dkdv_kernel(
         DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q, SPARSE_KV,
         BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, DQ_DESC, DP_FIRST,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, DQ_DESC, DP_FIRST, ROW_SELECT,
     )
 
 
@@ -598,6 +613,7 @@ def attn_bwd_kernel(
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
     DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
+    ROW_SELECT: tl.constexpr = True,  # see _dkdv_inner
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
     # per (batch, key head) its dK/dV programs then the dQ programs of its query heads. Within a pass,
@@ -642,6 +658,7 @@ def attn_bwd_kernel(
             MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q,
             SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, None, DP_FIRST,
+            ROW_SELECT,
         )
     else:
         _dq_program(

@@ -37,8 +37,11 @@ def scores_tile(
     SCORE_MOD: tl.constexpr,
     APPLY_MASK: tl.constexpr,
     CHECK_KV: tl.constexpr,
+    shift=None,
 ):
     """Scaled, score-modded, masked scores in log2 units (times log2(e), for exp2); masked entries -inf.
+    ``shift`` (the backward's LSE, broadcast to the tile): subtracted before the mask, so that the
+    scale and the subtraction fuse into one multiply-add (the mask's select after it).
 
     Returns (s_in, s2): s_in is the natural-units score before score_mod (score_mod derivatives need
     it; without a score mod nothing reads it and the compiler drops it), s2 the score times log2(e).
@@ -51,6 +54,8 @@ def scores_tile(
         s = qk * (sm_scale * 1.4426950408889634)
     else:
         s = SCORE_MOD(s_in, b, h, q_idx, kv_idx, score_args) * 1.4426950408889634
+    if shift is not None:
+        s = s - shift
     # two selects, not one of the predicates' conjunction: measured 1-5 % faster in the forward
     # (H100, tests/benchmarks/NOTES.md, seventh round)
     if APPLY_MASK:

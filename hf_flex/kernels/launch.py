@@ -84,6 +84,11 @@ OVERRIDES: dict = {}
 #   (backward._dkdv_inner's DP_FIRST): True, False, or a head dim up to which it applies (bwd_dp_first's
 #   default 64: measured +5-7 % forward+backward at D = 64, -7-8 % on causal GQA at D = 128, within
 #   noise elsewhere; NOTES.md, thirteenth round).
+# row_select (block-sparse kernels), varlen_row_select (document-aligned): the dK/dV loops that may
+#   reach queries past the end read LSE and delta unmasked (row_buffer's slack) and select +inf / 0
+#   for those queries, instead of masked loads (backward.row_inputs' SELECT; offline, sm_90: the
+#   document-aligned diagonal loop 858 -> 627 instructions a step, the block-sparse partial loops
+#   693 -> 552 (causal) and 761 -> 636 (documents)). Measured in NOTES.md (fourteenth round).
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -118,7 +123,7 @@ SCHEDULE: dict = {
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
-    "bwd_dp_first": 64, "varlen_dp_first": False,
+    "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": True, "varlen_row_select": True,
 }
 
 
@@ -355,7 +360,7 @@ def flex_forward(
         raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
     out = out_like(q, DV)
-    lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    lse = row_buffer(B, HQ, SQ, q.device, row_slack(sq))
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     heads_first = _per_mask("heads_first", packed_documents)
@@ -406,15 +411,36 @@ def _launcher(warmup: bool):
     return go
 
 
-def backward_buffers(q, lse, dout, dlse, warmup: bool):
+def row_slack(sparse_q: int) -> int:
+    """Elements the backward may read past the last row of LSE and delta (backward.row_inputs reads
+    a tile of rows unmasked and selects past the end): a tile of rows is at most the block mask's
+    query block (block-sparse kernels) or 128 (the dQ programs' rows; the document-aligned tiles)."""
+    return max(sparse_q, 128)
+
+
+def row_buffer(B: int, H: int, S: int, device, slack: int) -> torch.Tensor:
+    """An uninitialised, contiguous float32 [B, H, S] buffer (LSE, delta) with ``slack`` readable
+    elements past its last row."""
+    n = B * H * S
+    return torch.empty(n + slack, dtype=torch.float32, device=device)[:n].view(B, H, S)
+
+
+def _has_slack(t: torch.Tensor, slack: int) -> bool:
+    # t contiguous: its storage holds ``slack`` more elements past its last
+    return t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel() + slack) * t.element_size()
+
+
+def backward_buffers(q, lse, dout, dlse, warmup: bool, slack: int):
     """(lse, dout, dlse, delta) as the backward kernels read them: dout and dlse with unit last
-    strides, lse contiguous (the loops read lse and delta with lse's strides), and delta, the one
-    per-row buffer, as torch's flex backward allocates (lse itself stands in for it in a warm-up)."""
+    strides, lse contiguous (the loops read lse and delta with lse's strides) with ``slack`` readable
+    elements past its last row (row_buffer: the forwards allocate it so; any other is copied), and
+    delta, the one per-row buffer, as torch's flex backward allocates, with the same slack (lse itself
+    stands in for it in a warm-up, which launches nothing)."""
     B, HQ, SQ = q.shape[:3]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    if lse.stride() != (HQ * SQ, SQ, 1):
-        lse = lse.contiguous()
-    delta = lse if warmup else torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+    if lse.stride() != (HQ * SQ, SQ, 1) or not (warmup or _has_slack(lse, slack)):
+        lse = row_buffer(B, HQ, SQ, lse.device, slack).copy_(lse)
+    delta = lse if warmup else row_buffer(B, HQ, SQ, q.device, slack)
     if dlse is not None and dlse.stride(-1) != 1:
         dlse = dlse.contiguous()
     return lse, dout, dlse, delta
@@ -441,6 +467,14 @@ def dp_first(knob: str, dp: int, dvp: int) -> bool:
     if not isinstance(value, int):
         raise ValueError(f'SCHEDULE["{knob}"] must be True, False or a head dim, got {value!r}')
     return max(dp, dvp) <= value
+
+
+def bool_knob(knob: str) -> bool:
+    """SCHEDULE[knob], which must be True or False (it becomes a kernel's constexpr)."""
+    value = SCHEDULE[knob]
+    if not isinstance(value, bool):
+        raise ValueError(f'SCHEDULE["{knob}"] must be True or False, got {value!r}')
+    return value
 
 
 def use_atomic_dq(knob: str, score_param_grad_fn) -> bool:
@@ -499,7 +533,7 @@ def flex_backward(
     sq, skv = sparse
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
     t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
-    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup)
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(sq))
 
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
@@ -523,6 +557,7 @@ def flex_backward(
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
     one_loop = SCHEDULE["bwd_one_loop"]
     dpf = dp_first("bwd_dp_first", DP, DVP)
+    row_select = bool_knob("row_select")
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
     flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
                   and not one_loop and not SCHEDULE["bwd_index_ahead"])
@@ -538,7 +573,7 @@ def flex_backward(
             mask_args, score_args, dq_out, *dq_out.stride(),
             Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
             Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=dpf,
-            **dict(common, MASK_MOD=by_key),
+            ROW_SELECT=row_select, **dict(common, MASK_MOD=by_key),
         )
 
     if atomic:
@@ -563,7 +598,7 @@ def flex_backward(
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group,
-            DP_FIRST=dpf, **common,
+            DP_FIRST=dpf, ROW_SELECT=row_select, **common,
         )
         return None if warmup else (dq, dk, dv, delta)
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)

@@ -135,6 +135,7 @@ def _dkdv_tile(
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, TILE: tl.constexpr,
     DKDV_BLOCK_M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     DOT_PREC: tl.constexpr, FLAT_GROUP: tl.constexpr, ONE_LOOP: tl.constexpr, DP_FIRST: tl.constexpr,
+    ROW_SELECT: tl.constexpr,
 ):
     """dK, dV of tile ``t`` of row ``b``'s key-major list (TILES: that list; tiles with more of their
     document after them, more queries, first) for key head ``hk``: the tile's diagonal queries and the
@@ -181,6 +182,7 @@ def _dkdv_tile(
                 _causal, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
                 D, DP, DV, DVP, DOT_PREC, False, None, 0,
                 FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, base=start_n, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+                ROW_SELECT=ROW_SELECT,
             )
         else:
             # the diagonal tile (queries start_n .. kv_end - 1, causal), then the ragged last
@@ -192,6 +194,7 @@ def _dkdv_tile(
                 _causal, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, True, False, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
                 D, DP, DV, DVP, DOT_PREC, False, None, tail,
                 FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+                ROW_SELECT=ROW_SELECT,
                 base=start_n, base2=start_n + TILE + n_full * DKDV_BLOCK_M,
             )
             # the document's later queries in whole steps: all allowed, all in the document
@@ -202,6 +205,7 @@ def _dkdv_tile(
                 _causal, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, False, True, True, DKDV_BLOCK_M, DKDV_BLOCK_M,
                 D, DP, DV, DVP, DOT_PREC, False, None, 0,
                 FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, base=start_n + TILE, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST,
+                ROW_SELECT=ROW_SELECT,
             )
     store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale,
                dv, offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
@@ -241,6 +245,7 @@ def attn_bwd_varlen_kernel(
     ATOMIC_DQ: tl.constexpr = False,  # the dK/dV programs add dQ into DQ (float32, zeroed); no dQ programs
     DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
     DP_FIRST: tl.constexpr = False,  # see backward._dkdv_inner
+    ROW_SELECT: tl.constexpr = True,  # see backward._dkdv_inner
 ):
     """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor; slots 0 ..
     N_PROGRAMS - 1 one tile each, the N_OVER slots after them the rest of the list) and dQ (the rest
@@ -269,7 +274,7 @@ def attn_bwd_varlen_kernel(
                 _dkdv_tile(
                     slot, b, hk, tensors, strides, TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP,
                     sm_scale, score_args, Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
-                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST,
+                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, ONE_LOOP, DP_FIRST, ROW_SELECT,
                 )
         else:
             # the tiles past the first N_PROGRAMS (each document adds at most one partial tile past
@@ -279,7 +284,7 @@ def attn_bwd_varlen_kernel(
                 _dkdv_tile(
                     t, b, hk, tensors, strides, TILES + stride_to, SPANS, stride_tb, stride_sb, Q_LEN, GROUP,
                     sm_scale, score_args, Q_DESC, DO_DESC, DQ_DESC, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, TILE, DKDV_BLOCK_M,
-                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, True, DP_FIRST,
+                    D, DP, DV, DVP, DOT_PREC, FLAT_GROUP, True, DP_FIRST, ROW_SELECT,
                 )
     else:
         p = pid - N_DKDV
