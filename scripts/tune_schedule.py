@@ -56,8 +56,9 @@ SCHEDULES = {
     "varlen_atomic_s2": {"varlen_atomic_dq": True, "varlen_bwd_stages": 2},
     "block_atomic": {"varlen": False, "atomic_dq": True},  # document masks on the block-sparse kernels
     # the dK/dV loops issue dP^T before the softmax (P^T dO then runs under dS's elementwise work)
-    # LSE / delta of queries past the end by masked loads instead of selects (backward.row_inputs)
+    # LSE / delta of queries past the end by masked loads / by selects (backward.row_inputs)
     "row_masked": {"row_select": False, "varlen_row_select": False},
+    "row_select": {"row_select": True, "varlen_row_select": True},
     "dp_first": {"bwd_dp_first": True, "varlen_dp_first": True},
     "varlen_dp_first": {"varlen_dp_first": True},
     "block_dp_first": {"varlen": False, "bwd_dp_first": True},

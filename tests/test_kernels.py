@@ -418,8 +418,8 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
 @pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkeypatch):
-    """SCHEDULE["row_select"] (the default): the backward reads LSE and delta up to a block past the
-    end unmasked (backward.row_inputs; launch.row_buffer's slack) and selects there. With every LSE /
+    """SCHEDULE["row_select"] (off by default; on for the document-aligned kernels, test_varlen): the
+    backward reads LSE and delta up to a block past the end unmasked (backward.row_inputs; launch.row_buffer's slack) and selects there. With every LSE /
     delta buffer and its slack NaN before the kernels write it, lengths that end inside a block still
     match float64 (each head's rows read the next head's, the last head's the slack), with the selects
     and with masked loads; an LSE without the slack is copied into one that has it; the knob is

@@ -88,7 +88,10 @@ OVERRIDES: dict = {}
 #   reach queries past the end read LSE and delta unmasked (row_buffer's slack) and select +inf / 0
 #   for those queries, instead of masked loads (backward.row_inputs' SELECT; offline, sm_90: the
 #   document-aligned diagonal loop 858 -> 627 instructions a step, the block-sparse partial loops
-#   693 -> 552 (causal) and 761 -> 636 (documents)). Measured in NOTES.md (fourteenth round).
+#   693 -> 552 (causal) and 761 -> 636 (documents), with a few more spills). Measured (H100, NOTES.md,
+#   fourteenth round): +4 % forward+backward on the 24-document case, +2 % on the 12-document one;
+#   -1..-3 % on the block-sparse causal cases (within noise, but every reading): on for the
+#   document-aligned kernels only.
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -123,7 +126,7 @@ SCHEDULE: dict = {
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
-    "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": True, "varlen_row_select": True,
+    "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": True,
 }
 
 
