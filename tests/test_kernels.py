@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: F401  (Triton wants it visible to the @tri
 import hf_flex
 from hf_flex import mods
 from hf_flex.dispatch import triton_runs_on
-from helpers import LaunchSpy, check_attention, make_param, rand_qkv, random_doc_ids
+from helpers import LaunchSpy, check_attention, make_param, poison_row_buffers, rand_qkv, random_doc_ids
 
 
 @pytest.fixture(autouse=True)
@@ -419,17 +419,14 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkeypatch):
     """SCHEDULE["row_select"] (off by default; on for the document-aligned kernels, test_varlen): the
-    backward reads LSE and delta up to a block past the end unmasked (backward.row_inputs; launch.row_buffer's slack) and selects there. With every LSE /
-    delta buffer and its slack NaN before the kernels write it, lengths that end inside a block still
-    match float64 (each head's rows read the next head's, the last head's the slack), with the selects
-    and with masked loads; an LSE without the slack is copied into one that has it; the knob is
-    checked."""
+    backward reads LSE and delta up to a block past the end unmasked (backward.row_inputs; the slack
+    of launch.out_and_lse and row_buffer) and selects there. With every LSE / out / delta allocation
+    NaN before the kernels write it, lengths that end inside a block still match float64 (each head's
+    rows read the next head's, the last head's the slack), with the selects and with masked loads; the
+    knob is checked."""
     from hf_flex.kernels import launch
 
-    def nan_rows(B, H, S, dev, slack):
-        return torch.full((B * H * S + slack,), float("nan"), dtype=torch.float32, device=dev)[: B * H * S].view(B, H, S)
-
-    monkeypatch.setattr(launch, "row_buffer", nan_rows)
+    made = poison_row_buffers(monkeypatch)
     monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     monkeypatch.setitem(launch.SCHEDULE, "row_select", row_select)
     name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
@@ -439,19 +436,36 @@ def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkey
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=67)
         check_attention(q, k, v, None, _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=69), enable_gqa=True)
     assert [c["ROW_SELECT"] for c in spy.calls] == [row_select, row_select]
+    assert len(made) >= 4
     monkeypatch.setitem(launch.SCHEDULE, "row_select", 1)
     with pytest.raises(ValueError, match=r'SCHEDULE\["row_select"\]'):
         check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
-    monkeypatch.setitem(launch.SCHEDULE, "row_select", row_select)
 
-    q = torch.randn(2, 3, 40, 16, device=device)
-    lse = torch.randn(2, 3, 40, device=device)
-    with_slack = launch.row_buffer(2, 3, 40, device, 128).copy_(lse)
-    kept, *_ = launch.backward_buffers(q, with_slack, q, None, False, 128)
-    assert kept is with_slack
-    copied, *_ = launch.backward_buffers(q, lse, q, None, False, 128)
-    assert copied.data_ptr() != lse.data_ptr() and torch.equal(copied, lse)
-    assert copied.untyped_storage().nbytes() >= (copied.numel() + 128) * 4
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["bhsd", "bshd"])
+def test_lse_slack_shares_out(device, transposed):
+    """launch.out_and_lse: with a slack, the LSE's readable slack is the start of out (one allocation,
+    no bytes of its own), out 256 bytes aligned in it, in out_like's layout; without, two tensors as
+    before. backward_buffers keeps an LSE that has the slack it needs and copies one that has not."""
+    from hf_flex.kernels import launch
+
+    q = torch.randn(2, 40, 3, 16, device=device).transpose(1, 2) if transposed else torch.randn(2, 3, 40, 16, device=device)
+    out, lse = launch.out_and_lse(q, 8, 128)
+    assert lse.shape == (2, 3, 40) and lse.dtype == torch.float32 and lse.is_contiguous()
+    assert out.shape == (2, 3, 40, 8) and out.dtype == q.dtype and out.stride() == launch.out_like(q, 8).stride()
+    assert out.untyped_storage().data_ptr() == lse.untyped_storage().data_ptr()
+    at = out.data_ptr() - lse.data_ptr()  # the allocation itself is aligned (512 B on CUDA)
+    assert at % 256 == 0 and at >= lse.numel() * 4 and lse.data_ptr() == lse.untyped_storage().data_ptr()
+    assert lse.untyped_storage().nbytes() == at + out.numel() * out.element_size()
+    assert launch._has_slack(lse, 128) and not launch._has_slack(lse, 10**6)
+    out0, lse0 = launch.out_and_lse(q, 8, 0)
+    assert out0.untyped_storage().data_ptr() != lse0.untyped_storage().data_ptr()
+    lse.copy_(torch.randn(2, 3, 40))
+    kept, *_ = launch.backward_buffers(q, lse, q, None, False, 128)
+    assert kept is lse
+    copied, *_ = launch.backward_buffers(q, lse0.copy_(lse), q, None, False, 128)
+    assert copied.data_ptr() != lse0.data_ptr() and torch.equal(copied, lse) and launch._has_slack(copied, 128)
+    assert launch.backward_buffers(q, lse0, q, None, False, 0)[0] is lse0
 
 
 @pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])

@@ -18,7 +18,7 @@ import hf_flex
 from hf_flex import autograd, mods
 from hf_flex.kernels import launch
 from hf_flex.kernels.launch_varlen import varlen_tile, varlen_tiles
-from helpers import LaunchSpy, check_attention, make_param, rand_qkv
+from helpers import LaunchSpy, check_attention, make_param, poison_row_buffers, rand_qkv
 
 TILE = 32
 
@@ -222,22 +222,14 @@ def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
 @pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
 def test_row_slack_never_reaches_the_gradients(device, small_tiles, calls, monkeypatch, row_select):
     """SCHEDULE["varlen_row_select"] (the default): the backward reads LSE and delta a tile past a
-    document's (and the row's) end unmasked (backward.row_inputs; launch.row_buffer's slack) and
-    selects there. With every LSE / delta buffer and its slack filled with NaN before the kernels
-    write it, the rows the kernels do not write stay NaN, and the results still match float64 (the
-    last tile ends past the row: it reads the slack), with the selects and with masked loads."""
-    monkeypatch.setitem(launch.SCHEDULE, "varlen_row_select", row_select)
-    made = []
-
-    def nan_rows(B, H, S, dev, slack):
-        flat = torch.full((B * H * S + slack,), float("nan"), dtype=torch.float32, device=dev)
-        made.append(flat)
-        return flat[: B * H * S].view(B, H, S)
-
+    document's (and the row's) end unmasked (backward.row_inputs; the slack of launch.out_and_lse,
+    the start of out, and of row_buffer) and selects there. With every LSE / out / delta allocation
+    NaN before the kernels write it, the results still match float64 (the last tile ends past the
+    row: it reads the slack), with the selects and with masked loads."""
     from hf_flex.kernels import launch_varlen
 
-    monkeypatch.setattr(launch, "row_buffer", nan_rows)
-    monkeypatch.setattr(launch_varlen, "row_buffer", nan_rows)
+    monkeypatch.setitem(launch.SCHEDULE, "varlen_row_select", row_select)
+    made = poison_row_buffers(monkeypatch, launch_varlen)
     spy = LaunchSpy(launch_varlen.attn_bwd_varlen_kernel)
     monkeypatch.setattr(launch_varlen, "attn_bwd_varlen_kernel", spy)
     ids = _ids(LAYOUTS["long_and_ragged_end"])
@@ -246,7 +238,7 @@ def test_row_slack_never_reaches_the_gradients(device, small_tiles, calls, monke
     bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
     check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
     assert calls == ["varlen_forward", "varlen_backward"], calls
-    assert len(made) >= 2 and all(torch.isnan(f[-1]) for f in made)  # LSE and delta, slack untouched
+    assert len(made) == (2 if row_select else 3)  # out and LSE one allocation with a slack, and delta
     assert [c["ROW_SELECT"] for c in spy.calls] == [row_select]
 
 

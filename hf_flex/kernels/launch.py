@@ -85,8 +85,9 @@ OVERRIDES: dict = {}
 #   default 64: measured +5-7 % forward+backward at D = 64, -7-8 % on causal GQA at D = 128, within
 #   noise elsewhere; NOTES.md, thirteenth round).
 # row_select (block-sparse kernels), varlen_row_select (document-aligned): the dK/dV loops that may
-#   reach queries past the end read LSE and delta unmasked (row_buffer's slack) and select +inf / 0
-#   for those queries, instead of masked loads (backward.row_inputs' SELECT; offline, sm_90: the
+#   reach queries past the end read LSE and delta unmasked (a slack past their last row: out_and_lse,
+#   row_buffer) and select +inf / 0 for those queries, instead of masked loads (backward.row_inputs'
+#   SELECT; offline, sm_90: the
 #   document-aligned diagonal loop 858 -> 627 instructions a step, the block-sparse partial loops
 #   693 -> 552 (causal) and 761 -> 636 (documents), with a few more spills). Measured (H100, NOTES.md,
 #   fourteenth round): +4 % forward+backward on the 24-document case, +2 % on the 12-document one;
@@ -362,8 +363,7 @@ def flex_forward(
     if ahead not in ("none", "full", "both"):
         raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
-    out = out_like(q, DV)
-    lse = row_buffer(B, HQ, SQ, q.device, row_slack(sq))
+    out, lse = out_and_lse(q, DV, row_slack(sq, "row_select"))
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     heads_first = _per_mask("heads_first", packed_documents)
@@ -414,18 +414,41 @@ def _launcher(warmup: bool):
     return go
 
 
-def row_slack(sparse_q: int) -> int:
-    """Elements the backward may read past the last row of LSE and delta (backward.row_inputs reads
-    a tile of rows unmasked and selects past the end): a tile of rows is at most the block mask's
-    query block (block-sparse kernels) or 128 (the dQ programs' rows; the document-aligned tiles)."""
-    return max(sparse_q, 128)
+def row_slack(sparse_q: int, knob: str) -> int:
+    """Elements the backward may read past the last row of LSE and delta where SCHEDULE[knob]
+    (row_select, varlen_row_select) has it read them unmasked and select past the end
+    (backward.row_inputs), else 0: a tile of rows is at most the block mask's query block
+    (block-sparse kernels) or 128 (the dQ programs' rows; the document-aligned tiles)."""
+    return max(sparse_q, 128) if bool_knob(knob) else 0
 
 
 def row_buffer(B: int, H: int, S: int, device, slack: int) -> torch.Tensor:
-    """An uninitialised, contiguous float32 [B, H, S] buffer (LSE, delta) with ``slack`` readable
-    elements past its last row."""
+    """An uninitialised, contiguous float32 [B, H, S] buffer (delta) with ``slack`` readable elements
+    past its last row."""
     n = B * H * S
+    if not slack:
+        return torch.empty((B, H, S), dtype=torch.float32, device=device)
     return torch.empty(n + slack, dtype=torch.float32, device=device)[:n].view(B, H, S)
+
+
+def out_and_lse(q: torch.Tensor, dv: int, slack: int):
+    """(out as out_like(q, dv), LSE: an uninitialised, contiguous float32 [B, Hq, Sq]) with ``slack``
+    readable elements past the LSE's last row at no cost in memory: where slack is wanted the two share
+    one allocation, the LSE first, so its slack is the start of out (autograd saves both, they live
+    as long). A slack of its own would add its size to every layer's saved tensors: 12 x 512 B put the
+    4096-token training step's peak 5 KB above flex_attention's (NOTES.md, fourteenth round)."""
+    B, H, S, _ = q.shape
+    if not slack:
+        return out_like(q, dv), torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    rows = B * H * S * 4
+    at = -(-rows // 256) * 256  # out on a 256-byte boundary (vector and TMA accesses)
+    size = B * H * S * dv * q.element_size()
+    buf = torch.empty(max(at + size, rows + slack * 4), dtype=torch.uint8, device=q.device)
+    lse = buf[:rows].view(torch.float32).view(B, H, S)
+    flat = buf[at:at + size].view(q.dtype)
+    if q.stride(1) < q.stride(2):  # out_like's layout
+        return flat.view(B, S, H, dv).transpose(1, 2), lse
+    return flat.view(B, H, S, dv), lse
 
 
 def _has_slack(t: torch.Tensor, slack: int) -> bool:
@@ -436,9 +459,9 @@ def _has_slack(t: torch.Tensor, slack: int) -> bool:
 def backward_buffers(q, lse, dout, dlse, warmup: bool, slack: int):
     """(lse, dout, dlse, delta) as the backward kernels read them: dout and dlse with unit last
     strides, lse contiguous (the loops read lse and delta with lse's strides) with ``slack`` readable
-    elements past its last row (row_buffer: the forwards allocate it so; any other is copied), and
+    elements past its last row (out_and_lse: the forwards allocate it so; any other is copied), and
     delta, the one per-row buffer, as torch's flex backward allocates, with the same slack (lse itself
-    stands in for it in a warm-up, which launches nothing)."""
+    stands in for it in a warm-up, which launches nothing). ``slack`` 0: no slack needed."""
     B, HQ, SQ = q.shape[:3]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     if lse.stride() != (HQ * SQ, SQ, 1) or not (warmup or _has_slack(lse, slack)):
@@ -536,7 +559,7 @@ def flex_backward(
     sq, skv = sparse
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
     t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
-    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(sq))
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(sq, "row_select"))
 
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
