@@ -41,7 +41,8 @@ def add_ratios(row: dict) -> dict:
 
 
 def merge(docs: list[dict], names: list[str]) -> dict:
-    """Merge bench result dicts (in order: a later one wins); ``names`` label them in error messages."""
+    """Merge bench result dicts (in order: a later one wins); ``names`` label them in error messages
+    and, as ``source`` (the file's base name), every kernel and e2e row taken from them."""
     for k in VERSION_KEYS:
         vals = {n: d.get(k) for n, d in zip(names, docs)}
         if len(set(map(json.dumps, vals.values()))) > 1:
@@ -54,9 +55,9 @@ def merge(docs: list[dict], names: list[str]) -> dict:
     kernel, e2e, rec = {}, {}, {}
     for n, d in zip(names, docs):
         for r in d.get("kernel") or []:
-            kernel[tuple(r.get(k) for k in KERNEL_KEY)] = dict(r)
+            kernel[tuple(r.get(k) for k in KERNEL_KEY)] = dict(r, source=os.path.basename(n))
         for r in d.get("e2e") or []:
-            e2e[r["S"]] = r
+            e2e[r["S"]] = dict(r, source=os.path.basename(n))
         if d.get("recompiles_over_50_lengths") is not None:
             rec[n] = d["recompiles_over_50_lengths"]
         for k, v in d.items():

@@ -73,9 +73,12 @@ def test_merge_ratios_and_markdown(tmp_path, capsys):
     # e2e: merged by S, sorted, the later file wins at 16384
     assert [r["S"] for r in res["e2e"]] == [2048, 4096, 16384]
     assert [r["hf_flex_tokens_per_s"] for r in res["e2e"]] == [33333.0, 30000.0, 22222.0]
+    # every row names the file it came from
+    assert [r["source"] for r in res["e2e"]] == ["b.json", "a.json", "b.json"]
     # kernel: deduplicated, the later file wins; the null row kept
     assert [r["case"] for r in res["kernel"]] == ["causal", "softcap 50 + causal"]
     k, nul = res["kernel"]
+    assert [r["source"] for r in res["kernel"]] == ["b.json", "a.json"]
     assert k["hf_flex_fwd_tflops"] == 360.0
     assert k["fwd_ratio_vs_torch_flex"] == 1.5 and k["fwdbwd_ratio_vs_torch_flex"] == 1.5
     assert k["fwd_ratio_vs_sdpa"] is None and k["block_mask_speedup"] == 6.0

@@ -325,6 +325,18 @@ def test_heads_first_for_documents(device, monkeypatch):
         hf_flex.flex_attention(q, k, v, None, _block_mask("causal", 2, 2, 70, 70, device, 32))
 
 
+def _spy_dkdv_launches(monkeypatch, fused: bool) -> LaunchSpy:
+    """The block-sparse backward in its fused form (one launch, attn_bwd_kernel) or its two launches
+    (SCHEDULE["fused_bwd"]), with a spy on the launch that runs the dK/dV programs."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
+    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
+    spy = LaunchSpy(getattr(launch, name))
+    monkeypatch.setattr(launch, name, spy)
+    return spy
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_bwd_flat_group(device, fused, monkeypatch):
     """SCHEDULE["bwd_flat_group"]: with tables shared by every head, each dK/dV loop walks its blocks
@@ -335,10 +347,7 @@ def test_bwd_flat_group(device, fused, monkeypatch):
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", True)
-    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
-    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
-    spy = LaunchSpy(getattr(launch, name))
-    monkeypatch.setattr(launch, name, spy)
+    spy = _spy_dkdv_launches(monkeypatch, fused)
     q, k, v = rand_qkv(2, 6, 2, 113, 90, 16, dtype=torch.float32, device=device, seed=61)
     for mask, bs in (("causal&document", (32, 16)), ("causal&sliding", (32, 64))):
         check_attention(q, k, v, mods.softcap(3.0), _block_mask(mask, 2, None, 113, 90, device, bs, seed=63),
@@ -401,10 +410,7 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "bwd_dp_first", setting)
-    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
-    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
-    spy = LaunchSpy(getattr(launch, name))
-    monkeypatch.setattr(launch, name, spy)
+    spy = _spy_dkdv_launches(monkeypatch, fused)
     for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=61)
         check_attention(q, k, v, mods.softcap(3.0), _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=63),
@@ -427,11 +433,8 @@ def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkey
     from hf_flex.kernels import launch
 
     made = poison_row_buffers(monkeypatch)
-    monkeypatch.setitem(launch.SCHEDULE, "fused_bwd", fused)
     monkeypatch.setitem(launch.SCHEDULE, "row_select", row_select)
-    name = "attn_bwd_kernel" if fused else "attn_bwd_dkdv_kernel"
-    spy = LaunchSpy(getattr(launch, name))
-    monkeypatch.setattr(launch, name, spy)
+    spy = _spy_dkdv_launches(monkeypatch, fused)
     for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 90, (64, 32), "causal&sliding")):
         q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=67)
         check_attention(q, k, v, None, _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=69), enable_gqa=True)

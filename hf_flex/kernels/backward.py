@@ -8,10 +8,11 @@ tables, ALiBi slopes) get their gradients in the dQ pass, through the mod's floa
 
 LSE arrives in the forward kernel's form (launch.flex_forward): log2 units, +inf for a row with no
 allowed key, so P = exp2(s - LSE) is 0 there, not NaN. The loops read it and delta (one buffer of its
-size, attn_bwd_delta_kernel) as they are, the size torch's flex backward allocates, plus a slack past
-the last row (launch.row_buffer); loops that may reach queries past the end (the partial-block loops
-of lengths that do not divide the block) read there unmasked and select LSE +inf and delta 0 for
-those queries (row_inputs).
+size, attn_bwd_delta_kernel) as they are, the size torch's flex backward allocates; loops that may
+reach queries past the end (the partial-block loops of lengths that do not divide the block, the
+document kernels' diagonal and ragged steps) give those queries LSE +inf and delta 0, by masked loads
+or (ROW_SELECT) by selects after unmasked loads, which read up to a tile past the last row: then the
+buffers have that slack (launch.out_and_lse, row_buffer).
 """
 
 import triton
@@ -96,8 +97,8 @@ def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr, SELECT: t
     """(LSE in log2 units, delta) of queries ``offs_m``; CHECK: some may lie past Q_LEN, which read
     LSE +inf and delta 0 (P = 0: they add nothing to dK, dV).
 
-    SELECT: the loads carry no mask: LSE and delta are row buffers (launch.row_buffer) readable a
-    tile of rows past their last row, and what a query past Q_LEN reads there (the next row's values,
+    SELECT: the loads carry no mask: LSE and delta are readable a tile of rows past their last row
+    (launch.out_and_lse, row_buffer), and what a query past Q_LEN reads there (the next row's values,
     or the slack's garbage) is replaced by a select. Masked loads instead cost the dK/dV loops about
     200 instructions a step (sm_90, Triton 3.6: per-element predicates kept as bits in a register for
     the asynchronous copies), the selects about 32."""

@@ -87,12 +87,11 @@ OVERRIDES: dict = {}
 # row_select (block-sparse kernels), varlen_row_select (document-aligned): the dK/dV loops that may
 #   reach queries past the end read LSE and delta unmasked (a slack past their last row: out_and_lse,
 #   row_buffer) and select +inf / 0 for those queries, instead of masked loads (backward.row_inputs'
-#   SELECT; offline, sm_90: the
-#   document-aligned diagonal loop 858 -> 627 instructions a step, the block-sparse partial loops
-#   693 -> 552 (causal) and 761 -> 636 (documents), with a few more spills). Measured (H100, NOTES.md,
-#   fourteenth round): +4 % forward+backward on the 24-document case, +2 % on the 12-document one;
-#   -1..-3 % on the block-sparse causal cases (within noise, but every reading): on for the
-#   document-aligned kernels only.
+#   SELECT). Offline, sm_90: the document-aligned diagonal loop 858 -> 627 instructions a step, the
+#   block-sparse partial loops 693 -> 552 (causal) and 761 -> 636 (documents), with a few more
+#   spills. Measured (H100, NOTES.md, fourteenth round): +4 % forward+backward on the 24-document
+#   case, +2 % on the 12-document one; -1..-3 % on the block-sparse causal cases (within noise, but
+#   every reading): on for the document-aligned kernels only.
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -435,8 +434,9 @@ def out_and_lse(q: torch.Tensor, dv: int, slack: int):
     """(out as out_like(q, dv), LSE: an uninitialised, contiguous float32 [B, Hq, Sq]) with ``slack``
     readable elements past the LSE's last row at no cost in memory: where slack is wanted the two share
     one allocation, the LSE first, so its slack is the start of out (autograd saves both, they live
-    as long). A slack of its own would add its size to every layer's saved tensors: 12 x 512 B put the
-    4096-token training step's peak 5 KB above flex_attention's (NOTES.md, fourteenth round)."""
+    as long; without a backward the LSE's bytes then live as long as out). A slack of its own would
+    add its size to every layer's saved tensors: 12 x 512 B put the 4096-token training step's peak
+    5 KB above flex_attention's (NOTES.md, fourteenth round)."""
     B, H, S, _ = q.shape
     if not slack:
         return out_like(q, dv), torch.empty((B, H, S), dtype=torch.float32, device=q.device)
