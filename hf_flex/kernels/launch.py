@@ -424,10 +424,9 @@ def row_slack(sparse_q: int, knob: str) -> int:
 def row_buffer(B: int, H: int, S: int, device, slack: int) -> torch.Tensor:
     """An uninitialised, contiguous float32 [B, H, S] buffer (delta) with ``slack`` readable elements
     past its last row."""
-    n = B * H * S
     if not slack:
         return torch.empty((B, H, S), dtype=torch.float32, device=device)
-    return torch.empty(n + slack, dtype=torch.float32, device=device)[:n].view(B, H, S)
+    return torch.empty(B * H * S + slack, dtype=torch.float32, device=device).as_strided((B, H, S), (H * S, S, 1))
 
 
 def out_and_lse(q: torch.Tensor, dv: int, slack: int):
@@ -440,15 +439,16 @@ def out_and_lse(q: torch.Tensor, dv: int, slack: int):
     B, H, S, _ = q.shape
     if not slack:
         return out_like(q, dv), torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    rows = B * H * S * 4
-    at = -(-rows // 256) * 256  # out on a 256-byte boundary (vector and TMA accesses)
-    size = B * H * S * dv * q.element_size()
-    buf = torch.empty(max(at + size, rows + slack * 4), dtype=torch.uint8, device=q.device)
-    lse = buf[:rows].view(torch.float32).view(B, H, S)
-    flat = buf[at:at + size].view(q.dtype)
-    if q.stride(1) < q.stride(2):  # out_like's layout
-        return flat.view(B, S, H, dv).transpose(1, 2), lse
-    return flat.view(B, H, S, dv), lse
+    # in float32 elements, 64 of which are 256 bytes: out on a 256-byte boundary (vector and TMA
+    # accesses), the whole a multiple of 256 bytes (a view of any element size)
+    rows = B * H * S
+    at = -(-rows // 64) * 64
+    end = max(at + -(-B * H * S * dv * q.element_size() // 256) * 64, -(-(rows + slack) // 64) * 64)
+    buf = torch.empty(end, dtype=torch.float32, device=q.device)
+    lse = buf.as_strided((B, H, S), (H * S, S, 1))
+    # out_like's layout: [B, S, H, Dv] seen transposed where q is, else [B, H, S, Dv]
+    strides = (S * H * dv, dv, H * dv, 1) if q.stride(1) < q.stride(2) else (H * S * dv, S * dv, dv, 1)
+    return buf.view(q.dtype).as_strided((B, H, S, dv), strides, at * 4 // q.element_size()), lse
 
 
 def _has_slack(t: torch.Tensor, slack: int) -> bool:
