@@ -290,32 +290,21 @@ class LaunchSpy:
 
 
 def poison_row_buffers(monkeypatch, *modules) -> list:
-    """Make launch.row_buffer and launch.out_and_lse (in launch and in ``modules``, which import them
-    by name) hand out memory whose every byte is 0xFF (a float32 NaN), slack and alignment gaps
-    included, so that anything a kernel reads without having written it carries NaN into its results
-    unless it is masked or selected away. Returns the allocations made (uint8 views of their storage)."""
+    """Make launch.row_buffer (in launch and in ``modules``, which import it by name) hand out memory
+    whose every byte is 0xFF (a float32 NaN), slack included, so that anything a kernel reads without
+    having written it carries NaN into its results unless it is masked or selected away. Returns the
+    allocations made (uint8 views of their storage)."""
     from hf_flex.kernels import launch
 
     made = []
-    real_rows, real_out = launch.row_buffer, launch.out_and_lse
-
-    def poison(t):
-        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-        made.append(raw.fill_(255))
+    real = launch.row_buffer
 
     def rows(*args):
-        t = real_rows(*args)
-        poison(t)
+        t = real(*args)
+        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        made.append(raw.fill_(255))
         return t
 
-    def out_lse(*args):
-        out, lse = real_out(*args)
-        poison(lse)
-        if out.untyped_storage().data_ptr() != lse.untyped_storage().data_ptr():
-            poison(out)
-        return out, lse
-
     for m in (launch, *modules):
-        monkeypatch.setattr(m, "row_buffer", rows, raising=False)
-        monkeypatch.setattr(m, "out_and_lse", out_lse, raising=False)
+        monkeypatch.setattr(m, "row_buffer", rows)
     return made

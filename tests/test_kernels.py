@@ -424,12 +424,11 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
 @pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkeypatch):
-    """SCHEDULE["row_select"] (off by default; on for the document-aligned kernels, test_varlen): the
-    backward reads LSE and delta up to a block past the end unmasked (backward.row_inputs; the slack
-    of launch.out_and_lse and row_buffer) and selects there. With every LSE / out / delta allocation
-    NaN before the kernels write it, lengths that end inside a block still match float64 (each head's
-    rows read the next head's, the last head's the slack), with the selects and with masked loads; the
-    knob is checked."""
+    """SCHEDULE["row_select"] (off by default, as varlen_row_select, test_varlen): the backward reads
+    LSE and delta up to a block past the end unmasked (backward.row_inputs; launch.row_buffer's
+    slack) and selects there. With every LSE / delta allocation NaN before the kernels write it,
+    lengths that end inside a block still match float64 (each head's rows read the next head's, the
+    last head's the slack), with the selects and with masked loads; the knob is checked."""
     from hf_flex.kernels import launch
 
     made = poison_row_buffers(monkeypatch)
@@ -445,37 +444,25 @@ def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkey
         check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("transposed", [False, True], ids=["bhsd", "bshd"])
-def test_lse_slack_shares_out(device, transposed, dtype):
-    """launch.out_and_lse: with a slack, the LSE's readable slack is the start of out (one allocation,
-    no bytes of its own), out 256 bytes aligned in it, disjoint from the LSE, in out_like's layout and
-    q's dtype; without, two tensors as before. backward_buffers keeps an LSE that has the slack it
-    needs and copies one that has not."""
+def test_row_buffer_slack(device):
+    """launch.row_buffer: a contiguous float32 [B, H, S] with the slack asked for readable past its
+    last row (none: a plain tensor); backward_buffers keeps an LSE that has the slack the backward
+    needs and copies one that has not; row_slack is 0 where the knob is off."""
     from hf_flex.kernels import launch
 
-    q = (torch.randn(2, 40, 3, 16, device=device).transpose(1, 2) if transposed
-         else torch.randn(2, 3, 40, 16, device=device)).to(dtype)
-    out, lse = launch.out_and_lse(q, 8, 128)
-    assert lse.shape == (2, 3, 40) and lse.dtype == torch.float32 and lse.is_contiguous()
-    out.fill_(1.0)
-    lse.fill_(2.0)
-    assert (out == 1.0).all() and (lse == 2.0).all()  # disjoint
-    assert out.shape == (2, 3, 40, 8) and out.dtype == q.dtype and out.stride() == launch.out_like(q, 8).stride()
-    assert out.untyped_storage().data_ptr() == lse.untyped_storage().data_ptr()
-    at = out.data_ptr() - lse.data_ptr()  # the allocation itself is aligned (512 B on CUDA)
-    assert at % 256 == 0 and at >= lse.numel() * 4 and lse.data_ptr() == lse.untyped_storage().data_ptr()
-    nbytes = at + out.numel() * out.element_size()
-    assert nbytes <= lse.untyped_storage().nbytes() < nbytes + 256  # nothing but out's rounding after out
-    assert launch._has_slack(lse, 128) and not launch._has_slack(lse, 10**6)
-    out0, lse0 = launch.out_and_lse(q, 8, 0)
-    assert out0.untyped_storage().data_ptr() != lse0.untyped_storage().data_ptr()
-    lse.copy_(torch.randn(2, 3, 40))
-    kept, *_ = launch.backward_buffers(q, lse, q, None, False, 128)
-    assert kept is lse
-    copied, *_ = launch.backward_buffers(q, lse0.copy_(lse), q, None, False, 128)
-    assert copied.data_ptr() != lse0.data_ptr() and torch.equal(copied, lse) and launch._has_slack(copied, 128)
-    assert launch.backward_buffers(q, lse0, q, None, False, 0)[0] is lse0
+    t = launch.row_buffer(2, 3, 40, device, 128)
+    assert t.shape == (2, 3, 40) and t.dtype == torch.float32 and t.is_contiguous()
+    assert launch._has_slack(t, 128) and not launch._has_slack(t, 10**6)
+    plain = launch.row_buffer(2, 3, 40, device, 0)
+    assert plain.untyped_storage().nbytes() == plain.numel() * 4 and not launch._has_slack(plain, 1)
+    q = torch.randn(2, 3, 40, 16, device=device)
+    t.copy_(torch.randn(2, 3, 40))
+    kept, *_ = launch.backward_buffers(q, t, q, None, False, 128)
+    assert kept is t
+    copied, *_ = launch.backward_buffers(q, plain.copy_(t), q, None, False, 128)
+    assert copied.data_ptr() != plain.data_ptr() and torch.equal(copied, t) and launch._has_slack(copied, 128)
+    assert launch.backward_buffers(q, plain, q, None, False, 0)[0] is plain
+    assert launch.row_slack(64, "row_select") == (128 if launch.SCHEDULE["row_select"] else 0)
 
 
 @pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])

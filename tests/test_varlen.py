@@ -221,11 +221,11 @@ def test_atomic_dq(device, small_tiles, calls, monkeypatch, layout, one_loop):
 
 @pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
 def test_row_slack_never_reaches_the_gradients(device, small_tiles, calls, monkeypatch, row_select):
-    """SCHEDULE["varlen_row_select"] (the default): the backward reads LSE and delta a tile past a
-    document's (and the row's) end unmasked (backward.row_inputs; the slack of launch.out_and_lse,
-    the start of out, and of row_buffer) and selects there. With every LSE / out / delta allocation
-    NaN before the kernels write it, the results still match float64 (the last tile ends past the
-    row: it reads the slack), with the selects and with masked loads."""
+    """SCHEDULE["varlen_row_select"] (off by default: the slack's cost in peak memory): the backward
+    reads LSE and delta a tile past a document's (and the row's) end unmasked (backward.row_inputs;
+    launch.row_buffer's slack) and selects there. With every LSE / delta allocation NaN before the
+    kernels write it, the results still match float64 (the last tile ends past the row: it reads the
+    slack), with the selects and with masked loads."""
     from hf_flex.kernels import launch_varlen
 
     monkeypatch.setitem(launch.SCHEDULE, "varlen_row_select", row_select)
@@ -238,7 +238,7 @@ def test_row_slack_never_reaches_the_gradients(device, small_tiles, calls, monke
     bm = hf_flex.create_block_mask(_mask(ids, device), B, None, S, S, device=device, BLOCK_SIZE=TILE)
     check_attention(q, k, v, mods.softcap(2.0), bm, enable_gqa=True)
     assert calls == ["varlen_forward", "varlen_backward"], calls
-    assert len(made) == (2 if row_select else 3)  # out and LSE one allocation with a slack, and delta
+    assert len(made) == 2  # LSE and delta
     assert [c["ROW_SELECT"] for c in spy.calls] == [row_select]
 
 

@@ -12,7 +12,7 @@ size, attn_bwd_delta_kernel) as they are, the size torch's flex backward allocat
 reach queries past the end (the partial-block loops of lengths that do not divide the block, the
 document kernels' diagonal and ragged steps) give those queries LSE +inf and delta 0, by masked loads
 or (ROW_SELECT) by selects after unmasked loads, which read up to a tile past the last row: then the
-buffers have that slack (launch.out_and_lse, row_buffer).
+buffers have that slack (launch.row_buffer).
 """
 
 import triton
@@ -98,7 +98,7 @@ def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr, SELECT: t
     LSE +inf and delta 0 (P = 0: they add nothing to dK, dV).
 
     SELECT: the loads carry no mask: LSE and delta are readable a tile of rows past their last row
-    (launch.out_and_lse, row_buffer), and what a query past Q_LEN reads there (the next row's values,
+    (launch.row_buffer), and what a query past Q_LEN reads there (the next row's values,
     or the slack's garbage) is replaced by a select. Masked loads instead cost the dK/dV loops about
     200 instructions a step (sm_90, Triton 3.6: per-element predicates kept as bits in a register for
     the asynchronous copies), the selects about 32."""

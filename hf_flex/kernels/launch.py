@@ -85,13 +85,13 @@ OVERRIDES: dict = {}
 #   default 64: measured +5-7 % forward+backward at D = 64, -7-8 % on causal GQA at D = 128, within
 #   noise elsewhere; NOTES.md, thirteenth round).
 # row_select (block-sparse kernels), varlen_row_select (document-aligned): the dK/dV loops that may
-#   reach queries past the end read LSE and delta unmasked (a slack past their last row: out_and_lse,
-#   row_buffer) and select +inf / 0 for those queries, instead of masked loads (backward.row_inputs'
-#   SELECT). Offline, sm_90: the document-aligned diagonal loop 858 -> 627 instructions a step, the
-#   block-sparse partial loops 693 -> 552 (causal) and 761 -> 636 (documents), with a few more
-#   spills. Measured (H100, NOTES.md, fourteenth round): +4 % forward+backward on the 24-document
-#   case, +2 % on the 12-document one; -1..-3 % on the block-sparse causal cases (within noise, but
-#   every reading): on for the document-aligned kernels only.
+#   reach queries past the end read LSE and delta unmasked (a slack past their last row: row_buffer)
+#   and select +inf / 0 for those queries, instead of masked loads (backward.row_inputs' SELECT).
+#   Offline, sm_90: the document-aligned diagonal loop 858 -> 627 instructions a step, the
+#   block-sparse partial loops 693 -> 552 (causal) and 761 -> 636 (documents). Measured (H100,
+#   NOTES.md, fourteenth round): +4 % forward+backward on the 24-document case, +2 % on the
+#   12-document one, -1..-3 % on the block-sparse causal cases; but the slack put the end-to-end
+#   step's peak memory 6 KB (4k) and 7 MiB (16k) higher, above flex_attention's: off by default.
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -126,7 +126,7 @@ SCHEDULE: dict = {
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
-    "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": True,
+    "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
 }
 
 
@@ -362,7 +362,8 @@ def flex_forward(
     if ahead not in ("none", "full", "both"):
         raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
-    out, lse = out_and_lse(q, DV, row_slack(sq, "row_select"))
+    out = out_like(q, DV)
+    lse = row_buffer(B, HQ, SQ, q.device, row_slack(sq, "row_select"))
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     heads_first = _per_mask("heads_first", packed_documents)
@@ -422,33 +423,13 @@ def row_slack(sparse_q: int, knob: str) -> int:
 
 
 def row_buffer(B: int, H: int, S: int, device, slack: int) -> torch.Tensor:
-    """An uninitialised, contiguous float32 [B, H, S] buffer (delta) with ``slack`` readable elements
-    past its last row."""
+    """An uninitialised, contiguous float32 [B, H, S] buffer (LSE, delta) with ``slack`` readable
+    elements past its last row (0: a plain [B, H, S] tensor). The slack costs more than its bytes: the
+    caching allocator rounds every block to 512 bytes and moves a 1 MiB buffer (16k tokens, 16 heads)
+    to its large pool, and a 16k training step's peak grew by 7 MiB (NOTES.md, fourteenth round)."""
     if not slack:
         return torch.empty((B, H, S), dtype=torch.float32, device=device)
     return torch.empty(B * H * S + slack, dtype=torch.float32, device=device).as_strided((B, H, S), (H * S, S, 1))
-
-
-def out_and_lse(q: torch.Tensor, dv: int, slack: int):
-    """(out as out_like(q, dv), LSE: an uninitialised, contiguous float32 [B, Hq, Sq]) with ``slack``
-    readable elements past the LSE's last row at no cost in memory: where slack is wanted the two share
-    one allocation, the LSE first, so its slack is the start of out (autograd saves both, they live
-    as long; without a backward the LSE's bytes then live as long as out). A slack of its own would
-    add its size to every layer's saved tensors: 12 x 512 B put the 4096-token training step's peak
-    5 KB above flex_attention's (NOTES.md, fourteenth round)."""
-    B, H, S, _ = q.shape
-    if not slack:
-        return out_like(q, dv), torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    # in float32 elements, 64 of which are 256 bytes: out on a 256-byte boundary (vector and TMA
-    # accesses), the whole a multiple of 256 bytes (a view of any element size)
-    rows = B * H * S
-    at = -(-rows // 64) * 64
-    end = max(at + -(-B * H * S * dv * q.element_size() // 256) * 64, -(-(rows + slack) // 64) * 64)
-    buf = torch.empty(end, dtype=torch.float32, device=q.device)
-    lse = buf.as_strided((B, H, S), (H * S, S, 1))
-    # out_like's layout: [B, S, H, Dv] seen transposed where q is, else [B, H, S, Dv]
-    strides = (S * H * dv, dv, H * dv, 1) if q.stride(1) < q.stride(2) else (H * S * dv, S * dv, dv, 1)
-    return buf.view(q.dtype).as_strided((B, H, S, dv), strides, at * 4 // q.element_size()), lse
 
 
 def _has_slack(t: torch.Tensor, slack: int) -> bool:
@@ -459,7 +440,7 @@ def _has_slack(t: torch.Tensor, slack: int) -> bool:
 def backward_buffers(q, lse, dout, dlse, warmup: bool, slack: int):
     """(lse, dout, dlse, delta) as the backward kernels read them: dout and dlse with unit last
     strides, lse contiguous (the loops read lse and delta with lse's strides) with ``slack`` readable
-    elements past its last row (out_and_lse: the forwards allocate it so; any other is copied), and
+    elements past its last row (row_buffer: the forwards allocate it so; any other is copied), and
     delta, the one per-row buffer, as torch's flex backward allocates, with the same slack (lse itself
     stands in for it in a warm-up, which launches nothing). ``slack`` 0: no slack needed."""
     B, HQ, SQ = q.shape[:3]

@@ -11,8 +11,8 @@ import torch
 from . import cdiv as _cdiv
 from .launch import (
     SCHEDULE, _common, _dot_prec, _launcher, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
-    bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, out_and_lse, row_slack,
-    use_atomic_dq,
+    bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, out_like, row_buffer,
+    row_slack, use_atomic_dq,
 )
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
@@ -64,7 +64,8 @@ def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_ar
     them, for and_masks(causal(), document(ids)) with spans = document_spans(ids)."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = fwd_tiles(DP, DVP, q.element_size(), 128, 128)
-    out, lse = out_and_lse(q, DV, row_slack(tile, "varlen_row_select"))
+    out = out_like(q, DV)
+    lse = row_buffer(B, HQ, SQ, q.device, row_slack(tile, "varlen_row_select"))
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     n_programs = _cdiv(SQ, tile)
     heads_first = _per_mask("heads_first", True)  # the mask packs documents
