@@ -93,15 +93,15 @@ def store_pair(A, B_, a, b, offs, rows_in, stride_am, stride_ad, stride_bm, stri
 
 
 @triton.jit
-def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr, SELECT: tl.constexpr = True):
+def row_inputs(LSE_ptr, DELTA_ptr, offs_m, Q_LEN, CHECK: tl.constexpr, SELECT: tl.constexpr = False):
     """(LSE in log2 units, delta) of queries ``offs_m``; CHECK: some may lie past Q_LEN, which read
     LSE +inf and delta 0 (P = 0: they add nothing to dK, dV).
 
-    SELECT: the loads carry no mask: LSE and delta are readable a tile of rows past their last row
-    (launch.row_buffer), and what a query past Q_LEN reads there (the next row's values,
-    or the slack's garbage) is replaced by a select. Masked loads instead cost the dK/dV loops about
-    200 instructions a step (sm_90, Triton 3.6: per-element predicates kept as bits in a register for
-    the asynchronous copies), the selects about 32."""
+    SELECT, only where LSE and delta are readable a tile of rows past their last row (launch.row_buffer's
+    slack): the loads carry no mask, and what a query past Q_LEN reads there (the next row's values, or
+    the slack's garbage) is replaced by a select. Masked loads instead cost the dK/dV loops about 200
+    instructions a step (sm_90, Triton 3.6: per-element predicates kept as bits in a register for the
+    asynchronous copies), the selects about 32. The dQ programs read their rows once: masked."""
     if not CHECK:
         return tl.load(LSE_ptr + offs_m), tl.load(DELTA_ptr + offs_m)
     q_ok = offs_m < Q_LEN
@@ -146,7 +146,7 @@ def _dkdv_inner(
     base2=0,
     DQ_DESC=None,
     DP_FIRST: tl.constexpr = False,
-    ROW_SELECT: tl.constexpr = True,
+    ROW_SELECT: tl.constexpr = False,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
@@ -279,7 +279,7 @@ def _dkdv_program(
     FLAT_GROUP: tl.constexpr = False,
     DQ_DESC=None,
     DP_FIRST: tl.constexpr = False,
-    ROW_SELECT: tl.constexpr = True,
+    ROW_SELECT: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
 
@@ -523,7 +523,7 @@ def attn_bwd_dkdv_kernel(
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
     DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
     DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
-    ROW_SELECT: tl.constexpr = True,  # see _dkdv_inner
+    ROW_SELECT: tl.constexpr = False,  # see _dkdv_inner
 ):
     pid_n, pid_bh = tile_and_head(HEADS_FIRST, False)  # key tile 0 first: the longest under causal masks
     _dkdv_program(
@@ -614,7 +614,7 @@ def attn_bwd_kernel(
     Q_DESC=None, DO_DESC=None, K_DESC=None, V_DESC=None,  # tensor descriptors (TMA), or pointer loads
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
     DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
-    ROW_SELECT: tl.constexpr = True,  # see _dkdv_inner
+    ROW_SELECT: tl.constexpr = False,  # see _dkdv_inner
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
     # per (batch, key head) its dK/dV programs then the dQ programs of its query heads. Within a pass,

@@ -245,7 +245,7 @@ def attn_bwd_varlen_kernel(
     ATOMIC_DQ: tl.constexpr = False,  # the dK/dV programs add dQ into DQ (float32, zeroed); no dQ programs
     DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
     DP_FIRST: tl.constexpr = False,  # see backward._dkdv_inner
-    ROW_SELECT: tl.constexpr = True,  # see backward._dkdv_inner
+    ROW_SELECT: tl.constexpr = False,  # see backward._dkdv_inner
 ):
     """dK, dV (programs 0 .. N_DKDV - 1: tile slot major, (batch, key head) minor; slots 0 ..
     N_PROGRAMS - 1 one tile each, the N_OVER slots after them the rest of the list) and dQ (the rest
