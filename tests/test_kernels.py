@@ -447,7 +447,7 @@ def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkey
 def test_row_buffer_slack(device):
     """launch.row_buffer: a contiguous float32 [B, H, S] with the slack asked for readable past its
     last row (none: a plain tensor); backward_buffers keeps an LSE that has the slack the backward
-    needs and copies one that has not; row_slack is 0 where the knob is off."""
+    needs and copies one that has not; row_slack is 0 without the selects."""
     from hf_flex.kernels import launch
 
     t = launch.row_buffer(2, 3, 40, device, 128)
@@ -462,7 +462,7 @@ def test_row_buffer_slack(device):
     copied, *_ = launch.backward_buffers(q, plain.copy_(t), q, None, False, 128)
     assert copied.data_ptr() != plain.data_ptr() and torch.equal(copied, t) and launch._has_slack(copied, 128)
     assert launch.backward_buffers(q, plain, q, None, False, 0)[0] is plain
-    assert launch.row_slack(64, "row_select") == (128 if launch.SCHEDULE["row_select"] else 0)
+    assert launch.row_slack(64, launch.SCHEDULE["row_select"]) == (128 if launch.SCHEDULE["row_select"] else 0)
 
 
 @pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])

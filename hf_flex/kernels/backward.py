@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .forward import (
-    _reversed, block_start, kv_tiles, partial_list, run_start, scores_tile, tile_and_head, tile_positions, tma_tiles,
-    two_tables_start,
+    _reversed, block_start, kv_tiles, partial_list, run_start, scores_tile, tile_and_head, tile_positions, tile_rows,
+    tma_tiles, two_tables_start,
 )
 
 
@@ -298,9 +298,7 @@ def _dkdv_program(
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
     col = start_n // SPARSE_KV
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_in = offs_n < KV_LEN
-    kv_idx = tl.minimum(offs_n, KV_LEN - 1)[:, None]
+    offs_n, kv_in, kv_idx = tile_rows(start_n, KV_LEN, KV_LEN, BLOCK_N)
     k, v = load_pair(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, offs_n, kv_in,
                      stride_kn, stride_kd, stride_vn, stride_vd, D, DP, DV, DVP)
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
@@ -458,9 +456,7 @@ def _dq_program(
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
     row = start_m // SPARSE_Q
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_in = offs_m < Q_LEN
-    q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
+    offs_m, q_in, q_idx = tile_rows(start_m, Q_LEN, Q_LEN, BLOCK_M)
     q, do = load_pair(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, offs_m, q_in,
                       stride_qm, stride_qd, stride_dom, stride_dod, D, DP, DV, DVP)
     lse2, delta = row_inputs(LSE + b * stride_lb + h * stride_lh, DELTA + b * stride_lb + h * stride_lh, offs_m,

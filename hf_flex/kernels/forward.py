@@ -130,6 +130,15 @@ def two_tables_start(idx_ptr, n_first, IDX2, i, SUB: tl.constexpr, SPARSE: tl.co
 
 
 @triton.jit
+def tile_rows(start, rows_end, LEN, TILE: tl.constexpr):
+    """(offs [TILE], rows_in [TILE], idx [TILE, 1]) of a program's rows start .. start + TILE - 1: those
+    before ``rows_end`` are its own (loaded, stored), and the positions the mods see are clamped to
+    LEN - 1 (mods never see positions past the end)."""
+    offs = start + tl.arange(0, TILE)
+    return offs, offs < rows_end, tl.minimum(offs, LEN - 1)[:, None]
+
+
+@triton.jit
 def tile_positions(offs, LEN, CHECK: tl.constexpr):
     """[1, n] positions the mods see for rows ``offs`` [n]: clamped to LEN - 1 when CHECK (rows past
     the end exist), so a mod never reads past its tensors."""
@@ -315,10 +324,8 @@ def attn_fwd_kernel(
     start_m = pid_m * BLOCK_M
     row = start_m // SPARSE_Q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, q_in, q_idx = tile_rows(start_m, Q_LEN, Q_LEN, BLOCK_M)
     offs_d = tl.arange(0, DP)
-    q_in = offs_m < Q_LEN
-    q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]  # mods never see positions past the end
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
         mask=q_in[:, None] & (offs_d[None, :] < D),

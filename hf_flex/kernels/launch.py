@@ -363,7 +363,7 @@ def flex_forward(
         raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
     t = fwd_tiles(DP, DVP, q.element_size(), sq, skv)
     out = out_like(q, DV)
-    lse = row_buffer(B, HQ, SQ, q.device, row_slack(sq, "row_select"))
+    lse = row_buffer(B, HQ, SQ, q.device, row_slack(sq, bool_knob("row_select")))
     s_nb, s_nh, s_ib, s_ih, _ = tables.strides()
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     heads_first = _per_mask("heads_first", packed_documents)
@@ -414,12 +414,12 @@ def _launcher(warmup: bool):
     return go
 
 
-def row_slack(sparse_q: int, knob: str) -> int:
-    """Elements the backward may read past the last row of LSE and delta where SCHEDULE[knob]
-    (row_select, varlen_row_select) has it read them unmasked and select past the end
-    (backward.row_inputs), else 0: a tile of rows is at most the block mask's query block
-    (block-sparse kernels) or 128 (the dQ programs' rows; the document-aligned tiles)."""
-    return max(sparse_q, 128) if bool_knob(knob) else 0
+def row_slack(sparse_q: int, selects: bool) -> int:
+    """Elements the backward may read past the last row of LSE and delta where it reads them unmasked
+    and selects past the end (``selects``: SCHEDULE row_select / varlen_row_select, backward.row_inputs),
+    else 0: a tile of rows is at most the block mask's query block (block-sparse kernels) or 128 (the
+    document-aligned tiles)."""
+    return max(sparse_q, 128) if selects else 0
 
 
 def row_buffer(B: int, H: int, S: int, device, slack: int) -> torch.Tensor:
@@ -540,7 +540,8 @@ def flex_backward(
     sq, skv = sparse
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)
     t2 = dq_tiles(DP, DVP, q.element_size(), sq, skv)
-    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(sq, "row_select"))
+    row_select = bool_knob("row_select")
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(sq, row_select))
 
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
@@ -564,7 +565,6 @@ def flex_backward(
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
     one_loop = SCHEDULE["bwd_one_loop"]
     dpf = dp_first("bwd_dp_first", DP, DVP)
-    row_select = bool_knob("row_select")
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
     flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
                   and not one_loop and not SCHEDULE["bwd_index_ahead"])

@@ -65,7 +65,7 @@ def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_ar
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = fwd_tiles(DP, DVP, q.element_size(), 128, 128)
     out = out_like(q, DV)
-    lse = row_buffer(B, HQ, SQ, q.device, row_slack(tile, "varlen_row_select"))
+    lse = row_buffer(B, HQ, SQ, q.device, row_slack(tile, bool_knob("varlen_row_select")))
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     n_programs = _cdiv(SQ, tile)
     heads_first = _per_mask("heads_first", True)  # the mask packs documents
@@ -95,7 +95,8 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     atomic = use_atomic_dq("varlen_atomic_dq", score_param_grad_fn)
     if atomic and warmup:
         return None
-    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(tile, "varlen_row_select"))
+    row_select = bool_knob("varlen_row_select")
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(tile, row_select))
     go = _launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
     q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)
@@ -120,7 +121,7 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
         DKDV_BLOCK_M=t.block_m, DQ_BLOCK_N=t2.block_n, D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=_dot_prec(q.dtype),
         FLAT_GROUP=HQ > HKV and SCHEDULE["bwd_flat_group"] is not False, ONE_LOOP=SCHEDULE["varlen_one_loop"],
         Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, ATOMIC_DQ=atomic, DQ_DESC=dq_desc,
-        DP_FIRST=dp_first("varlen_dp_first", DP, DVP), ROW_SELECT=bool_knob("varlen_row_select"),
+        DP_FIRST=dp_first("varlen_dp_first", DP, DVP), ROW_SELECT=row_select,
         num_warps=t.num_warps, num_stages=SCHEDULE["varlen_bwd_stages"] or t.num_stages,
     )
     if warmup:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .backward import _dkdv_inner, _dq_inner, load_pair, row_inputs, store_pair, store_tile
-from .forward import _fwd_inner, store_rows, tile_and_head
+from .forward import _fwd_inner, store_rows, tile_and_head, tile_rows
 
 
 @triton.jit
@@ -90,9 +90,7 @@ def attn_fwd_varlen_kernel(
     for t in range(pid_t, n_tiles, N_PROGRAMS):
         start_m, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
         q_end = tl.minimum(start_m + TILE, end)
-        offs_m = start_m + tl.arange(0, TILE)
-        q_in = offs_m < q_end
-        q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]  # mods never see positions past the end
+        offs_m, q_in, q_idx = tile_rows(start_m, q_end, Q_LEN, TILE)
         q = tl.load(
             Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=q_in[:, None] & (offs_d[None, :] < D),
@@ -148,9 +146,7 @@ def _dkdv_tile(
      stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_lb, stride_lh) = strides
     start_n, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
     kv_end = tl.minimum(start_n + TILE, end)
-    offs_n = start_n + tl.arange(0, TILE)
-    kv_in = offs_n < kv_end
-    kv_idx = tl.minimum(offs_n, Q_LEN - 1)[:, None]
+    offs_n, kv_in, kv_idx = tile_rows(start_n, kv_end, Q_LEN, TILE)
     k, v = load_pair(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, offs_n, kv_in,
                      stride_kn, stride_kd, stride_vn, stride_vd, D, DP, DV, DVP)
     dk = tl.zeros([TILE, DP], tl.float32)
@@ -299,9 +295,7 @@ def attn_bwd_varlen_kernel(
         for t in range(p // n_q_heads, n_tiles, N_PROGRAMS):
             start_m, lo, end = doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
             q_end = tl.minimum(start_m + TILE, end)
-            offs_m = start_m + tl.arange(0, TILE)
-            q_in = offs_m < q_end
-            q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
+            offs_m, q_in, q_idx = tile_rows(start_m, q_end, Q_LEN, TILE)
             q, do = load_pair(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, offs_m, q_in,
                               stride_qm, stride_qd, stride_dom, stride_dod, D, DP, DV, DVP)
             # rows past the tile (the next document's) read LSE +inf: P = 0, nothing reaches the
