@@ -59,6 +59,10 @@ SCHEDULES = {
     # LSE / delta of queries past the end by masked loads / by selects (backward.row_inputs)
     "row_masked": {"row_select": False, "varlen_row_select": False},
     "row_select": {"row_select": True, "varlen_row_select": True},
+    # fifteenth round: the block-sparse full-block loops at 3 stages (the kernel's other loops at 2)
+    "full_s3": {"bwd_full_stages": 3},
+    "full_s3_dq": {"bwd_full_stages": 3, "bwd_dq_full_stages": 3},
+    "dq_full_s3": {"bwd_dq_full_stages": 3},
     "dp_first": {"bwd_dp_first": True, "varlen_dp_first": True},
     "varlen_dp_first": {"varlen_dp_first": True},
     "block_dp_first": {"varlen": False, "bwd_dp_first": True},

@@ -421,6 +421,34 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
         check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+def test_full_loop_stages(device, fused, monkeypatch):
+    """SCHEDULE["bwd_full_stages"] / ["bwd_dq_full_stages"]: the full-block loops pipelined 3 deep while
+    the kernel's other loops keep its depth (on a GPU the pipeliner runs; Triton's interpreter has
+    none, so on the CPU this checks what reaches the launches): the same answers (ragged lengths, GQA,
+    a score mod's derivative, documents and a sliding window, 128-key blocks walked in tiles); 0
+    passes no depth; anything but an int from 0 to 6 is refused by name."""
+    from hf_flex.kernels import launch
+
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_full_stages", 3)
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_dq_full_stages", 3)
+    spy = _spy_dkdv_launches(monkeypatch, fused)
+    for Sq, Skv, bs, mask in ((113, 70, (32, 16), "causal&document"), (50, 300, (32, 128), "causal&sliding")):
+        q, k, v = rand_qkv(2, 4, 2, Sq, Skv, 16, dtype=torch.float32, device=device, seed=71)
+        check_attention(q, k, v, mods.softcap(3.0), _block_mask(mask, 2, 4, Sq, Skv, device, bs, seed=73),
+                        enable_gqa=True)
+    want = [(3, 3)] * 2 if fused else [(3, None)] * 2  # the two-launch dQ kernel keeps its depth
+    assert [(c["FULL_STAGES"], c.get("DQ_FULL_STAGES")) for c in spy.calls] == want
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_full_stages", 0)
+    monkeypatch.setitem(launch.SCHEDULE, "bwd_dq_full_stages", 0)
+    check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
+    assert spy.calls[-1]["FULL_STAGES"] is None
+    for bad in (True, 7, "3"):
+        monkeypatch.setitem(launch.SCHEDULE, "bwd_full_stages", bad)
+        with pytest.raises(ValueError, match=r'SCHEDULE\["bwd_full_stages"\]'):
+            check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
+
+
 @pytest.mark.parametrize("row_select", [True, False], ids=["selects", "masked_loads"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
 def test_row_slack_never_reaches_the_gradients(device, fused, row_select, monkeypatch):

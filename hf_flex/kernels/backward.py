@@ -147,6 +147,7 @@ def _dkdv_inner(
     DQ_DESC=None,
     DP_FIRST: tl.constexpr = False,
     ROW_SELECT: tl.constexpr = False,
+    STAGES: tl.constexpr = None,
 ):
     """dK, dV accumulated over the query blocks ``idx_ptr[:n_blocks]`` lists. With IDX2 (one loop), then
     over ``IDX2[:n_blocks2]`` in the same loop: the caller passes the partial blocks first, the full
@@ -171,7 +172,9 @@ def _dkdv_inner(
     waited for with S^T, and P^T dO runs under dS's work.
 
     ROW_SELECT: queries past Q_LEN get LSE +inf and delta 0 by selects after unmasked loads (row_inputs'
-    SELECT), not by masked loads."""
+    SELECT), not by masked loads.
+
+    STAGES: this loop's software-pipelining depth where it differs from the kernel's num_stages."""
     SUB: tl.constexpr = SPARSE_Q // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
@@ -179,7 +182,7 @@ def _dkdv_inner(
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_Q, True)
     per_head = (n_blocks + n_blocks2) * SUB
-    for it in range(0, per_head * n_heads):
+    for it in tl.range(0, per_head * n_heads, num_stages=STAGES):
         if FLAT:
             g = it // per_head
             i = it - g * per_head
@@ -280,8 +283,10 @@ def _dkdv_program(
     DQ_DESC=None,
     DP_FIRST: tl.constexpr = False,
     ROW_SELECT: tl.constexpr = False,
+    FULL_STAGES: tl.constexpr = None,
 ):
     """dK, dV of BLOCK_N keys of one (batch, key head): program (pid_n, pid_bh) of the dK/dV pass.
+    FULL_STAGES: the full-block loop's pipelining depth where it differs from the kernel's.
 
     FLAT_GROUP: the tables are the same for every head (broadcast), so each loop walks its blocks for
     all GROUP query heads of this key head in one pipelined loop (_dkdv_inner's FLAT) instead of a
@@ -342,6 +347,7 @@ def _dkdv_program(
                 KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_Q, BLOCK_M,
                 D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, None, 0,
                 FLAT_GROUP, n_heads, stride_qh, stride_doh, stride_lh, stride_dqh, DQ_DESC=DQ_DESC, DP_FIRST=DP_FIRST, ROW_SELECT=ROW_SELECT,
+                STAGES=FULL_STAGES,
             )
     store_pair(DK + b * stride_dkb + hk * stride_dkh, DV_ + b * stride_dvb + hk * stride_dvh, dk * sm_scale, dv,
                offs_n, kv_in, stride_dkn, stride_dkd, stride_dvn, stride_dvd, D, DP, DV, DVP)
@@ -371,16 +377,17 @@ def _dq_inner(
     n_blocks2=0,
     base=0,
     base2=0,
+    STAGES: tl.constexpr = None,
 ):
     """dQ accumulated over the key blocks ``idx_ptr[:n_blocks]`` lists, then (IDX2, one loop) over
     ``IDX2[:n_blocks2]`` in the same loop, as in :func:`_dkdv_inner` (``idx_ptr`` None: consecutive
-    blocks from ``base``, then from ``base2``)."""
+    blocks from ``base``, then from ``base2``). STAGES: as in :func:`_dkdv_inner`."""
     SUB: tl.constexpr = SPARSE_KV // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     start = 0
     if AHEAD:
         start = block_start(idx_ptr, -1, n_blocks, start, SUB, SPARSE_KV, True)
-    for i in range(0, (n_blocks + n_blocks2) * SUB):
+    for i in tl.range(0, (n_blocks + n_blocks2) * SUB, num_stages=STAGES):
         if IDX2 is not None:
             start = two_tables_start(idx_ptr, n_blocks, IDX2, i, SUB, SPARSE_KV)
         elif idx_ptr is None:
@@ -447,8 +454,10 @@ def _dq_program(
     DOT_PREC: tl.constexpr,
     AHEAD_FULL: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
+    FULL_STAGES: tl.constexpr = None,
 ):
     """dQ of BLOCK_M queries of one (batch, query head): program (pid_m, pid_bh) of the dQ pass.
+    FULL_STAGES: as in :func:`_dkdv_program`.
     ONE_LOOP: partial and full key blocks in one loop, as in :func:`_dkdv_program`. PARTIAL_KV <
     SPARSE_KV: the partial loop walks the live halves of the partial key blocks (KVH_NUM / KVH_IDX)."""
     b = pid_bh // HQ
@@ -486,7 +495,7 @@ def _dq_program(
             FKV_IDX + idx_off, tl.load(FKV_NUM + num_off), b, h, mb, mh, q_idx, KV_LEN, sm_scale,
             mask_args, score_args, score_grads, K_DESC, V_DESC, hk,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, False, KV_DIVISIBLE or TAIL_PARTIAL, SPARSE_KV,
-            BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL,
+            BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, STAGES=FULL_STAGES,
         )
     store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m, q_in, stride_dqm, stride_dqd, D, DP)
 
@@ -520,6 +529,7 @@ def attn_bwd_dkdv_kernel(
     DQ_DESC=None,  # ATOMIC_DQ: a descriptor over DQ for the bulk reduction (TMA), or pointer atomics
     DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
     ROW_SELECT: tl.constexpr = False,  # see _dkdv_inner
+    FULL_STAGES: tl.constexpr = None,  # see _dkdv_program
 ):
     pid_n, pid_bh = tile_and_head(HEADS_FIRST, False)  # key tile 0 first: the longest under causal masks
     _dkdv_program(
@@ -534,7 +544,7 @@ def attn_bwd_dkdv_kernel(
         DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd, Q_DESC, DO_DESC,
         MASK_MOD, SCORE_MOD, SCORE_GRAD, ATOMIC_DQ, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q, SPARSE_KV,
         BLOCK_M, BLOCK_N,
-        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, DQ_DESC, DP_FIRST, ROW_SELECT,
+        D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, DQ_DESC, DP_FIRST, ROW_SELECT, FULL_STAGES,
     )
 
 
@@ -611,6 +621,8 @@ def attn_bwd_kernel(
     FLAT_GROUP: tl.constexpr = False,  # see _dkdv_program
     DP_FIRST: tl.constexpr = False,  # see _dkdv_inner
     ROW_SELECT: tl.constexpr = False,  # see _dkdv_inner
+    FULL_STAGES: tl.constexpr = None,  # the dK/dV programs' full-block loop depth (_dkdv_program)
+    DQ_FULL_STAGES: tl.constexpr = None,  # the dQ programs' (_dq_program's FULL_STAGES)
 ):
     # programs: every dK/dV program first, then every dQ program; or (INTERLEAVE, torch flex's order)
     # per (batch, key head) its dK/dV programs then the dQ programs of its query heads. Within a pass,
@@ -655,7 +667,7 @@ def attn_bwd_kernel(
             MASK_MOD_BY_KEY, SCORE_MOD, SCORE_GRAD, False, Q_DIVISIBLE, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, PARTIAL_Q,
             SPARSE_KV,
             DKDV_BLOCK_M, DKDV_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, FLAT_GROUP, None, DP_FIRST,
-            ROW_SELECT,
+            ROW_SELECT, FULL_STAGES,
         )
     else:
         _dq_program(
@@ -667,5 +679,5 @@ def attn_bwd_kernel(
             KV_NUM, KV_IDX, FKV_NUM, FKV_IDX, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, KVH_NUM, KVH_IDX,
             Q_LEN, KV_LEN, HQ, GROUP, sm_scale, mask_args, score_args, score_grads, K_DESC, V_DESC,
             MASK_MOD, SCORE_MOD, SCORE_GRAD, SCORE_PARAM_GRAD, KV_DIVISIBLE, TAIL_PARTIAL, SPARSE_Q, SPARSE_KV, PARTIAL_KV,
-            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP,
+            DQ_BLOCK_M, DQ_BLOCK_N, D, DP, DV, DVP, DOT_PREC, AHEAD_FULL, ONE_LOOP, DQ_FULL_STAGES,
         )

@@ -92,6 +92,12 @@ OVERRIDES: dict = {}
 #   NOTES.md, fourteenth round): +4 % forward+backward on the 24-document case, +2 % on the
 #   12-document one, -1..-3 % on the block-sparse causal cases; but the slack put the end-to-end
 #   step's peak memory 6 KB (4k) and 7 MiB (16k) higher, above flex_attention's: off by default.
+# bwd_full_stages, bwd_dq_full_stages (block-sparse kernels): the software-pipelining depth of the
+#   dK/dV programs' (dQ programs') full-block loop where it should differ from the kernel's num_stages
+#   (0: the kernel's). The partial-block loops spill at 3 stages (sm_90, D=128: 645 -> 807 instructions
+#   a step with 13 spill accesses), the full-block loop does not (400 -> 451, no spills); a standalone
+#   copy of the document kernels' loop without mask read 495 TFLOP/s at 2 stages, 561 at 3 (H100,
+#   scripts/gluon_dkdv_proto.py). Measured in NOTES.md (fifteenth round).
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -127,6 +133,7 @@ SCHEDULE: dict = {
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
+    "bwd_full_stages": 0, "bwd_dq_full_stages": 0,
 }
 
 
@@ -476,6 +483,15 @@ def dp_first(knob: str, dp: int, dvp: int) -> bool:
     return max(dp, dvp) <= value
 
 
+def loop_stages(knob: str):
+    """SCHEDULE[knob] (bwd_full_stages, bwd_dq_full_stages) as a loop's num_stages constexpr: None for 0
+    (the kernel's depth), else the depth (an int from 1 to 6)."""
+    value = SCHEDULE[knob]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 6:
+        raise ValueError(f'SCHEDULE["{knob}"] must be an int from 0 (the kernel\'s depth) to 6, got {value!r}')
+    return value or None
+
+
 def bool_knob(knob: str) -> bool:
     """SCHEDULE[knob], which must be True or False (it becomes a kernel's constexpr)."""
     value = SCHEDULE[knob]
@@ -565,6 +581,7 @@ def flex_backward(
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
     one_loop = SCHEDULE["bwd_one_loop"]
     dpf = dp_first("bwd_dp_first", DP, DVP)
+    full_stages, dq_full_stages = loop_stages("bwd_full_stages"), loop_stages("bwd_dq_full_stages")
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
     flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
                   and not one_loop and not SCHEDULE["bwd_index_ahead"])
@@ -580,7 +597,7 @@ def flex_backward(
             mask_args, score_args, dq_out, *dq_out.stride(),
             Q_DIVISIBLE=_divides(SQ, sq), BLOCK_M=t.block_m, BLOCK_N=t.block_n, ATOMIC_DQ=atomic_dq, PARTIAL_Q=partial_q,
             Q_DESC=q_desc, DO_DESC=do_desc, FLAT_GROUP=flat_group, DQ_DESC=dq_desc, DP_FIRST=dpf,
-            ROW_SELECT=row_select, **dict(common, MASK_MOD=by_key),
+            ROW_SELECT=row_select, FULL_STAGES=full_stages, **dict(common, MASK_MOD=by_key),
         )
 
     if atomic:
@@ -605,7 +622,7 @@ def flex_backward(
             DKDV_BLOCK_M=t.block_m, DKDV_BLOCK_N=t.block_n, DQ_BLOCK_M=t2.block_m, DQ_BLOCK_N=t2.block_n,
             REVERSE_M=SCHEDULE["reverse_m"], INTERLEAVE=SCHEDULE["bwd_interleave"], MASK_MOD_BY_KEY=by_key,
             Q_DESC=q_desc, DO_DESC=do_desc, K_DESC=k_desc, V_DESC=v_desc, FLAT_GROUP=flat_group,
-            DP_FIRST=dpf, ROW_SELECT=row_select, **common,
+            DP_FIRST=dpf, ROW_SELECT=row_select, FULL_STAGES=full_stages, DQ_FULL_STAGES=dq_full_stages, **common,
         )
         return None if warmup else (dq, dk, dv, delta)
     dkdv_pass(dq, False)  # dq: not written here (the dQ launch below writes it)
