@@ -339,12 +339,15 @@ def _interleaved(spec: dict, res: dict, device, dtype) -> dict:
     """The variants' training steps taken in turn on one model in one process (see :func:`run_e2e`).
 
     First each variant's forward+backward on the initial weights (no update: its loss is checked against
-    the reference, and its kernels compile), then ``warm`` rounds, then ``rounds`` timed rounds of one
-    step per variant, the order rotated every round so that no variant always follows the same one.
-    The floor and the variant share the machine's state of the moment (clocks, host load, allocator
-    cache): ``overhead_ms`` of a variant is the median over rounds of (its step - the floor's step in
-    the same round). With ``profile``, one more step per variant under torch.profiler: GPU time per
-    kernel name."""
+    the reference, and its kernels compile), then ``warm`` rounds, then ``rounds`` timed rounds of ``turn_steps``
+    (default 2) steps per variant, the order rotated every round so that no variant always follows the
+    same one. The floor and the variant share the machine's state of the moment (clocks, host load,
+    allocator cache): ``overhead_ms`` of a variant is the median over rounds of (its last step of the
+    turn - the floor's in the same round). The first step of a turn follows a switch of attention
+    implementation (set_attn_implementation, another variant's memory pattern in the allocator), which
+    no training run has: those steps are kept apart (``switch_step_times_s``,
+    ``overhead_ms_after_switch``; fifteenth round, NOTES.md). With ``profile``, one more step per variant
+    under torch.profiler: GPU time per kernel name."""
     import torch
 
     names = list(spec["variants"])
@@ -381,16 +384,25 @@ def _interleaved(spec: dict, res: dict, device, dtype) -> dict:
     for _ in range(spec["warm"]):
         for v in names:
             timed(v)
+    turn = spec.get("turn_steps", 2)
+    if turn < 1:
+        raise ValueError(f"turn_steps must be at least 1, got {turn}")
     times = {v: [] for v in names}
+    after_switch = {v: [] for v in names}
     for r in range(spec["rounds"]):
         for v in names[r % len(names):] + names[: r % len(names)]:
-            times[v].append(timed(v)[0])
-    res.update(n_docs=len(lens), variants=names, rounds=spec["rounds"], warm=spec["warm"])
+            turn_times = [timed(v)[0] for _ in range(turn)]
+            after_switch[v].append(turn_times[0])
+            times[v].append(turn_times[-1])
+    res.update(n_docs=len(lens), variants=names, rounds=spec["rounds"], warm=spec["warm"], turn_steps=turn)
     for v in names:
         step_s = statistics.median(times[v])
-        res[v] = {"loss": loss0[v], "step_s": step_s, "step_times_s": times[v], "tokens_per_s": S / step_s}
+        res[v] = {"loss": loss0[v], "step_s": step_s, "step_times_s": times[v], "tokens_per_s": S / step_s,
+                  "switch_step_times_s": after_switch[v]}
         if "floor" in names and v != "floor":
             res[v]["overhead_ms"] = 1e3 * statistics.median([a - b for a, b in zip(times[v], times["floor"])])
+            res[v]["overhead_ms_after_switch"] = 1e3 * statistics.median(
+                [a - b for a, b in zip(after_switch[v], after_switch["floor"])])
     if spec.get("profile") and device.type == "cuda":
         for v in names:
             use(v)
@@ -555,6 +567,7 @@ def run_e2e(S_list=(4096, 16384), steps=10, tiny=False, timeout=300.0, cache="fr
         if inter is not None:
             row["step_times"] = "interleaved"
             row["interleaved_rounds"] = inter["rounds"]
+            row["interleaved_turn_steps"] = inter["turn_steps"]
             for v in together:
                 for k in ("step_ms", "tokens_per_s", "overhead_ms"):
                     if f"{v}_{k}" in row:
@@ -562,8 +575,10 @@ def run_e2e(S_list=(4096, 16384), steps=10, tiny=False, timeout=300.0, cache="fr
                 row[f"{v}_step_ms"] = inter[v]["step_s"] * 1e3
                 row[f"{v}_tokens_per_s"] = inter[v]["tokens_per_s"]
                 row[f"{v}_step_times_ms_interleaved"] = [t * 1e3 for t in inter[v]["step_times_s"]]
+                row[f"{v}_step_times_ms_after_switch"] = [t * 1e3 for t in inter[v]["switch_step_times_s"]]
                 if v != "floor":
                     row[f"{v}_overhead_ms"] = inter[v]["overhead_ms"]
+                    row[f"{v}_overhead_ms_after_switch"] = inter[v]["overhead_ms_after_switch"]
                 if "kernels_us" in inter[v]:
                     row[f"{v}_kernels_us"] = {k: round(t, 1) for k, t in list(inter[v]["kernels_us"].items())[:40]}
         else:
@@ -613,10 +628,15 @@ def table(rows, rec) -> str:
         )
     for r in rows:
         out.append(f"  S={r['S']} step times: {r.get('step_times', 'isolated')}"
-                   + (f" ({r['interleaved_rounds']} rounds, overhead = median of step - floor step per round)"
+                   + (f" ({r['interleaved_rounds']} rounds of {r.get('interleaved_turn_steps', 1)} steps a variant,"
+                      " overhead = median of the turn's last step - the floor's per round)"
                       if r.get("step_times") == "interleaved" else "")
                    + "; overhead ms: " + ", ".join(f"{v} {f(r.get(f'{v}_overhead_ms'), '.1f')}"
-                                                  for v in ("hf_flex", "flex_attention", "sdpa_packed")))
+                                                  for v in ("hf_flex", "flex_attention", "sdpa_packed"))
+                   + ("; first step after a switch: " + ", ".join(
+                       f"{v} {f(r.get(f'{v}_overhead_ms_after_switch'), '.1f')}" for v in ("hf_flex", "flex_attention",
+                                                                                         "sdpa_packed"))
+                      if r.get("step_times") == "interleaved" else ""))
         for k, v in r.items():
             if k.endswith("_error"):
                 out.append(f"  S={r['S']} {k}: {v}")

@@ -51,12 +51,15 @@ def test_bench_tiny_json(tmp_path):
     assert row["hf_flex_overhead_over_sdpa_packed"] is not None
     # step times from the run taking the variants' steps in turn (one model, one process)
     assert row["step_times"] == "interleaved", row.get("interleaved_error")
-    assert row["interleaved_rounds"] == 1
+    assert row["interleaved_rounds"] == 1 and row["interleaved_turn_steps"] == 2
     for v in ("floor", "hf_flex", "sdpa_packed"):
-        assert len(row[f"{v}_step_times_ms_interleaved"]) == 1
+        # each turn: a step right after the switch of implementation (kept apart), then the timed one
+        assert len(row[f"{v}_step_times_ms_interleaved"]) == len(row[f"{v}_step_times_ms_after_switch"]) == 1
         assert row[f"{v}_step_ms"] == row[f"{v}_step_times_ms_interleaved"][0]
         assert row[f"{v}_step_ms_isolated"] > 0
     for v in ("hf_flex", "sdpa_packed"):
         paired = row[f"{v}_step_times_ms_interleaved"][0] - row["floor_step_times_ms_interleaved"][0]
         assert abs(row[f"{v}_overhead_ms"] - paired) < 1e-6
+        switched = row[f"{v}_step_times_ms_after_switch"][0] - row["floor_step_times_ms_after_switch"][0]
+        assert abs(row[f"{v}_overhead_ms_after_switch"] - switched) < 1e-6
     assert "end to end" in p.stdout and "| pass" in p.stdout
