@@ -142,6 +142,120 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk
     gl.store(DV + offs, dv.to(dtype))
 
 
+@gluon.jit
+def _ws_load_partition(descs, smem, bars, row0, start_n, n_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       D: gl.constexpr):
+    """Producer warp: K and V once, then Q and dO of every step into NBUF stages, each issued as soon as
+    the compute partition frees its stage (empty barrier)."""
+    q_desc, k_desc, v_desc, do_desc = descs
+    k_smem, v_smem, q_bufs, do_bufs = smem
+    kv_bar, ready, empty = bars
+    NBUF: gl.constexpr = q_bufs.type.shape[0]
+    mbarrier.expect(kv_bar, 2 * BLOCK_N * D * 2)
+    tma.async_copy_global_to_shared(k_desc, [row0 + start_n, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [row0 + start_n, 0], kv_bar, v_smem)
+    for i in range(n_steps):
+        st = i % NBUF
+        mbarrier.wait(empty.index(st), ((i // NBUF) & 1) ^ 1)  # barriers start with phase 1 complete
+        mbarrier.expect(ready.index(st), 2 * BLOCK_M * D * 2)
+        tma.async_copy_global_to_shared(q_desc, [row0 + i * BLOCK_M, 0], ready.index(st), q_bufs.index(st))
+        tma.async_copy_global_to_shared(do_desc, [row0 + i * BLOCK_M, 0], ready.index(st), do_bufs.index(st))
+
+
+@gluon.jit
+def _ws_compute_partition(smem, bars, LSE, DELTA, row0, n_steps, qk_scale, p_smem, ds_smem,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, P_IN_SMEM: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """Consumer warpgroups: the loop of gluon_dkdv_kernel, the stage of step i freed (empty barrier) once
+    step i's dV and dK products are known complete (the next step's first wait)."""
+    k_smem, v_smem, q_bufs, do_bufs = smem
+    kv_bar, ready, empty = bars
+    NBUF: gl.constexpr = q_bufs.type.shape[0]
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
+    dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
+    mbarrier.wait(kv_bar, 0)
+    for i in range(n_steps):
+        st = i % NBUF
+        mbarrier.wait(ready.index(st), (i // NBUF) & 1)
+        qs = q_bufs.index(st)
+        dos = do_bufs.index(st)
+        lse = gl.load(LSE + row0 + i * BLOCK_M + offs_m)
+        delta = gl.load(DELTA + row0 + i * BLOCK_M + offs_m)
+        sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
+        if i > 0:  # step i - 1's products are complete: its stage may be refilled
+            mbarrier.arrive(empty.index((i - 1) % NBUF), count=1)
+        pT = gl.exp2(sT * qk_scale - lse[None, :])
+        if P_IN_SMEM:  # A operands from shared memory: fewer registers (240 at most here)
+            p_smem.store(pT.to(dtype))
+            fence_async_shared()
+            dv = warpgroup_mma(p_smem, dos, dv, is_async=True)
+        else:
+            dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), dos, dv, is_async=True)
+        dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
+        dsT = pT * (dpT - delta[None, :])
+        if P_IN_SMEM:
+            ds_smem.store(dsT.to(dtype))
+            fence_async_shared()
+            dk = warpgroup_mma(ds_smem, qs, dk, is_async=True)
+        else:
+            dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), qs, dk, is_async=True)
+    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    return dk, dv
+
+
+@gluon.jit
+def gluon_ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
+                         P_IN_SMEM: gl.constexpr, num_warps: gl.constexpr):
+    """gluon_dkdv_kernel with a producer warp (warp specialisation): the TMA copies leave the compute
+    warpgroups' instruction stream, and with them the CTA-wide barriers around each issue."""
+    pid_n = gl.program_id(0)
+    bh = gl.program_id(1)
+    row0 = bh * S
+    start_n = pid_n * BLOCK_N
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_M, D], q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_M, D], do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for j in gl.static_range(NBUF):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=1)
+    pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], pt_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], pt_layout)
+    n_steps = S // BLOCK_M
+    smem = (k_smem, v_smem, q_bufs, do_bufs)
+    bars = (kv_bar, ready, empty)
+    dk, dv = gl.warp_specialize([
+        (_ws_compute_partition, (smem, bars, LSE, DELTA, row0, n_steps, qk_scale, p_smem, ds_smem, BLOCK_M, BLOCK_N,
+                                 D, P_IN_SMEM, num_warps)),
+        (_ws_load_partition, ((q_desc, k_desc, v_desc, do_desc), smem, bars, row0, start_n, n_steps, BLOCK_M,
+                              BLOCK_N, D)),
+    ], [1], [24])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, D, 16])
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+    offs = (row0 + start_n + rows)[:, None] * D + cols[None, :]
+    gl.store(DK + offs, (dk * sm_scale).to(dtype))
+    gl.store(DV + offs, dv.to(dtype))
+
+
 @triton.jit
 def triton_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
@@ -218,7 +332,7 @@ def reference(q, k, v, do, sm_scale):
 
 
 def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, num_warps=8, num_stages=2,
-           p_in_smem=False, rows_ahead=False):
+           p_in_smem=False, rows_ahead=False, nbuf=2, maxnreg=168):
     B, H, S, D = q.shape
     flat = [t.reshape(B * H * S, D) for t in (q, k, v, do)]
     dk = torch.empty_like(flat[1])
@@ -230,6 +344,14 @@ def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, n
         q_desc, do_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_m, D]) for t in (q, do))
         hf_flex_dkdv_kernel[grid](q, k, v, do, lse2, delta, dk, dv, q_desc, do_desc, S, H, sm_scale,
                                   BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=num_stages)
+    elif which == "gluon_ws":
+        lay_m = gl.NVMMASharedLayout.get_default_for([block_m, D], gl.bfloat16)
+        lay_n = gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16)
+        descs = [GluonDescriptor(t, list(t.shape), list(t.stride()), [bl, D], lay)
+                 for t, bl, lay in zip(flat, (block_m, block_n, block_n, block_m), (lay_m, lay_n, lay_n, lay_m))]
+        gluon_ws_dkdv_kernel[grid](*descs, lse2, delta, dk, dv, S, sm_scale * LOG2E, sm_scale,
+                                   BLOCK_M=block_m, BLOCK_N=block_n, D=D, NBUF=nbuf, P_IN_SMEM=p_in_smem,
+                                   num_warps=num_warps, maxnreg=maxnreg)
     elif which == "gluon":
         lay_m = gl.NVMMASharedLayout.get_default_for([block_m, D], gl.bfloat16)
         lay_n = gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16)
@@ -254,9 +376,10 @@ VARIANTS = {
     "hf_flex_s3": dict(which="hf_flex", num_stages=3),
     "gluon_preg": dict(which="gluon", p_in_smem=False),
     "gluon_psmem": dict(which="gluon", p_in_smem=True),
-    "gluon_preg_ahead": dict(which="gluon", p_in_smem=False, rows_ahead=True),
+    "gluon_ws2": dict(which="gluon_ws", nbuf=2, p_in_smem=True),
+    "gluon_ws3": dict(which="gluon_ws", nbuf=3, p_in_smem=True),
+    "gluon_ws2_preg": dict(which="gluon_ws", nbuf=2),
     "triton_s3": dict(which="triton", num_stages=3),
-    "triton_m128w8": dict(which="triton", block_m=128, num_warps=8),
 }
 
 
@@ -266,6 +389,7 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--S", type=int, default=8192)
     ap.add_argument("--check-S", type=int, default=512, help="length of the float64 check")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--out", default="/tmp/gluon_proto")
     a = ap.parse_args()
@@ -280,7 +404,8 @@ def main():
     lse2, delta = lse2.float().contiguous(), delta.float().contiguous()
     ok = {}
     print(f"check vs float64 (B=1, H=4, S={a.check_S}, D={D}): max |err| / max |ref|")
-    for name, kw in VARIANTS.items():
+    for name in a.variants.split(","):
+        kw = VARIANTS[name]
         try:
             dk, dv = launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, sm_scale=sm_scale, **kw)
             torch.cuda.synchronize()
@@ -297,7 +422,7 @@ def main():
     delta = torch.randn(B, H, S, device=dev)
     flops = 4 * 2 * B * H * S * S * D  # four products per (query, key) pair
     rows = []
-    names = [n for n in VARIANTS if ok.get(n)]
+    names = [n for n in a.variants.split(",") if ok.get(n)]
     times = {n: [] for n in names}
     for r in range(3):  # rounds, the variants rotated
         for n in names[r % len(names):] + names[:r % len(names)]:
