@@ -247,9 +247,9 @@ def test_schedules(device, fused, reverse, one_variant, monkeypatch):
 
 @pytest.mark.parametrize("fwd,bwd,interleave", [("none", False, False), ("both", True, True)])
 def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch):
-    """The block-index load order of the loops (SCHEDULE index_ahead / bwd_index_ahead; the default,
-    "full" forward only, runs in every other test) and the fused backward's program order
-    (bwd_interleave, with GQA): the same answer, with 128-key blocks walked in several tiles (the next
+    """The block-index load order of the loops (SCHEDULE index_ahead / bwd_index_ahead; the defaults,
+    "full" forward and the backward's full-block loops, run in every other test) and the fused
+    backward's program order (bwd_interleave, on by default; with GQA): the same answer, with 128-key blocks walked in several tiles (the next
     index is loaded only when the next tile starts a block) and empty rows."""
     from hf_flex.kernels import launch
 
@@ -341,9 +341,10 @@ def _spy_dkdv_launches(monkeypatch, fused: bool) -> LaunchSpy:
 def test_bwd_flat_group(device, fused, monkeypatch):
     """SCHEDULE["bwd_flat_group"]: with tables shared by every head, each dK/dV loop walks its blocks
     for all the query heads of its key head in one loop. The same gradients (three query heads per key
-    head, ragged lengths, a score mod's derivative, empty rows); per-head tables, one query head per key
-    head and bwd_index_ahead keep the loop per head; "documents" takes it where the mask packs
-    documents; anything else is an error naming the key."""
+    head, ragged lengths, a score mod's derivative, empty rows); per-head tables and one query head per
+    key head keep the loop per head; where the flat loop applies it wins over bwd_index_ahead (the two
+    exclude each other), which applies elsewhere; "documents" takes it where the mask packs documents;
+    anything else is an error naming the key."""
     from hf_flex.kernels import launch
 
     monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", True)
@@ -360,7 +361,8 @@ def test_bwd_flat_group(device, fused, monkeypatch):
     check_attention(q1, k, v, None, _block_mask("causal", 2, None, 113, 90, device, 32))  # one head per key head
     monkeypatch.setitem(launch.SCHEDULE, "bwd_index_ahead", True)
     check_attention(q, k, v, None, _block_mask("causal", 2, None, 113, 90, device, 32), enable_gqa=True)
-    assert [c["FLAT_GROUP"] for c in spy.calls[2:]] == [False, False, False]
+    assert [c["FLAT_GROUP"] for c in spy.calls[2:]] == [False, False, True]
+    assert [c["AHEAD_FULL"] for c in spy.calls] == [False, False, True, True, False]
     # "documents" (the default): the flat loop where the mask packs documents
     monkeypatch.setitem(launch.SCHEDULE, "bwd_index_ahead", False)
     monkeypatch.setitem(launch.SCHEDULE, "bwd_flat_group", "documents")

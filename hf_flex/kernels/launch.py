@@ -67,10 +67,14 @@ OVERRIDES: dict = {}
 #   (ScoreMod.approx; softcap: tanh.approx.f32), with errors within 16-bit rounding (NOTES.md).
 # index_ahead: "none" | "full" | "both": which forward loops (full blocks, or partial ones too) load the
 #   next key block's index at the end of each iteration (as torch flex does) instead of at the start of
-#   the iteration that needs it. bwd_index_ahead: the same for the backward's full-block loops. Measured
-#   in NOTES.md.
+#   the iteration that needs it. bwd_index_ahead: the same for the backward's full-block loops (not
+#   where bwd_flat_group's loop applies: the two exclude each other, and the flat loop wins).
 # bwd_interleave: the fused backward launches, per (batch, key head), its dK/dV programs then its dQ
-#   programs (torch flex's order) instead of every dK/dV program first. Measured in NOTES.md.
+#   programs (torch flex's order) instead of every dK/dV program first. Both on since the fifteenth
+#   round: together +2-4 % forward+backward on the block-sparse D=128 cases (causal 2k 310 -> 321,
+#   8k 387 -> 398, sliding 290 -> 297, softcap 298 -> 305, GQA 390 -> 419 TFLOP/s), D=64 341 -> 337
+#   (H100, two runs; Nsight Compute had our backward at causal 2k stalled on long scoreboards 1.46
+#   cycles an instruction against torch flex's 0.52). NOTES.md, fifteenth round.
 # atomic_dq: the dK/dV programs also add dQ into a float32 accumulator with atomics, and no dQ pass
 #   runs (five tile products per tile pair instead of seven; dQ's summation order, hence its last
 #   bits, then varies between runs). Never while torch.use_deterministic_algorithms(True) holds, nor
@@ -128,7 +132,7 @@ OVERRIDES: dict = {}
 #   document anchor cases. NOTES.md, twelfth round.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
-    "index_ahead": "full", "bwd_index_ahead": False, "bwd_interleave": False, "atomic_dq": False,
+    "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
     "tma": "both", "bwd_tma": True, "bwd_one_loop": False, "fwd_one_loop": False, "heads_first": "documents",
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
@@ -569,22 +573,24 @@ def flex_backward(
     r_nb, r_nh, r_ib, r_ih, r_iq = fwd_tables.strides()
     n_kv, n_q = _cdiv(SKV, t.block_n), _cdiv(SQ, t2.block_m)
     heads_first = SCHEDULE["bwd_heads_first"]
+    one_loop = SCHEDULE["bwd_one_loop"]
+    # the flat GQA loop (measured +3 % on packed documents) and the index loaded a step ahead exclude
+    # each other (_dkdv_inner's FLAT): where the flat loop applies, it wins
+    flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
+                  and not one_loop)
     common = dict(
         MASK_MOD=mask_fn, SCORE_MOD=score_fn, SCORE_GRAD=score_grad_fn,
         KV_DIVISIBLE=_divides(SKV, skv), SPARSE_Q=sq, SPARSE_KV=skv,
         # both tables come from one BlockMask: full blocks past the end in neither or both
         TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
-        AHEAD_FULL=SCHEDULE["bwd_index_ahead"], ONE_LOOP=SCHEDULE["bwd_one_loop"], HEADS_FIRST=heads_first,
+        AHEAD_FULL=bool(SCHEDULE["bwd_index_ahead"]) and not flat_group, ONE_LOOP=one_loop, HEADS_FIRST=heads_first,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
-    one_loop = SCHEDULE["bwd_one_loop"]
     dpf = dp_first("bwd_dp_first", DP, DVP)
     full_stages, dq_full_stages = loop_stages("bwd_full_stages"), loop_stages("bwd_dq_full_stages")
     partial_q = bwd_tables.partial_unit(sq, t.block_m, one_loop)  # dK/dV: query halves
-    flat_group = (_per_mask("bwd_flat_group", packed_documents) and HQ > HKV and bwd_tables.num.shape[1] == 1
-                  and not one_loop and not SCHEDULE["bwd_index_ahead"])
 
     def dkdv_pass(dq_out, atomic_dq: bool, dq_desc=None):
         # the dK/dV launch of the two-launch form; ATOMIC_DQ: it also adds dQ into dq_out (float32)
