@@ -30,12 +30,58 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+from triton.runtime.jit import constexpr_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_flex.kernels.backward import _dkdv_inner, load_pair, store_pair  # noqa: E402
 from hf_flex.kernels.forward import tile_rows  # noqa: E402
 
 LOG2E = 1.4426950408889634
+
+
+@constexpr_function
+def mma_layout(n, num_warps):
+    """The wgmma accumulator layout of a [rows, n] tile: warps stacked along the rows (4 a warpgroup of
+    64 rows), instruction [16, n, 16] (bf16)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _dv_dk_products(sT, dpT, lse, delta, qs, dos, dk, dv, qk_scale, p_smem, ds_smem,
+                    a_layout: gl.constexpr, P_IN_SMEM: gl.constexpr):
+    """One step after S^T is waited for (dP^T still running): P^T, dV += P^T dO issued, dP^T waited for,
+    dS^T under dV's product, dK += dS^T Q issued. P^T and dS^T feed the products from registers or,
+    P_IN_SMEM, through shared memory (fewer registers). Returns (dk, dv) tokens still in flight."""
+    pT = gl.exp2(sT * qk_scale - lse[None, :])
+    dv = _issue_product(pT, p_smem, dos, dv, a_layout, P_IN_SMEM)
+    dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
+    dsT = pT * (dpT - delta[None, :])
+    dk = _issue_product(dsT, ds_smem, qs, dk, a_layout, P_IN_SMEM)
+    return dk, dv
+
+
+@gluon.jit
+def _issue_product(x, x_smem, b, acc, a_layout: gl.constexpr, IN_SMEM: gl.constexpr):
+    """acc += x b issued asynchronously: x (float32 [BLOCK_N, BLOCK_M], cast to b's dtype) from registers
+    in the dot-operand layout, or IN_SMEM stored to x_smem first (fenced for the async proxy)."""
+    if IN_SMEM:
+        x_smem.store(x.to(b.dtype))
+        fence_async_shared()
+        acc = warpgroup_mma(x_smem, b, acc, is_async=True)
+    else:
+        acc = warpgroup_mma(gl.convert_layout(x.to(b.dtype), a_layout), b, acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _store_dkdv(DK, DV, dk, dv, row, sm_scale, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    """dK (times sm_scale) and dV [BLOCK_N, D] at flat row ``row`` of the [B * H * S, D] outputs."""
+    acc_layout: gl.constexpr = mma_layout(D, num_warps)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+    offs = (row + rows)[:, None] * D + cols[None, :]
+    gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
+    gl.store(DV + offs, dv.to(DV.dtype.element_ty))
 
 
 @gluon.jit
@@ -53,10 +99,8 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk
 
     # the transposed scores S^T [BLOCK_N keys, BLOCK_M queries] and the [BLOCK_N, D] accumulators:
     # warps stacked along the keys (4 per warpgroup of 64 rows)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_M, num_warps)
+    acc_layout: gl.constexpr = mma_layout(D, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
@@ -116,30 +160,12 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk
             mbarrier.expect(bars.index(nx), qdo_bytes)
             tma.async_copy_global_to_shared(q_desc, [row0 + (i + 1) * BLOCK_M, 0], bars.index(nx), q_smem.index(nx))
             tma.async_copy_global_to_shared(do_desc, [row0 + (i + 1) * BLOCK_M, 0], bars.index(nx), do_smem.index(nx))
-        pT = gl.exp2(sT * qk_scale - lse[None, :])
-        if P_IN_SMEM:
-            p_smem.store(pT.to(dtype))
-            fence_async_shared()
-            dv = warpgroup_mma(p_smem, dos, dv, is_async=True)
-        else:
-            dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), dos, dv, is_async=True)
-        dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
-        dsT = pT * (dpT - delta[None, :])
-        if P_IN_SMEM:
-            ds_smem.store(dsT.to(dtype))
-            fence_async_shared()
-            dk = warpgroup_mma(ds_smem, qs, dk, is_async=True)
-        else:
-            dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), qs, dk, is_async=True)
+        dk, dv = _dv_dk_products(sT, dpT, lse, delta, qs, dos, dk, dv, qk_scale, p_smem, ds_smem, a_layout, P_IN_SMEM)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     mbarrier.invalidate(kv_bar)
     mbarrier.invalidate(bars.index(0))
     mbarrier.invalidate(bars.index(1))
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-    offs = (row0 + start_n + rows)[:, None] * D + cols[None, :]
-    gl.store(DK + offs, (dk * sm_scale).to(dtype))
-    gl.store(DV + offs, dv.to(dtype))
+    _store_dkdv(DK, DV, dk, dv, row0 + start_n, sm_scale, BLOCK_N, D, num_warps)
 
 
 @gluon.jit
@@ -171,11 +197,8 @@ def _ws_compute_partition(smem, bars, LSE, DELTA, row0, n_steps, qk_scale, p_sme
     k_smem, v_smem, q_bufs, do_bufs = smem
     kv_bar, ready, empty = bars
     NBUF: gl.constexpr = q_bufs.type.shape[0]
-    dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_M, num_warps)
+    acc_layout: gl.constexpr = mma_layout(D, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
@@ -194,21 +217,8 @@ def _ws_compute_partition(smem, bars, LSE, DELTA, row0, n_steps, qk_scale, p_sme
         sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
         if i > 0:  # step i - 1's products are complete: its stage may be refilled
             mbarrier.arrive(empty.index((i - 1) % NBUF), count=1)
-        pT = gl.exp2(sT * qk_scale - lse[None, :])
-        if P_IN_SMEM:  # A operands from shared memory: fewer registers (240 at most here)
-            p_smem.store(pT.to(dtype))
-            fence_async_shared()
-            dv = warpgroup_mma(p_smem, dos, dv, is_async=True)
-        else:
-            dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_layout), dos, dv, is_async=True)
-        dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
-        dsT = pT * (dpT - delta[None, :])
-        if P_IN_SMEM:
-            ds_smem.store(dsT.to(dtype))
-            fence_async_shared()
-            dk = warpgroup_mma(ds_smem, qs, dk, is_async=True)
-        else:
-            dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_layout), qs, dk, is_async=True)
+        # P_IN_SMEM: at the 240 registers a compute thread gets, ptxas otherwise serialises the wgmma
+        dk, dv = _dv_dk_products(sT, dpT, lse, delta, qs, dos, dk, dv, qk_scale, p_smem, ds_smem, a_layout, P_IN_SMEM)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     return dk, dv
 
@@ -247,13 +257,7 @@ def gluon_ws_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S,
         (_ws_load_partition, ((q_desc, k_desc, v_desc, do_desc), smem, bars, row0, start_n, n_steps, BLOCK_M,
                               BLOCK_N, D)),
     ], [1], [24])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, D, 16])
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-    offs = (row0 + start_n + rows)[:, None] * D + cols[None, :]
-    gl.store(DK + offs, (dk * sm_scale).to(dtype))
-    gl.store(DV + offs, dv.to(dtype))
+    _store_dkdv(DK, DV, dk, dv, row0 + start_n, sm_scale, BLOCK_N, D, num_warps)
 
 
 @triton.jit
@@ -331,6 +335,15 @@ def reference(q, k, v, do, sm_scale):
     return dk, dv, lse * LOG2E, delta
 
 
+def _gluon_descs(flat, block_m, block_n, D):
+    """Gluon tensor descriptors of the flat [B * H * S, D] Q, K, V, dO with [block, D] boxes in the
+    default NVMMA shared layouts (Q and dO: block_m rows, K and V: block_n)."""
+    lay_m = gl.NVMMASharedLayout.get_default_for([block_m, D], gl.bfloat16)
+    lay_n = gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16)
+    return [GluonDescriptor(t, list(t.shape), list(t.stride()), [bl, D], lay)
+            for t, bl, lay in zip(flat, (block_m, block_n, block_n, block_m), (lay_m, lay_n, lay_n, lay_m))]
+
+
 def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, num_warps=8, num_stages=2,
            p_in_smem=False, rows_ahead=False, nbuf=2, maxnreg=168):
     B, H, S, D = q.shape
@@ -345,19 +358,12 @@ def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, n
         hf_flex_dkdv_kernel[grid](q, k, v, do, lse2, delta, dk, dv, q_desc, do_desc, S, H, sm_scale,
                                   BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=num_stages)
     elif which == "gluon_ws":
-        lay_m = gl.NVMMASharedLayout.get_default_for([block_m, D], gl.bfloat16)
-        lay_n = gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16)
-        descs = [GluonDescriptor(t, list(t.shape), list(t.stride()), [bl, D], lay)
-                 for t, bl, lay in zip(flat, (block_m, block_n, block_n, block_m), (lay_m, lay_n, lay_n, lay_m))]
-        gluon_ws_dkdv_kernel[grid](*descs, lse2, delta, dk, dv, S, sm_scale * LOG2E, sm_scale,
-                                   BLOCK_M=block_m, BLOCK_N=block_n, D=D, NBUF=nbuf, P_IN_SMEM=p_in_smem,
+        gluon_ws_dkdv_kernel[grid](*_gluon_descs(flat, block_m, block_n, D), lse2, delta, dk, dv, S, sm_scale * LOG2E,
+                                   sm_scale, BLOCK_M=block_m, BLOCK_N=block_n, D=D, NBUF=nbuf, P_IN_SMEM=p_in_smem,
                                    num_warps=num_warps, maxnreg=maxnreg)
     elif which == "gluon":
-        lay_m = gl.NVMMASharedLayout.get_default_for([block_m, D], gl.bfloat16)
-        lay_n = gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16)
-        descs = [GluonDescriptor(t, list(t.shape), list(t.stride()), [bl, D], lay)
-                 for t, bl, lay in zip(flat, (block_m, block_n, block_n, block_m), (lay_m, lay_n, lay_n, lay_m))]
-        gluon_dkdv_kernel[grid](*descs, lse2, delta, dk, dv, S, sm_scale * LOG2E, sm_scale,
+        gluon_dkdv_kernel[grid](*_gluon_descs(flat, block_m, block_n, D), lse2, delta, dk, dv, S, sm_scale * LOG2E,
+                                sm_scale,
                                 BLOCK_M=block_m, BLOCK_N=block_n, D=D, P_IN_SMEM=p_in_smem, ROWS_AHEAD=rows_ahead,
                                 num_warps=num_warps)
     else:
@@ -376,6 +382,7 @@ VARIANTS = {
     "hf_flex_s3": dict(which="hf_flex", num_stages=3),
     "gluon_preg": dict(which="gluon", p_in_smem=False),
     "gluon_psmem": dict(which="gluon", p_in_smem=True),
+    "gluon_preg_ahead": dict(which="gluon", rows_ahead=True),  # 248 B of spills: 182 TFLOP/s (run r)
     "gluon_ws2": dict(which="gluon_ws", nbuf=2, p_in_smem=True),
     "gluon_ws3": dict(which="gluon_ws", nbuf=3, p_in_smem=True),
     "gluon_ws2_preg": dict(which="gluon_ws", nbuf=2),
