@@ -10,9 +10,13 @@ while dP^T runs, issues dV += P^T dO, computes dS^T while dV's product runs, iss
 waits for dK / dV of a step only when the next step's S^T is needed; Q and dO arrive by TMA into two
 stages behind mbarriers, the next step's pair issued as soon as the stage it overwrites is free.
 
-On the device:  python scripts/gluon_dkdv_proto.py [--S 8192] [--heads 16] [--batch 2]
-checks both against float64 (dK, dV from the same LSE and delta), then times them side by side and
-prints a table. Offline (no GPU): --compile-only writes both kernels' PTX for sm_90 to --out.
+On the device:  python scripts/gluon_dkdv_proto.py [--S 8192] [--heads 16] [--batch 2] [--variants ...]
+checks every variant against float64 (dK, dV from the same LSE and delta), then times them side by
+side and prints a table. ``--causal`` (hf_flex and the plain Gluon kernel): each key tile from its
+diagonal on, the diagonal's steps masked, as the causal and document backwards walk their short rows
+(e.g. --causal --S 2048 --batch 8: causal 2k, where our backward trails torch flex's; the Gluon form
+has all of K/V and the first Q/dO copies in flight before its first wait, hf_flex waits for K/V
+first). Offline (no GPU): --compile-only writes every kernel's PTX for sm_90 to --out.
 """
 from __future__ import annotations
 
@@ -85,12 +89,45 @@ def _store_dkdv(DK, DV, dk, dv, row, sm_scale, BLOCK_N: gl.constexpr, D: gl.cons
 
 
 @gluon.jit
+def _plain_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA,
+                offs_m, zero_s, dk, dv, qk_scale, p_smem, ds_smem, a_layout: gl.constexpr, P_IN_SMEM: gl.constexpr,
+                MASKED: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Step ``i`` (queries q0 + i * BLOCK_M ...) of gluon_dkdv_kernel's loop: wait for its stage, issue
+    S^T and dP^T, wait for S^T (and with it the previous step's dV, dK, which read the other stage),
+    refill the other stage with the next step's Q and dO, then _dv_dk_products. MASKED: the causal
+    mask (query >= key) on S^T."""
+    st = i % 2
+    mbarrier.wait(bars.index(st), (i // 2) & 1)
+    qs = q_smem.index(st)
+    dos = do_smem.index(st)
+    rows = row0 + q0 + i * BLOCK_M
+    lse = gl.load(LSE + rows + offs_m)
+    delta = gl.load(DELTA + rows + offs_m)
+    sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
+    if i + 1 < n_steps:
+        nx = (i + 1) % 2
+        mbarrier.expect(bars.index(nx), 2 * BLOCK_M * qs.shape[1] * 2)
+        tma.async_copy_global_to_shared(q_desc, [rows + BLOCK_M, 0], bars.index(nx), q_smem.index(nx))
+        tma.async_copy_global_to_shared(do_desc, [rows + BLOCK_M, 0], bars.index(nx), do_smem.index(nx))
+    if MASKED:
+        keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zero_s.type.layout))
+        queries = q0 + i * BLOCK_M + offs_m
+        sT = gl.where(queries[None, :] >= keys[:, None], sT, float("-inf"))
+    return _dv_dk_products(sT, dpT, lse, delta, qs, dos, dk, dv, qk_scale, p_smem, ds_smem, a_layout, P_IN_SMEM)
+
+
+@gluon.jit
 def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, P_IN_SMEM: gl.constexpr,
-                      ROWS_AHEAD: gl.constexpr, num_warps: gl.constexpr):
+                      CAUSAL: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV [BLOCK_N, D] of key tile program_id(0) of row program_id(1) (= b * H + h) from all S
-    queries of that row. q/k/v/do_desc: descriptors over [B * H * S, D] with [BLOCK_*, D] boxes; LSE
-    in log2 units and delta: [B * H * S] float32. qk_scale = sm_scale * log2(e)."""
+    queries of that row, or (CAUSAL) from the queries at and after the tile: its BLOCK_N / BLOCK_M
+    diagonal steps masked in a loop of their own, the later ones unmasked in a second loop (the stages
+    and their phases run on across both). q/k/v/do_desc: descriptors over [B * H * S, D] with
+    [BLOCK_*, D] boxes; LSE in log2 units and delta: [B * H * S] float32. qk_scale = sm_scale * log2(e).
+    Issue order written out: K/V and the first Q/dO copies all in flight before the first wait."""
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
     row0 = bh * S
@@ -102,7 +139,6 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk
     s_layout: gl.constexpr = mma_layout(BLOCK_M, num_warps)
     acc_layout: gl.constexpr = mma_layout(D, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
@@ -117,50 +153,32 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk
     mbarrier.init(bars.index(0), count=1)
     mbarrier.init(bars.index(1), count=1)
 
-    kv_bytes: gl.constexpr = 2 * BLOCK_N * D * 2
-    qdo_bytes: gl.constexpr = 2 * BLOCK_M * D * 2
-    mbarrier.expect(kv_bar, kv_bytes)
+    q0 = 0
+    n_diag = 0
+    if CAUSAL:
+        q0 = start_n
+        n_diag = BLOCK_N // BLOCK_M
+    n_steps = (S - q0) // BLOCK_M
+    mbarrier.expect(kv_bar, 2 * BLOCK_N * D * 2)
     tma.async_copy_global_to_shared(k_desc, [row0 + start_n, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [row0 + start_n, 0], kv_bar, v_smem)
-    mbarrier.expect(bars.index(0), qdo_bytes)
-    tma.async_copy_global_to_shared(q_desc, [row0, 0], bars.index(0), q_smem.index(0))
-    tma.async_copy_global_to_shared(do_desc, [row0, 0], bars.index(0), do_smem.index(0))
+    mbarrier.expect(bars.index(0), 2 * BLOCK_M * D * 2)
+    tma.async_copy_global_to_shared(q_desc, [row0 + q0, 0], bars.index(0), q_smem.index(0))
+    tma.async_copy_global_to_shared(do_desc, [row0 + q0, 0], bars.index(0), do_smem.index(0))
 
-    offs_m = gl.arange(0, BLOCK_M, layout=col_layout)
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
     dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
     dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
     mbarrier.wait(kv_bar, 0)
-    n_steps = S // BLOCK_M
-    # ROWS_AHEAD: LSE and delta a step ahead in registers (their latency under the step before; 32
-    # registers more: spills); else loaded in the step (ptxas places the loads after the first wait)
-    lse_nx = gl.load(LSE + row0 + offs_m)
-    delta_nx = gl.load(DELTA + row0 + offs_m)
-    for i in range(n_steps):
-        st = i % 2
-        mbarrier.wait(bars.index(st), (i // 2) & 1)
-        qs = q_smem.index(st)
-        dos = do_smem.index(st)
-        if ROWS_AHEAD:
-            lse = lse_nx
-            delta = delta_nx
-        else:
-            lse = gl.load(LSE + row0 + i * BLOCK_M + offs_m)
-            delta = gl.load(DELTA + row0 + i * BLOCK_M + offs_m)
-        sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        if ROWS_AHEAD:
-            nxt = row0 + gl.minimum(i + 1, n_steps - 1) * BLOCK_M
-            lse_nx = gl.load(LSE + nxt + offs_m)
-            delta_nx = gl.load(DELTA + nxt + offs_m)
-        # S^T done; in order, so are the previous step's dV, dK (they read the other stage)
-        sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
-        if i + 1 < n_steps:
-            nx = (i + 1) % 2
-            mbarrier.expect(bars.index(nx), qdo_bytes)
-            tma.async_copy_global_to_shared(q_desc, [row0 + (i + 1) * BLOCK_M, 0], bars.index(nx), q_smem.index(nx))
-            tma.async_copy_global_to_shared(do_desc, [row0 + (i + 1) * BLOCK_M, 0], bars.index(nx), do_smem.index(nx))
-        dk, dv = _dv_dk_products(sT, dpT, lse, delta, qs, dos, dk, dv, qk_scale, p_smem, ds_smem, a_layout, P_IN_SMEM)
+    for i in range(0, n_diag):
+        dk, dv = _plain_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc,
+                             LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, p_smem, ds_smem, a_layout, P_IN_SMEM,
+                             True, BLOCK_M, BLOCK_N)
+    for i in range(n_diag, n_steps):
+        dk, dv = _plain_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc,
+                             LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, p_smem, ds_smem, a_layout, P_IN_SMEM,
+                             False, BLOCK_M, BLOCK_N)
     dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     mbarrier.invalidate(kv_bar)
     mbarrier.invalidate(bars.index(0))
@@ -292,10 +310,16 @@ def triton_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, q
 
 
 @triton.jit
+def _causal(b, h, q, kv, args):
+    return q >= kv
+
+
+@triton.jit
 def hf_flex_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_DESC, DO_DESC, S, H, sm_scale,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
     """hf_flex's own loop (backward._dkdv_inner as the document-aligned kernel's loop without mask
-    calls it: no mask, no checks, Q / dO by TMA) over all S queries of the row."""
+    calls it: no mask, no checks, Q / dO by TMA) over all S queries of the row; CAUSAL: the diagonal's
+    steps first in a masked loop, then the later queries, as the document backward walks a tile."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -305,11 +329,21 @@ def hf_flex_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, Q_DESC, DO_DESC, S, H, 
     k, v = load_pair(K + row, V + row, offs_n, kv_in, D, 1, D, 1, D, D, D, D)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
+    q0 = 0
+    if CAUSAL:
+        q0 = pid_n * BLOCK_N
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q + row, DO + row, LSE + bh * S, DELTA + bh * S, D, 1, D, 1,
+            None, BLOCK_N // BLOCK_M, b, h, b, h, kv_idx, kv_in[:, None], S, sm_scale, (), (), Q + row, D, 1,
+            Q_DESC, DO_DESC, h, _causal, None, None, False, True, True, True, BLOCK_M, BLOCK_M,
+            D, D, D, D, None, False, None, 0, False, 1, 0, 0, 0, 0, base=q0,
+        )
+        q0 += BLOCK_N
     dk, dv = _dkdv_inner(
         dk, dv, k, v, Q + row, DO + row, LSE + bh * S, DELTA + bh * S, D, 1, D, 1,
-        None, S // BLOCK_M, b, h, b, h, kv_idx, kv_in[:, None], S, sm_scale, (), (), Q + row, D, 1,
+        None, (S - q0) // BLOCK_M, b, h, b, h, kv_idx, kv_in[:, None], S, sm_scale, (), (), Q + row, D, 1,
         Q_DESC, DO_DESC, h, None, None, None, False, False, True, True, BLOCK_M, BLOCK_M,
-        D, D, D, D, None, False, None, 0, False, 1, 0, 0, 0, 0, base=0,
+        D, D, D, D, None, False, None, 0, False, 1, 0, 0, 0, 0, base=q0,
     )
     store_pair(DK + row, DV + row, dk * sm_scale, dv, offs_n, kv_in, D, 1, D, 1, D, D, D, D)
 
@@ -320,10 +354,13 @@ def make_inputs(B, H, S, D, device, seed=0):
     return q, k, v, do
 
 
-def reference(q, k, v, do, sm_scale):
-    """(dK, dV, LSE in log2 units, delta) in float64: plain attention without mask."""
+def reference(q, k, v, do, sm_scale, causal=False):
+    """(dK, dV, LSE in log2 units, delta) in float64: attention without mask, or causal."""
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
     s = q64 @ k64.transpose(-1, -2) * sm_scale
+    if causal:
+        S = s.shape[-1]
+        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None])
     o = p @ v64
@@ -345,8 +382,10 @@ def _gluon_descs(flat, block_m, block_n, D):
 
 
 def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, num_warps=8, num_stages=2,
-           p_in_smem=False, rows_ahead=False, nbuf=2, maxnreg=168):
+           p_in_smem=False, nbuf=2, maxnreg=168, causal=False):
     B, H, S, D = q.shape
+    if causal and which not in ("hf_flex", "gluon"):
+        raise ValueError(f"causal: only the hf_flex and gluon variants have it, not {which}")
     flat = [t.reshape(B * H * S, D) for t in (q, k, v, do)]
     dk = torch.empty_like(flat[1])
     dv = torch.empty_like(flat[2])
@@ -356,7 +395,8 @@ def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, n
 
         q_desc, do_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_m, D]) for t in (q, do))
         hf_flex_dkdv_kernel[grid](q, k, v, do, lse2, delta, dk, dv, q_desc, do_desc, S, H, sm_scale,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=num_stages)
+                                  BLOCK_M=block_m, BLOCK_N=block_n, D=D, CAUSAL=causal, num_warps=num_warps,
+                                  num_stages=num_stages)
     elif which == "gluon_ws":
         gluon_ws_dkdv_kernel[grid](*_gluon_descs(flat, block_m, block_n, D), lse2, delta, dk, dv, S, sm_scale * LOG2E,
                                    sm_scale, BLOCK_M=block_m, BLOCK_N=block_n, D=D, NBUF=nbuf, P_IN_SMEM=p_in_smem,
@@ -364,7 +404,7 @@ def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, n
     elif which == "gluon":
         gluon_dkdv_kernel[grid](*_gluon_descs(flat, block_m, block_n, D), lse2, delta, dk, dv, S, sm_scale * LOG2E,
                                 sm_scale,
-                                BLOCK_M=block_m, BLOCK_N=block_n, D=D, P_IN_SMEM=p_in_smem, ROWS_AHEAD=rows_ahead,
+                                BLOCK_M=block_m, BLOCK_N=block_n, D=D, P_IN_SMEM=p_in_smem, CAUSAL=causal,
                                 num_warps=num_warps)
     else:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -382,7 +422,6 @@ VARIANTS = {
     "hf_flex_s3": dict(which="hf_flex", num_stages=3),
     "gluon_preg": dict(which="gluon", p_in_smem=False),
     "gluon_psmem": dict(which="gluon", p_in_smem=True),
-    "gluon_preg_ahead": dict(which="gluon", rows_ahead=True),  # 248 B of spills: 182 TFLOP/s (run r)
     "gluon_ws2": dict(which="gluon_ws", nbuf=2, p_in_smem=True),
     "gluon_ws3": dict(which="gluon_ws", nbuf=3, p_in_smem=True),
     "gluon_ws2_preg": dict(which="gluon_ws", nbuf=2),
@@ -397,6 +436,8 @@ def main():
     ap.add_argument("--S", type=int, default=8192)
     ap.add_argument("--check-S", type=int, default=512, help="length of the float64 check")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    ap.add_argument("--causal", action="store_true",
+                    help="causal rows (each key tile from its diagonal on): hf_flex and the plain Gluon kernel only")
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--out", default="/tmp/gluon_proto")
     a = ap.parse_args()
@@ -407,12 +448,12 @@ def main():
     dev = "cuda"
     # correctness against float64 on fresh random inputs (a short row: the float64 reference is dense)
     q, k, v, do = make_inputs(1, 4, a.check_S, D, dev, seed=1)
-    rdk, rdv, lse2, delta = reference(q, k, v, do, sm_scale)
+    rdk, rdv, lse2, delta = reference(q, k, v, do, sm_scale, a.causal)
     lse2, delta = lse2.float().contiguous(), delta.float().contiguous()
     ok = {}
     print(f"check vs float64 (B=1, H=4, S={a.check_S}, D={D}): max |err| / max |ref|")
     for name in a.variants.split(","):
-        kw = VARIANTS[name]
+        kw = dict(VARIANTS[name], **({"causal": True} if a.causal else {}))
         try:
             dk, dv = launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, sm_scale=sm_scale, **kw)
             torch.cuda.synchronize()
@@ -427,13 +468,14 @@ def main():
     q, k, v, do = make_inputs(B, H, S, D, dev, seed=2)
     lse2 = torch.randn(B, H, S, device=dev).abs() + 8.0  # timing only: values that keep P finite
     delta = torch.randn(B, H, S, device=dev)
-    flops = 4 * 2 * B * H * S * S * D  # four products per (query, key) pair
+    # four products per (query, key) pair; causal: the pairs the mask allows (S^2 / 2, as the bench counts)
+    flops = 4 * 2 * B * H * S * S * D * (0.5 if a.causal else 1.0)
     rows = []
     names = [n for n in a.variants.split(",") if ok.get(n)]
     times = {n: [] for n in names}
     for r in range(3):  # rounds, the variants rotated
         for n in names[r % len(names):] + names[:r % len(names)]:
-            kw = VARIANTS[n]
+            kw = dict(VARIANTS[n], **({"causal": True} if a.causal else {}))
             ms = triton.testing.do_bench(lambda: launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta,
                                                         sm_scale=sm_scale, **kw), warmup=50, rep=300)
             times[n].append(ms)
@@ -441,7 +483,7 @@ def main():
         ms = sorted(times[n])[1]
         rows.append((n, ms, flops / ms / 1e9))
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print(f"dK/dV loop without mask, B={B} H={H} S={S} D={D} bf16 (median of 3 rounds)")
+    print(f"dK/dV loop {'causal' if a.causal else 'without mask'}, B={B} H={H} S={S} D={D} bf16 (median of 3 rounds)")
     print(f"{'variant':12s} {'ms':>8s} {'TFLOP/s':>8s} {'vs triton':>9s}")
     base = next((r[1] for r in rows if r[0] == "triton"), None)
     for n, ms, tf in rows:
@@ -457,7 +499,9 @@ def compile_only(out):
     B, H, S, D = 1, 2, 1024, 128
     q, k, v, do = (torch.empty(B, H, S, D, dtype=torch.bfloat16) for _ in range(4))
     lse2, delta = torch.empty(B, H, S), torch.empty(B, H, S)
-    for name, kw in VARIANTS.items():
+    runs = [(name, kw) for name, kw in VARIANTS.items()]
+    runs += [(name + "+causal", dict(kw, causal=True)) for name, kw in VARIANTS.items() if kw["which"] in ("hf_flex", "gluon")]
+    for name, kw in runs:
         try:
             launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, sm_scale=0.1, **kw)
         except Exception as e:  # noqa: BLE001
