@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 from triton.runtime.jit import constexpr_function
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_flex.kernels.backward import _dkdv_inner, load_pair, store_pair  # noqa: E402
@@ -391,8 +392,6 @@ def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, n
     dv = torch.empty_like(flat[2])
     grid = (S // block_n, B * H)
     if which == "hf_flex":
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         q_desc, do_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_m, D]) for t in (q, do))
         hf_flex_dkdv_kernel[grid](q, k, v, do, lse2, delta, dk, dv, q_desc, do_desc, S, H, sm_scale,
                                   BLOCK_M=block_m, BLOCK_N=block_n, D=D, CAUSAL=causal, num_warps=num_warps,
@@ -407,8 +406,6 @@ def launch(which, q, k, v, do, lse2, delta, sm_scale, block_m=64, block_n=128, n
                                 BLOCK_M=block_m, BLOCK_N=block_n, D=D, P_IN_SMEM=p_in_smem, CAUSAL=causal,
                                 num_warps=num_warps)
     else:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [bl, D])
                  for t, bl in zip(flat, (block_m, block_n, block_n, block_m))]
         triton_dkdv_kernel[grid](*descs, lse2, delta, dk, dv, S, sm_scale * LOG2E, sm_scale,
@@ -451,9 +448,9 @@ def main():
     rdk, rdv, lse2, delta = reference(q, k, v, do, sm_scale, a.causal)
     lse2, delta = lse2.float().contiguous(), delta.float().contiguous()
     ok = {}
+    runs = {n: dict(VARIANTS[n], **({"causal": True} if a.causal else {})) for n in a.variants.split(",")}
     print(f"check vs float64 (B=1, H=4, S={a.check_S}, D={D}): max |err| / max |ref|")
-    for name in a.variants.split(","):
-        kw = dict(VARIANTS[name], **({"causal": True} if a.causal else {}))
+    for name, kw in runs.items():
         try:
             dk, dv = launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, sm_scale=sm_scale, **kw)
             torch.cuda.synchronize()
@@ -471,11 +468,11 @@ def main():
     # four products per (query, key) pair; causal: the pairs the mask allows (S^2 / 2, as the bench counts)
     flops = 4 * 2 * B * H * S * S * D * (0.5 if a.causal else 1.0)
     rows = []
-    names = [n for n in a.variants.split(",") if ok.get(n)]
+    names = [n for n in runs if ok.get(n)]
     times = {n: [] for n in names}
     for r in range(3):  # rounds, the variants rotated
         for n in names[r % len(names):] + names[:r % len(names)]:
-            kw = dict(VARIANTS[n], **({"causal": True} if a.causal else {}))
+            kw = runs[n]
             ms = triton.testing.do_bench(lambda: launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta,
                                                         sm_scale=sm_scale, **kw), warmup=50, rep=300)
             times[n].append(ms)
@@ -484,10 +481,12 @@ def main():
         rows.append((n, ms, flops / ms / 1e9))
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"dK/dV loop {'causal' if a.causal else 'without mask'}, B={B} H={H} S={S} D={D} bf16 (median of 3 rounds)")
-    print(f"{'variant':12s} {'ms':>8s} {'TFLOP/s':>8s} {'vs triton':>9s}")
-    base = next((r[1] for r in rows if r[0] == "triton"), None)
+    if not rows:
+        return
+    base_name, base = rows[0][:2]  # speed-ups against the first variant listed
+    print(f"{'variant':12s} {'ms':>8s} {'TFLOP/s':>8s} vs {base_name}")
     for n, ms, tf in rows:
-        print(f"{n:12s} {ms:8.3f} {tf:8.1f} {base / ms if base else float('nan'):9.2f}")
+        print(f"{n:12s} {ms:8.3f} {tf:8.1f} {base / ms:9.2f}")
 
 
 def compile_only(out):

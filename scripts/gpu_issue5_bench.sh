@@ -6,6 +6,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -m pytest -q -x -n 8 -p no:cacheprovider tests/test_kernels.py tests/gpu/test_gpu_parity.py \
-  -k "schedules or layout or lengths or gqa or non_contiguous or recompile or bf16_parity" 2>&1 | tail -3
+# TESTS: the test files; TESTS_K: the -k selection ("" for all of TESTS)
+k="${TESTS_K-schedules or layout or lengths or gqa or non_contiguous or recompile or bf16_parity}"
+sel=(); [ -n "$k" ] && sel=(-k "$k")
+python3 -m pytest -q -x -n ${TESTS_N:-8} -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/gpu/test_gpu_parity.py} \
+  "${sel[@]}" 2>&1 | tail -3
 python3 -m hf_flex.bench --e2e --e2e-S ${E2E_S:-4096} --e2e-timeout 240 --json "$OUT/bench.json" 2>&1 | tail -${TAIL:-30}

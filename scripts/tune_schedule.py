@@ -85,7 +85,9 @@ SCHEDULES = {
     "interleave_s3": {"bwd_interleave": True,
                       "tiles": {"dkdv": launch.Tiles(64, 128, 8, 3), "dq": launch.Tiles(128, 64, 8, 3)}},
     "interleave_full_s3": {"bwd_interleave": True, "bwd_full_stages": 3, "bwd_dq_full_stages": 3},
-    "heads_first_bwd": {"bwd_heads_first": True},
+    # bwd_interleave and bwd_index_ahead are the defaults since then ("interleave", "interleave_ahead"
+    # and "bwd_ahead" equal main); the order before them:
+    "dkdv_first": {"bwd_interleave": False, "bwd_index_ahead": False},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

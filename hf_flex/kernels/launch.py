@@ -99,9 +99,10 @@ OVERRIDES: dict = {}
 # bwd_full_stages, bwd_dq_full_stages (block-sparse kernels): the software-pipelining depth of the
 #   dK/dV programs' (dQ programs') full-block loop where it should differ from the kernel's num_stages
 #   (0: the kernel's). The partial-block loops spill at 3 stages (sm_90, D=128: 645 -> 807 instructions
-#   a step with 13 spill accesses), the full-block loop does not (400 -> 451, no spills); a standalone
-#   copy of the document kernels' loop without mask read 495 TFLOP/s at 2 stages, 561 at 3 (H100,
-#   scripts/gluon_dkdv_proto.py). Measured in NOTES.md (fifteenth round).
+#   a step with 13 spill accesses), the full-block loop does not (400 -> 451 with the whole kernel at 3,
+#   404 with this knob); a standalone copy of the document kernels' loop without mask read 495 TFLOP/s
+#   at 2 stages, 561 at 3 (H100, scripts/gluon_dkdv_proto.py). Measured (H100, NOTES.md, fifteenth
+#   round): nothing outside the noise but softcap (+4-5 %): both 0.
 # tma: "none" | "full" | "both": on Hopper and later (and in Triton's interpreter), which forward loops
 #   (full blocks, or partial ones too) load their K/V tiles through tensor descriptors (the
 #   tensor-memory accelerator), where the tensors and the pass's Tiles.tma allow (_tma_descriptors).
@@ -584,7 +585,7 @@ def flex_backward(
         # both tables come from one BlockMask: full blocks past the end in neither or both
         TAIL_PARTIAL=fwd_tables.tail_partial and bwd_tables.tail_partial,
         D=D, DP=DP, DV=DV, DVP=DVP, DOT_PREC=prec, num_warps=t.num_warps, num_stages=t.num_stages,
-        AHEAD_FULL=bool(SCHEDULE["bwd_index_ahead"]) and not flat_group, ONE_LOOP=one_loop, HEADS_FIRST=heads_first,
+        AHEAD_FULL=bool_knob("bwd_index_ahead") and not flat_group, ONE_LOOP=one_loop, HEADS_FIRST=heads_first,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     by_key = mask_fn_by_key if mask_fn_by_key is not None else mask_fn
