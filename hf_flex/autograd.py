@@ -57,6 +57,20 @@ class KernelSpec:
             cached = bm._packs_documents = (bm.mask_mod, and_holds(bm.mask_mod.structure, ("packed_documents",)))
         return cached[1]
 
+    def causal_only(self) -> bool:
+        """Whether the mask is exactly causal (causal(), alone or in "and"s of causal() only) over queries
+        and keys of one length: flex_backward's ``causal_only`` (the Gluon backward for Hopper,
+        kernels/gluon_causal.py, takes such masks). As for the document-aligned kernels, the mask_mod
+        defines the mask: the kernels then read no table. Cached per block mask."""
+        bm = self.block_mask
+        cached = bm.__dict__.get("_causal_only")
+        if cached is None or cached[0] is not bm.mask_mod:
+            leaves = and_leaves(bm.mask_mod.structure)
+            found = (leaves is not None and {leaf for _, leaf in leaves} == {("causal",)}
+                     and bm.seq_lengths[0] == bm.seq_lengths[1])
+            cached = bm._causal_only = (bm.mask_mod, found)
+        return cached[1]
+
     def varlen(self, q: torch.Tensor, v: torch.Tensor):
         """(tiles, n_tiles, spans, tile) where the document-aligned kernels (kernels/varlen.py) run this
         call: SCHEDULE["varlen"], a mask that is exactly causal AND packed documents (and_masks of
@@ -180,7 +194,8 @@ def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, 
     compile_ahead.start(key, q.device, functools.partial(
         flex_backward, q, k, v, out, lse, out, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
         mask_fn, mask_args, score_fn, score_args, score_grad_fn, None, (),
-        spec.scale, mask_fn_by_key=by_key, packed_documents=ctx.packed_documents, warmup=True,
+        spec.scale, mask_fn_by_key=by_key, packed_documents=ctx.packed_documents, causal_only=spec.causal_only(),
+        warmup=True,
     ))
 
 
@@ -255,7 +270,7 @@ class FlexAttentionFunction(torch.autograd.Function):
                 q, k, v, out, lse2, dout, fwd_tables, bwd_tables, spec.block_mask.BLOCK_SIZE,
                 spec.block_mask.mask_mod.kernel_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn,
                 grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
-                packed_documents=ctx.packed_documents,
+                packed_documents=ctx.packed_documents, causal_only=spec.causal_only(),
             )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:

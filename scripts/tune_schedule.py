@@ -88,6 +88,9 @@ SCHEDULES = {
     # bwd_interleave and bwd_index_ahead are the defaults since then ("interleave", "interleave_ahead"
     # and "bwd_ahead" equal main); the order before them:
     "dkdv_first": {"bwd_interleave": False, "bwd_index_ahead": False},
+    # the block-sparse Triton backward for exactly causal masks instead of the Gluon passes (sixteenth round)
+    "gluon_bwd_off": {"gluon_bwd": False},
+    "gluon_one_stream": {"gluon_bwd_streams": False},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

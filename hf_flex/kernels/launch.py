@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import cdiv as _cdiv
+from . import gluon_causal
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
 from .forward import LN2, attn_fwd_kernel
 
@@ -131,6 +132,11 @@ OVERRIDES: dict = {}
 #   loop without mask: one pipeline fill and drain per tile. varlen_bwd_stages: their backward's
 #   software-pipelining depth (0: the dK/dV tiles'); 3 measured +5 % forward+backward over 2 on both
 #   document anchor cases. NOTES.md, twelfth round.
+# gluon_bwd: a mask that is exactly causal over S x S, without score mod, runs its backward's dK/dV and
+#   dQ passes as the Gluon kernels of kernels/gluon_causal.py where their applies() holds (Hopper,
+#   16-bit contiguous [B, H, S, D] inputs, no GQA, S a multiple of 128, D = 128): each pass 13-16 %
+#   faster than the block-sparse kernels' at causal 2k and 8k (H100, NOTES.md, sixteenth round).
+#   gluon_bwd_streams: its dQ launch on a second stream, concurrent with the dK/dV launch.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -138,7 +144,8 @@ SCHEDULE: dict = {
     "bwd_heads_first": False, "halves": True, "bwd_flat_group": "documents", "varlen": True,
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
-    "bwd_full_stages": 0, "bwd_dq_full_stages": 0,
+    "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
+    "gluon_bwd_streams": True,
 }
 
 
@@ -540,7 +547,8 @@ def delta_pass(go, out, dout, dlse, delta) -> None:
 def flex_backward(
     q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
     mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
-    dlse=None, mask_fn_by_key=None, packed_documents: bool = False, warmup: bool = False,
+    dlse=None, mask_fn_by_key=None, packed_documents: bool = False, causal_only: bool = False,
+    warmup: bool = False,
 ):
     """Returns (dq, dk, dv, delta); adds learnable score-mod gradients into ``score_grads`` (float64).
 
@@ -553,10 +561,20 @@ def flex_backward(
 
     ``mask_fn_by_key``: the dK/dV pass's form of ``mask_fn`` (MaskMod.kernel_fn_by_key); None: mask_fn.
     ``packed_documents``: the mask holds packed documents, for SCHEDULE["bwd_flat_group"] == "documents".
+    ``causal_only``: the mask is exactly causal over S x S (KernelSpec.causal_only): with
+    SCHEDULE["gluon_bwd"], inputs gluon_causal.applies accepts run the Gluon passes instead (compiled
+    at their first call: a warm-up launches and compiles nothing for them).
 
     ``dlse`` [B, Hq, Sq] (the gradient reaching the returned LSE) folds into delta: since
     d lse / d s = P, dS = P * (dP - (delta - dlse)). The returned delta includes it.
     """
+    if SCHEDULE["gluon_bwd"] and score_param_grad_fn is None and gluon_causal.applies(q, k, v, causal_only, score_fn):
+        if warmup:
+            return None
+        lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
+        delta_pass(_launcher(False), out, dout, dlse, delta)
+        return (*gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale,
+                                              concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)

@@ -1,0 +1,291 @@
+"""The causal attention backward in Gluon for Hopper (sm_90): the dK/dV and dQ passes of a mask that is
+exactly causal, with its products as explicitly asynchronous wgmma and its tiles by TMA behind
+mbarriers, issued in an order Triton's ``tl.dot`` pipeline does not produce.
+
+Why: on the H100 these passes run 13-16 % faster than the block-sparse Triton kernels' on causal 2k and
+8k (tests/benchmarks/NOTES.md, sixteenth round: ``scripts/gluon_bwd_proto.py``): each program issues
+its resident tiles and its first two stages of streamed tiles before it waits for any, and runs the
+softmax and dS work while the next products are in flight. Gluon kernels cannot call hf_flex's Triton
+mask and score functions, so this path takes only the mask it knows (``applies``); every other mask,
+score mod, device and Triton's interpreter run the Triton kernels (kernels/backward.py).
+
+Layouts: q, k, v, dout contiguous [B, H, S, D] (read as flat [B * H * S, D] rows through TMA
+descriptors), lse2 and delta contiguous float32 [B, H, S] (lse2 in log2 units of the scaled scores,
+delta = rowsum(dO O) - dLSE, launch.delta_pass). S a multiple of 128, D = 128, bf16 or fp16, as many
+key heads as query heads.
+
+dK/dV programs: one per (128-key tile, batch x head), tile 0 (the longest causal column) first; K and
+V resident, Q and dO in 64-query steps through two stages, from the tile's diagonal to the end: the
+diagonal's two steps masked in a loop of their own. dQ programs: one per (128-query tile, batch x
+head), the last (longest) tile first; Q and dO resident, K and V in 64-key steps through two stages
+from key 0 through the diagonal, whose two steps are masked. Deterministic: no atomics.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it (or its Hopper module) this path never applies
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import constexpr_function
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    AVAILABLE = False
+
+LOG2E = 1.4426950408889634
+TILE = 128  # key tile of the dK/dV programs, query tile of the dQ programs: S must be a multiple
+STEP = 64  # the streamed tiles: query step of dK/dV, key step of dQ
+HEAD_DIMS = (128,)  # measured (sixteenth round); other head dims keep the Triton kernels
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, score_fn) -> bool:
+    """Whether this backward runs for these inputs: ``causal`` (the block mask's mask_mod is exactly
+    causal over S x S: the caller's KernelSpec.causal_only), no score mod, Gluon importable, q on a
+    Hopper GPU (not Triton's interpreter), 16-bit q, k, v of one dtype and [B, H, S, D] layout with
+    contiguous storage, as many key heads as query heads, S a multiple of 128 and D in HEAD_DIMS."""
+    from . import interpreted
+
+    if not (causal and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    B, H, S, D = q.shape
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape == q.shape and v.shape == q.shape and S % TILE == 0 and D in HEAD_DIMS
+            and all(t.is_contiguous() for t in (q, k, v)))
+
+
+if AVAILABLE:
+
+    @constexpr_function
+    def _mma_layout(n, num_warps):
+        """The wgmma accumulator layout of a [rows, n] tile: warps stacked along the rows (a warpgroup of
+        4 per 64 rows), instruction [16, n, 16]."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE,
+                   DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Step i (queries q0 + i * BLOCK_M ...) of a dK/dV program: wait for its stage, issue S^T = K Q^T
+        and dP^T = V dO^T, wait for S^T (and with it the previous step's dV and dK products, which read
+        the other stage), refill the other stage with the next step's Q and dO, then P^T, dV += P^T dO
+        issued, dP^T waited for, dS^T under dV's product, dK += dS^T Q issued (both left in flight).
+        MASKED: keys after the query masked (the diagonal's steps)."""
+        st = i % 2
+        mbarrier.wait(bars.index(st), (i // 2) & 1)
+        qs = q_smem.index(st)
+        dos = do_smem.index(st)
+        rows = row0 + q0 + i * BLOCK_M
+        lse = gl.load(LSE + rows + offs_m)
+        delta = gl.load(DELTA + rows + offs_m)
+        sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
+        if i + 1 < n_steps:
+            nx = (i + 1) % 2
+            mbarrier.expect(bars.index(nx), 2 * BLOCK_M * qs.shape[1] * qs.dtype.primitive_bitwidth // 8)
+            tma.async_copy_global_to_shared(q_desc, [rows + BLOCK_M, 0], bars.index(nx), q_smem.index(nx))
+            tma.async_copy_global_to_shared(do_desc, [rows + BLOCK_M, 0], bars.index(nx), do_smem.index(nx))
+        if MASKED:
+            keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zero_s.type.layout))
+            sT = gl.where((q0 + i * BLOCK_M + offs_m)[None, :] >= keys[:, None], sT, float("-inf"))
+        pT = gl.exp2(sT * qk_scale - lse[None, :])
+        dv = warpgroup_mma(gl.convert_layout(pT.to(qs.dtype), a_layout), dos, dv, is_async=True)
+        dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
+        dsT = pT * (dpT - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(dsT.to(qs.dtype), a_layout), qs, dk, is_async=True)
+        return dk, dv
+
+    @gluon.jit
+    def _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, pid_n, bh,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+        """dK (times sm_scale) and dV [BLOCK_N, D] of key tile pid_n of row bh from the queries at and
+        after the tile: K/V and the first Q/dO stage all in flight before the first wait."""
+        row0 = bh * S
+        start_n = pid_n * BLOCK_N
+        dtype: gl.constexpr = q_desc.dtype
+        nbytes: gl.constexpr = dtype.primitive_bitwidth // 8
+        s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
+        acc_layout: gl.constexpr = _mma_layout(D, num_warps)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+        q0 = start_n
+        n_diag: gl.constexpr = BLOCK_N // BLOCK_M
+        n_steps = (S - q0) // BLOCK_M
+        mbarrier.expect(kv_bar, 2 * BLOCK_N * D * nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row0 + start_n, 0], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [row0 + start_n, 0], kv_bar, v_smem)
+        mbarrier.expect(bars.index(0), 2 * BLOCK_M * D * nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0 + q0, 0], bars.index(0), q_smem.index(0))
+        tma.async_copy_global_to_shared(do_desc, [row0 + q0, 0], bars.index(0), do_smem.index(0))
+        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
+        dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
+        mbarrier.wait(kv_bar, 0)
+        for i in range(0, n_diag):
+            dk, dv = _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
+                                do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, True, BLOCK_M,
+                                BLOCK_N)
+        for i in range(n_diag, n_steps):
+            dk, dv = _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
+                                do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, False, BLOCK_M,
+                                BLOCK_N)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        mbarrier.invalidate(kv_bar)
+        mbarrier.invalidate(bars.index(0))
+        mbarrier.invalidate(bars.index(1))
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        offs = (row0 + start_n + rows)[:, None] * D + cols[None, :]
+        gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
+        gl.store(DV + offs, dv.to(DV.dtype.element_ty))
+
+    @gluon.jit
+    def attn_bwd_dkdv_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
+                                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                                    num_warps: gl.constexpr):
+        """Grid (S // BLOCK_N, B * H): the dK/dV program of key tile program_id(0), row program_id(1)."""
+        _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, gl.program_id(0),
+                      gl.program_id(1), BLOCK_M, BLOCK_N, D, num_warps)
+
+    @gluon.jit
+    def _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse, delta,
+                 zero_s, dq, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Step i (keys i * BLOCK_N ...) of a dQ program: wait for its stage, issue S = Q K^T and dP = dO V^T,
+        wait for S, refill the other stage with the next step's K and V, then P, dP waited for, dS and
+        dQ += dS K, waited for before returning (left in flight across the loop edge it makes ptxas
+        serialise every product of the loop, C7515). MASKED: keys after the query masked."""
+        st = i % 2
+        mbarrier.wait(bars.index(st), (i // 2) & 1)
+        ks = k_smem.index(st)
+        s = warpgroup_mma(q_smem, ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        if i + 1 < n_steps:
+            nx = (i + 1) % 2
+            mbarrier.expect(bars.index(nx), 2 * BLOCK_N * ks.shape[1] * ks.dtype.primitive_bitwidth // 8)
+            tma.async_copy_global_to_shared(k_desc, [row0 + (i + 1) * BLOCK_N, 0], bars.index(nx), k_smem.index(nx))
+            tma.async_copy_global_to_shared(v_desc, [row0 + (i + 1) * BLOCK_N, 0], bars.index(nx), v_smem.index(nx))
+        if MASKED:
+            keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
+            s = gl.where((start_m + rows)[:, None] >= keys[None, :], s, float("-inf"))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(ks.dtype), a_layout), ks, dq, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+
+    @gluon.jit
+    def attn_bwd_dq_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale,
+                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                                  num_warps: gl.constexpr):
+        """Grid (S // BLOCK_M, B * H): dQ (times sm_scale) [BLOCK_M, D] of query tile S // BLOCK_M - 1 -
+        program_id(0) (the longest causal rows first) of row program_id(1), from keys 0 through the
+        tile's diagonal."""
+        pid_m = S // BLOCK_M - 1 - gl.program_id(0)
+        row0 = gl.program_id(1) * S
+        start_m = pid_m * BLOCK_M
+        dtype: gl.constexpr = q_desc.dtype
+        nbytes: gl.constexpr = dtype.primitive_bitwidth // 8
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
+        acc_layout: gl.constexpr = _mma_layout(D, num_warps)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], v_desc.layout)
+        qo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qo_bar, count=1)
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+        n_diag: gl.constexpr = BLOCK_M // BLOCK_N
+        n_steps = (start_m + BLOCK_M) // BLOCK_N
+        mbarrier.expect(qo_bar, 2 * BLOCK_M * D * nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0 + start_m, 0], qo_bar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [row0 + start_m, 0], qo_bar, do_smem)
+        mbarrier.expect(bars.index(0), 2 * BLOCK_N * D * nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row0, 0], bars.index(0), k_smem.index(0))
+        tma.async_copy_global_to_shared(v_desc, [row0, 0], bars.index(0), v_smem.index(0))
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        lse = gl.load(LSE + row0 + start_m + rows)
+        delta = gl.load(DELTA + row0 + start_m + rows)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        dq = gl.zeros([BLOCK_M, D], gl.float32, acc_layout)
+        mbarrier.wait(qo_bar, 0)
+        for i in range(0, n_steps - n_diag):
+            dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows,
+                          lse, delta, zero_s, dq, qk_scale, a_layout, False, BLOCK_N)
+        for i in range(n_steps - n_diag, n_steps):
+            dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows,
+                          lse, delta, zero_s, dq, qk_scale, a_layout, True, BLOCK_N)
+        mbarrier.invalidate(qo_bar)
+        mbarrier.invalidate(bars.index(0))
+        mbarrier.invalidate(bars.index(1))
+        rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        gl.store(DQ + (row0 + start_m + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+def _descriptors(flat, block: int, D: int, gl_dtype):
+    layout = gl.NVMMASharedLayout.get_default_for([block, D], gl_dtype)
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block, D], layout) for t in flat]
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device) -> "torch.cuda.Stream":
+    s = _side_streams.get(device)
+    if s is None:
+        s = _side_streams[device] = torch.cuda.Stream(device)
+    return s
+
+
+def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, concurrent: bool = True):
+    """(dq, dk, dv) like q of causal attention, from the inputs ``applies`` accepted, dout (made
+    contiguous here when it is not), lse2 and delta contiguous float32 [B, H, S]. ``concurrent``: the dQ
+    launch goes to a second stream, so that its programs fill the SMs the dK/dV launch's last programs
+    leave idle (what one launch of both passes does for the Triton kernels); the caller's stream waits
+    for it before returning."""
+    B, H, S, D = q.shape
+    dout = dout if dout.is_contiguous() else dout.contiguous()
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    flat = [t.view(B * H * S, D) for t in (q, k, v, dout)]
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    qk_scale = sm_scale * LOG2E
+    # dK/dV: Q and dO streamed in STEP rows, K and V resident in TILE rows; dQ the other way round
+    q_s, do_s = _descriptors([flat[0], flat[3]], STEP, D, gl_dtype)
+    k_t, v_t = _descriptors([flat[1], flat[2]], TILE, D, gl_dtype)
+    q_t, do_t = _descriptors([flat[0], flat[3]], TILE, D, gl_dtype)
+    k_s, v_s = _descriptors([flat[1], flat[2]], STEP, D, gl_dtype)
+    main = torch.cuda.current_stream(q.device)
+    side = _side_stream(q.device) if concurrent else main
+    side.wait_stream(main)  # delta and the buffers written on the caller's stream
+    with torch.cuda.stream(side):
+        attn_bwd_dq_causal_kernel[(S // TILE, B * H)](
+            q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, BLOCK_M=TILE, BLOCK_N=STEP, D=D,
+            num_warps=8,
+        )
+    attn_bwd_dkdv_causal_kernel[(S // TILE, B * H)](
+        q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8,
+    )
+    # every tensor the dQ launch reads or writes was made on the caller's stream, which now waits for
+    # it: their memory is not reused before it is done
+    main.wait_stream(side)
+    return dq, dk, dv

@@ -1,0 +1,91 @@
+"""The Gluon causal backward (kernels/gluon_causal.py) on Hopper: gradients against float64, no worse than
+the block-sparse Triton kernels' on the same inputs (SCHEDULE["gluon_bwd"] off), and the path actually
+taken. Run on the device machine: ``pytest -m gpu tests/gpu``."""
+
+import math
+
+import pytest
+import torch
+
+import hf_flex
+from hf_flex import mods
+from hf_flex.kernels import gluon_causal, launch
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _grads(q, k, v, do, dlse, bm, scale):
+    leaves = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = hf_flex.flex_attention(*leaves, block_mask=bm, scale=scale, return_lse=True)
+    outs, grads = (out,), (do,)
+    if dlse is not None:
+        outs, grads = (out, lse), (do, dlse)
+    return torch.autograd.grad(outs, leaves, grads)
+
+
+def _reference(q, k, v, do, dlse, scale):
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    S = q.shape[2]
+    s = q64 @ k64.transpose(-1, -2) * scale
+    s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ v64
+    loss = (out * do.double()).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.double()).sum()
+    return torch.autograd.grad(loss, (q64, k64, v64))
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S", [128, 384, 1024])
+@pytest.mark.parametrize("with_dlse", [False, True])
+@pytest.mark.parametrize("streams", [True, False])
+def test_gluon_causal_backward_against_float64(monkeypatch, dtype, S, with_dlse, streams):
+    B, H, D = 2, 3, 128
+    scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)  # a scale other than the default, once
+    g = torch.Generator(device="cuda").manual_seed(S + with_dlse)
+    q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    dlse = torch.randn(B, H, S, device="cuda", generator=g) if with_dlse else None
+    bm = hf_flex.create_block_mask(mods.causal(), None, None, S, S, device="cuda")
+
+    calls = []
+    real = gluon_causal.causal_backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_causal, "causal_backward", counted)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_streams", streams)
+    ours = _grads(q, k, v, do, dlse, bm, scale)
+    assert len(calls) == 1, "the Gluon backward did not run"
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", False)
+    triton_grads = _grads(q, k, v, do, dlse, bm, scale)
+    assert len(calls) == 1
+    ref = _reference(q, k, v, do, dlse, scale)
+    for name, a, b, r in zip(("dq", "dk", "dv"), ours, triton_grads, ref):
+        assert torch.isfinite(a).all(), name
+        e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
+        atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+        assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+def test_gluon_causal_backward_skips_what_it_does_not_take(monkeypatch):
+    """GQA, a head dim other than 128 and a length that is not a multiple of 128 keep the Triton kernels."""
+    called = []
+    monkeypatch.setattr(gluon_causal, "causal_backward", lambda *a, **kw: called.append(1))
+    for Hq, Hkv, S, D in ((4, 2, 256, 128), (2, 2, 256, 64), (2, 2, 200, 128)):
+        q = torch.randn(1, Hq, S, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        bm = hf_flex.create_block_mask(mods.causal(), None, None, S, S, device="cuda")
+        leaves = tuple(t.requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(*leaves, block_mask=bm, enable_gqa=Hq != Hkv)
+        torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert not called

@@ -1,0 +1,72 @@
+"""The Gluon causal backward's dispatch (kernels/gluon_causal.py): which masks and inputs it takes, and
+that flex_backward hands it the right buffers. Its kernels run on Hopper only: tests/gpu/test_gpu_gluon_causal.py
+checks them against float64 on the device machine."""
+
+import pytest
+import torch
+
+import hf_flex
+from hf_flex import mods
+from hf_flex.autograd import KernelSpec
+from hf_flex.kernels import gluon_causal, launch
+
+
+def _spec(mask_mod, q_len=256, kv_len=256):
+    bm = hf_flex.create_block_mask(mask_mod, None, None, q_len, kv_len, device="cpu")
+    return KernelSpec(bm, None, 0.1)
+
+
+def test_causal_only_recognises_exactly_causal_masks():
+    assert _spec(mods.causal()).causal_only()
+    assert _spec(mods.and_masks(mods.causal(), mods.causal())).causal_only()
+    assert not _spec(mods.and_masks(mods.causal(), mods.sliding_window(64))).causal_only()
+    assert not _spec(mods.or_masks(mods.causal(), mods.sliding_window(64))).causal_only()
+    assert not _spec(mods.causal(), 256, 384).causal_only()  # queries and keys of different lengths
+    ids = torch.zeros(1, 256, dtype=torch.int32)
+    ids[:, 100:] = 1
+    assert not _spec(mods.and_masks(mods.causal(), mods.document(ids))).causal_only()
+
+
+def test_applies_only_where_the_kernels_run():
+    q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
+    assert not gluon_causal.applies(q, q, q, True, None)  # not on a CUDA device
+    assert not gluon_causal.applies(q, q, q, False, None)
+    assert not gluon_causal.applies(q, q, q, True, object())
+
+
+@pytest.mark.parametrize("knob", [True, False])
+def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, knob):
+    """With applies() forced true, the backward of a causal call goes to causal_backward (a stand-in
+    here) with lse2 and delta as the Triton kernels would read them, and returns its gradients; the
+    knob off, or a mask that is not exactly causal, keeps the Triton kernels."""
+    calls = []
+
+    def fake(q, k, v, dout, lse2, delta, sm_scale, concurrent):
+        calls.append((lse2.clone(), delta.clone(), sm_scale, dout.is_contiguous()))
+        return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
+
+    monkeypatch.setattr(gluon_causal, "applies", lambda q, k, v, causal, score_fn: causal and score_fn is None)
+    monkeypatch.setattr(gluon_causal, "causal_backward", fake)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", knob)
+    B, H, S, D = 1, 2, 128, 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(device).requires_grad_() for _ in range(3))
+    do = torch.randn(B, H, S, D, generator=g).to(device)
+    for mm, expect_gluon in ((mods.causal(), knob), (mods.and_masks(mods.causal(), mods.sliding_window(64)), False)):
+        calls.clear()
+        bm = hf_flex.create_block_mask(mm, None, None, S, S, device=device)
+        out, lse = hf_flex.flex_attention(q, k, v, block_mask=bm, scale=0.25, return_lse=True)
+        dlse = torch.randn(B, H, S, generator=g).to(device)
+        dq, dk, dv = torch.autograd.grad((out, lse), (q, k, v), (do, dlse))
+        assert len(calls) == int(expect_gluon)
+        if not expect_gluon:
+            assert not torch.equal(dq, torch.full_like(dq, 1.0))
+            continue
+        assert torch.equal(dq, torch.full_like(dq, 1.0)) and torch.equal(dv, torch.full_like(dv, 3.0))
+        lse2, delta, scale, contiguous = calls[0]
+        assert scale == 0.25 and contiguous
+        log2e = 1.4426950408889634
+        torch.testing.assert_close(lse2.cpu(), (lse.detach() * log2e).cpu(), rtol=1e-5, atol=1e-5)
+        # delta = rowsum(dO O) - dLSE: the LSE's gradient folded in
+        want = (do.float() * out.detach().float()).sum(-1) - dlse
+        torch.testing.assert_close(delta.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
