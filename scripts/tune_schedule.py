@@ -91,6 +91,7 @@ SCHEDULES = {
     # the block-sparse Triton backward for exactly causal masks instead of the Gluon passes (sixteenth round)
     "gluon_bwd_off": {"gluon_bwd": False},
     "gluon_one_stream": {"gluon_bwd_streams": False},
+    "gluon_d128_only": {"gluon_bwd_head_dims": (128,)},  # D = 64 on the Triton kernels (before the default)
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

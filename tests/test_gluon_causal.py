@@ -45,7 +45,7 @@ def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, kno
         calls.append((lse2.clone(), delta.clone(), sm_scale, dout.is_contiguous()))
         return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
 
-    monkeypatch.setattr(gluon_causal, "applies", lambda q, k, v, causal, score_fn: causal and score_fn is None)
+    monkeypatch.setattr(gluon_causal, "applies", lambda q, k, v, causal, score_fn, dims: causal and score_fn is None)
     monkeypatch.setattr(gluon_causal, "causal_backward", fake)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", knob)
     B, H, S, D = 1, 2, 128, 32

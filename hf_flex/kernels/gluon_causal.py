@@ -3,7 +3,8 @@ exactly causal, with its products as explicitly asynchronous wgmma and its tiles
 mbarriers, issued in an order Triton's ``tl.dot`` pipeline does not produce.
 
 Why: on the H100 these passes run 13-16 % faster than the block-sparse Triton kernels' on causal 2k and
-8k (tests/benchmarks/NOTES.md, sixteenth round: ``scripts/gluon_bwd_proto.py``): each program issues
+8k, forward+backward 4-8 % (tests/benchmarks/NOTES.md, sixteenth round: ``scripts/gluon_bwd_proto.py``,
+``scripts/tune_schedule.py`` variants gluon_bwd_off, gluon_one_stream): each program issues
 its resident tiles and its first two stages of streamed tiles before it waits for any, and runs the
 softmax and dS work while the next products are in flight. Gluon kernels cannot call hf_flex's Triton
 mask and score functions, so this path takes only the mask it knows (``applies``); every other mask,
@@ -11,8 +12,8 @@ score mod, device and Triton's interpreter run the Triton kernels (kernels/backw
 
 Layouts: q, k, v, dout contiguous [B, H, S, D] (read as flat [B * H * S, D] rows through TMA
 descriptors), lse2 and delta contiguous float32 [B, H, S] (lse2 in log2 units of the scaled scores,
-delta = rowsum(dO O) - dLSE, launch.delta_pass). S a multiple of 128, D = 128, bf16 or fp16, as many
-key heads as query heads.
+delta = rowsum(dO O) - dLSE, launch.delta_pass). S a multiple of 128, D = 64 or 128, bf16 or fp16, as
+many key heads as query heads.
 
 dK/dV programs: one per (128-key tile, batch x head), tile 0 (the longest causal column) first; K and
 V resident, Q and dO in 64-query steps through two stages, from the tile's diagonal to the end: the
@@ -40,14 +41,16 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 LOG2E = 1.4426950408889634
 TILE = 128  # key tile of the dK/dV programs, query tile of the dQ programs: S must be a multiple
 STEP = 64  # the streamed tiles: query step of dK/dV, key step of dQ
-HEAD_DIMS = (128,)  # measured (sixteenth round); other head dims keep the Triton kernels
+HEAD_DIMS = (64, 128)  # the head dims the kernels are written for (launch.SCHEDULE["gluon_bwd_head_dims"] picks)
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, score_fn) -> bool:
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, score_fn,
+            head_dims=(128,)) -> bool:
     """Whether this backward runs for these inputs: ``causal`` (the block mask's mask_mod is exactly
     causal over S x S: the caller's KernelSpec.causal_only), no score mod, Gluon importable, q on a
     Hopper GPU (not Triton's interpreter), 16-bit q, k, v of one dtype and [B, H, S, D] layout with
-    contiguous storage, as many key heads as query heads, S a multiple of 128 and D in HEAD_DIMS."""
+    contiguous storage, as many key heads as query heads, S a multiple of 128 and D in ``head_dims``
+    (of HEAD_DIMS)."""
     from . import interpreted
 
     if not (causal and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
@@ -56,7 +59,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sco
         return False
     B, H, S, D = q.shape
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and k.shape == q.shape and v.shape == q.shape and S % TILE == 0 and D in HEAD_DIMS
+            and k.shape == q.shape and v.shape == q.shape and S % TILE == 0 and D in head_dims and D in HEAD_DIMS
             and all(t.is_contiguous() for t in (q, k, v)))
 
 
@@ -274,18 +277,24 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, concurrent: boo
     k_t, v_t = _descriptors([flat[1], flat[2]], TILE, D, gl_dtype)
     q_t, do_t = _descriptors([flat[0], flat[3]], TILE, D, gl_dtype)
     k_s, v_s = _descriptors([flat[1], flat[2]], STEP, D, gl_dtype)
-    main = torch.cuda.current_stream(q.device)
-    side = _side_stream(q.device) if concurrent else main
-    side.wait_stream(main)  # delta and the buffers written on the caller's stream
-    with torch.cuda.stream(side):
-        attn_bwd_dq_causal_kernel[(S // TILE, B * H)](
-            q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, BLOCK_M=TILE, BLOCK_N=STEP, D=D,
-            num_warps=8,
-        )
-    attn_bwd_dkdv_causal_kernel[(S // TILE, B * H)](
-        q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8,
-    )
-    # every tensor the dQ launch reads or writes was made on the caller's stream, which now waits for
-    # it: their memory is not reused before it is done
-    main.wait_stream(side)
+    grid = (S // TILE, B * H)
+
+    def dq_pass():
+        attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, BLOCK_M=TILE,
+                                        BLOCK_N=STEP, D=D, num_warps=8)
+
+    if concurrent:
+        main = torch.cuda.current_stream(q.device)
+        side = _side_stream(q.device)
+        side.wait_stream(main)  # delta and the buffers written on the caller's stream
+        with torch.cuda.stream(side):
+            dq_pass()
+    else:
+        dq_pass()
+    attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, BLOCK_M=STEP,
+                                      BLOCK_N=TILE, D=D, num_warps=8)
+    if concurrent:
+        # every tensor the dQ launch reads or writes was made on the caller's stream, which now waits
+        # for it: their memory is not reused before it is done
+        main.wait_stream(side)
     return dq, dk, dv

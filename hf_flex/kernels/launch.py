@@ -134,9 +134,10 @@ OVERRIDES: dict = {}
 #   document anchor cases. NOTES.md, twelfth round.
 # gluon_bwd: a mask that is exactly causal over S x S, without score mod, runs its backward's dK/dV and
 #   dQ passes as the Gluon kernels of kernels/gluon_causal.py where their applies() holds (Hopper,
-#   16-bit contiguous [B, H, S, D] inputs, no GQA, S a multiple of 128, D = 128): each pass 13-16 %
-#   faster than the block-sparse kernels' at causal 2k and 8k (H100, NOTES.md, sixteenth round).
-#   gluon_bwd_streams: its dQ launch on a second stream, concurrent with the dK/dV launch.
+#   16-bit contiguous [B, H, S, D] inputs, no GQA, S a multiple of 128, D in gluon_bwd_head_dims): each
+#   pass 13-16 % faster than the block-sparse kernels' at causal 2k and 8k; forward+backward +4-7 % at
+#   D = 128, +8 % at D = 64 (H100, NOTES.md, sixteenth round). gluon_bwd_streams: its dQ launch on a
+#   second stream, concurrent with the dK/dV launch (+3 % at 2k, within noise at 8k).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -145,7 +146,7 @@ SCHEDULE: dict = {
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
-    "gluon_bwd_streams": True,
+    "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128),
 }
 
 
@@ -568,7 +569,8 @@ def flex_backward(
     ``dlse`` [B, Hq, Sq] (the gradient reaching the returned LSE) folds into delta: since
     d lse / d s = P, dS = P * (dP - (delta - dlse)). The returned delta includes it.
     """
-    if SCHEDULE["gluon_bwd"] and score_param_grad_fn is None and gluon_causal.applies(q, k, v, causal_only, score_fn):
+    if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None
+            and gluon_causal.applies(q, k, v, causal_only, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         if warmup:
             return None
         lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)

@@ -45,8 +45,9 @@ def _reference(q, k, v, do, dlse, scale):
 @pytest.mark.parametrize("S", [128, 384, 1024])
 @pytest.mark.parametrize("with_dlse", [False, True])
 @pytest.mark.parametrize("streams", [True, False])
-def test_gluon_causal_backward_against_float64(monkeypatch, dtype, S, with_dlse, streams):
-    B, H, D = 2, 3, 128
+@pytest.mark.parametrize("D", [128, 64])
+def test_gluon_causal_backward_against_float64(monkeypatch, dtype, S, with_dlse, streams, D):
+    B, H = 2, 3
     scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)  # a scale other than the default, once
     g = torch.Generator(device="cuda").manual_seed(S + with_dlse)
     q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
@@ -63,6 +64,7 @@ def test_gluon_causal_backward_against_float64(monkeypatch, dtype, S, with_dlse,
     monkeypatch.setattr(gluon_causal, "causal_backward", counted)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", True)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_streams", streams)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_causal.HEAD_DIMS)
     ours = _grads(q, k, v, do, dlse, bm, scale)
     assert len(calls) == 1, "the Gluon backward did not run"
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", False)
@@ -78,7 +80,9 @@ def test_gluon_causal_backward_against_float64(monkeypatch, dtype, S, with_dlse,
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
 def test_gluon_causal_backward_skips_what_it_does_not_take(monkeypatch):
-    """GQA, a head dim other than 128 and a length that is not a multiple of 128 keep the Triton kernels."""
+    """GQA, a head dim the schedule leaves out and a length that is not a multiple of 128 keep the Triton
+    kernels."""
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", (128,))
     called = []
     monkeypatch.setattr(gluon_causal, "causal_backward", lambda *a, **kw: called.append(1))
     for Hq, Hkv, S, D in ((4, 2, 256, 128), (2, 2, 256, 64), (2, 2, 200, 128)):
