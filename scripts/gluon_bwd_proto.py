@@ -1,14 +1,8 @@
-"""Prototype (not wired into hf_flex): a whole causal attention backward in Gluon (the dK/dV pass of
-scripts/gluon_dkdv_proto.py plus a dQ pass written the same way), timed against hf_flex's backward,
-torch flex's and cuDNN's on the same inputs: what a Gluon backward would be worth on the causal
-forward+backward targets, where hf_flex's backward trails torch flex's at 2k (sixteenth round).
-
-dQ pass: one program per 128-query tile (longest first), Q and dO by TMA once, K and V by TMA into
-two stages; per 64-key step S = Q K^T and dP = dO V^T issued together as asynchronous wgmma, P
-computed while dP runs, dS = P (dP - delta), dQ += dS K (waited for at the step's end: left in flight
-across the loop edge, ptxas serialises every product, C7515); the next step's K/V copies issued once
-S is done. Causal: the
-diagonal's two steps masked in a loop of their own.
+"""A whole causal attention backward in Gluon, timed against hf_flex's Triton backward, torch flex's
+and cuDNN's on the same inputs: the measurement behind hf_flex/kernels/gluon_causal.py (sixteenth
+round), whose kernels this script runs ("gluon": the dK/dV pass, then the dQ pass that waits for its
+product each step), next to a dQ form kept here (``gluon_dqdef3``: each step's dQ product issued one
+step late, under the next step's P and dS, K/V in 3 stages; within 3 % of the other).
 
 On the device:  python scripts/gluon_bwd_proto.py [--cases 2k,8k] [--check-only]
 Checks dQ, dK, dV against float64 (small shape), then against hf_flex's gradients on each timed case,
@@ -27,104 +21,14 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gluon_dkdv_proto import LOG2E, _gluon_descs, gluon_dkdv_kernel, mma_layout  # noqa: E402
+from gluon_dkdv_proto import LOG2E, _gluon_descs  # noqa: E402
 
-
-@gluon.jit
-def _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse, delta,
-             zero_s, dq, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Step i (keys i * BLOCK_N ...) of gluon_dq_kernel: wait for its stage, issue S and dP, wait for S
-    (and with it the previous step's dQ product, which read the other stage), refill the other stage
-    with the next step's K and V, then P, dS and dQ += dS K (waited for before returning)."""
-    st = i % 2
-    mbarrier.wait(bars.index(st), (i // 2) & 1)
-    ks = k_smem.index(st)
-    s = warpgroup_mma(q_smem, ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-    if i + 1 < n_steps:
-        nx = (i + 1) % 2
-        mbarrier.expect(bars.index(nx), 2 * BLOCK_N * ks.shape[1] * 2)
-        tma.async_copy_global_to_shared(k_desc, [row0 + (i + 1) * BLOCK_N, 0], bars.index(nx), k_smem.index(nx))
-        tma.async_copy_global_to_shared(v_desc, [row0 + (i + 1) * BLOCK_N, 0], bars.index(nx), v_smem.index(nx))
-    if MASKED:
-        keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
-        s = gl.where((start_m + rows)[:, None] >= keys[None, :], s, float("-inf"))
-    p = gl.exp2(s * qk_scale - lse[:, None])
-    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
-    ds = p * (dp - delta[:, None])
-    dq = warpgroup_mma(gl.convert_layout(ds.to(ks.dtype), a_layout), ks, dq, is_async=True)
-    # waited for here: a dQ product left in flight across the loop edge makes ptxas serialise every
-    # wgmma of the loop (C7515; 40 WARPGROUP syncs a step instead of 6)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
-
-
-@gluon.jit
-def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr,
-                    num_warps: gl.constexpr):
-    """dQ [BLOCK_M, D] (times sm_scale) of query tile n_m - 1 - program_id(0) of row program_id(1)
-    (= b * H + h) from every key of that row, or (CAUSAL) the keys up to the tile's diagonal, whose
-    BLOCK_M / BLOCK_N steps are masked in a loop of their own. Descriptors over the flat [B * H * S, D]
-    tensors ([BLOCK_M, D] boxes for Q / dO, [BLOCK_N, D] for K / V); LSE in log2 units and delta:
-    [B * H * S] float32; qk_scale = sm_scale * log2(e)."""
-    n_m = S // BLOCK_M
-    pid_m = n_m - 1 - gl.program_id(0)  # the longest causal rows first
-    bh = gl.program_id(1)
-    row0 = bh * S
-    start_m = pid_m * BLOCK_M
-    dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = mma_layout(BLOCK_N, num_warps)
-    acc_layout: gl.constexpr = mma_layout(D, num_warps)
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], v_desc.layout)
-    qo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(qo_bar, count=1)
-    mbarrier.init(bars.index(0), count=1)
-    mbarrier.init(bars.index(1), count=1)
-
-    n_steps = S // BLOCK_N
-    n_diag = 0
-    if CAUSAL:
-        n_steps = (start_m + BLOCK_M) // BLOCK_N
-        n_diag = BLOCK_M // BLOCK_N
-    mbarrier.expect(qo_bar, 2 * BLOCK_M * D * 2)
-    tma.async_copy_global_to_shared(q_desc, [row0 + start_m, 0], qo_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [row0 + start_m, 0], qo_bar, do_smem)
-    mbarrier.expect(bars.index(0), 2 * BLOCK_N * D * 2)
-    tma.async_copy_global_to_shared(k_desc, [row0, 0], bars.index(0), k_smem.index(0))
-    tma.async_copy_global_to_shared(v_desc, [row0, 0], bars.index(0), v_smem.index(0))
-
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    lse = gl.load(LSE + row0 + start_m + rows)
-    delta = gl.load(DELTA + row0 + start_m + rows)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    dq = gl.zeros([BLOCK_M, D], gl.float32, acc_layout)
-    mbarrier.wait(qo_bar, 0)
-    for i in range(0, n_steps - n_diag):
-        dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse,
-                      delta, zero_s, dq, qk_scale, a_layout, False, BLOCK_N)
-    for i in range(n_steps - n_diag, n_steps):
-        dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse,
-                      delta, zero_s, dq, qk_scale, a_layout, True, BLOCK_N)
-    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
-    mbarrier.invalidate(qo_bar)
-    mbarrier.invalidate(bars.index(0))
-    mbarrier.invalidate(bars.index(1))
-    rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-    gl.store(DQ + (row0 + start_m + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
+from hf_flex.kernels import gluon_causal  # noqa: E402
+from hf_flex.kernels.gluon_causal import _copy_pair as copy_pair, _mma_layout as mma_layout  # noqa: E402
 
 
 @gluon.jit
@@ -163,9 +67,7 @@ def _dq_deferred_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem
     nxt = i - 1 + NBUF
     if nxt < n_steps:
         fr = (i + NBUF - 1) % NBUF
-        mbarrier.expect(bars.index(fr), 2 * BLOCK_N * ks.shape[1] * 2)
-        tma.async_copy_global_to_shared(k_desc, [row0 + nxt * BLOCK_N, 0], bars.index(fr), k_smem.index(fr))
-        tma.async_copy_global_to_shared(v_desc, [row0 + nxt * BLOCK_N, 0], bars.index(fr), v_smem.index(fr))
+        copy_pair(k_desc, v_desc, row0 + nxt * BLOCK_N, bars.index(fr), k_smem.index(fr), v_smem.index(fr))
     return dq, ds
 
 
@@ -173,8 +75,8 @@ def _dq_deferred_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem
 def gluon_dq_deferred_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
                              CAUSAL: gl.constexpr, num_warps: gl.constexpr):
-    """gluon_dq_kernel with each step's dQ product issued one step late (under the next step's softmax
-    and dS) and K/V in NBUF stages. Step 0 is peeled (masked when CAUSAL: its keys are all allowed
+    """gluon_causal's dQ kernel with each step's dQ product issued one step late (under the next step's
+    softmax and dS) and K/V in NBUF stages. Step 0 is peeled (masked when CAUSAL: its keys are all allowed
     unless it is the diagonal's, and the mask costs one step)."""
     n_m = S // BLOCK_M
     pid_m = n_m - 1 - gl.program_id(0)
@@ -199,14 +101,10 @@ def gluon_dq_deferred_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S,
     if CAUSAL:
         n_steps = (start_m + BLOCK_M) // BLOCK_N
         n_diag = BLOCK_M // BLOCK_N
-    mbarrier.expect(qo_bar, 2 * BLOCK_M * D * 2)
-    tma.async_copy_global_to_shared(q_desc, [row0 + start_m, 0], qo_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [row0 + start_m, 0], qo_bar, do_smem)
+    copy_pair(q_desc, do_desc, row0 + start_m, qo_bar, q_smem, do_smem)
     for j in gl.static_range(NBUF - 1):
         if j < n_steps:
-            mbarrier.expect(bars.index(j), 2 * BLOCK_N * D * 2)
-            tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], bars.index(j), k_smem.index(j))
-            tma.async_copy_global_to_shared(v_desc, [row0 + j * BLOCK_N, 0], bars.index(j), v_smem.index(j))
+            copy_pair(k_desc, v_desc, row0 + j * BLOCK_N, bars.index(j), k_smem.index(j), v_smem.index(j))
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     lse = gl.load(LSE + row0 + start_m + rows)
     delta = gl.load(DELTA + row0 + start_m + rows)
@@ -232,31 +130,31 @@ def gluon_dq_deferred_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S,
     gl.store(DQ + (row0 + start_m + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
-def gluon_backward(q, k, v, do, o, lse2, causal=True, p_in_smem=False, passes=("delta", "dkdv", "dq"), delta=None,
-                   dq_deferred=0):
+def gluon_backward(q, k, v, do, o, lse2, passes=("delta", "dkdv", "dq"), delta=None, dq_deferred=0):
     """(dQ, dK, dV) [B, H, S, D] of attention from bf16 q, k, v, do, the forward's o and its LSE in log2
     units lse2 [B, H, S] (float32): delta = rowsum(dO o) by torch, then the dK/dV and dQ launches
     (``passes`` names those to run, for timing them apart; a pass left out leaves its output empty and
     needs ``delta`` given when "delta" is left out). dq_deferred: NBUF of gluon_dq_deferred_kernel
-    (0: gluon_dq_kernel)."""
+    (0: gluon_causal's dQ kernel)."""
     B, H, S, D = q.shape
     sm_scale = 1 / math.sqrt(D)
     if "delta" in passes:
         delta = (do.float() * o.float()).sum(-1)
     flat = [t.reshape(B * H * S, D) for t in (q, k, v, do)]
     dk, dv, dq = (torch.empty_like(flat[0]) for _ in range(3))
+    grid = (S // 128, B * H)
     if "dkdv" in passes:
-        gluon_dkdv_kernel[(S // 128, B * H)](*_gluon_descs(flat, 64, 128, D), lse2, delta, dk, dv, S,
-                                             sm_scale * LOG2E,
-                                             sm_scale, BLOCK_M=64, BLOCK_N=128, D=D, P_IN_SMEM=p_in_smem,
-                                             CAUSAL=causal, num_warps=8)
+        gluon_causal.attn_bwd_dkdv_causal_kernel[grid](*_gluon_descs(flat, 64, 128, D), lse2, delta, dk, dv, S,
+                                                       sm_scale * LOG2E, sm_scale, BLOCK_M=64, BLOCK_N=128, D=D,
+                                                       num_warps=8)
     if "dq" in passes and dq_deferred:
-        gluon_dq_deferred_kernel[(S // 128, B * H)](*_gluon_descs(flat, 128, 64, D), lse2, delta, dq, S,
-                                                    sm_scale * LOG2E, sm_scale, BLOCK_M=128, BLOCK_N=64, D=D,
-                                                    NBUF=dq_deferred, CAUSAL=causal, num_warps=8)
+        gluon_dq_deferred_kernel[grid](*_gluon_descs(flat, 128, 64, D), lse2, delta, dq, S, sm_scale * LOG2E,
+                                       sm_scale, BLOCK_M=128, BLOCK_N=64, D=D, NBUF=dq_deferred, CAUSAL=True,
+                                       num_warps=8)
     elif "dq" in passes:
-        gluon_dq_kernel[(S // 128, B * H)](*_gluon_descs(flat, 128, 64, D), lse2, delta, dq, S, sm_scale * LOG2E,
-                                           sm_scale, BLOCK_M=128, BLOCK_N=64, D=D, CAUSAL=causal, num_warps=8)
+        gluon_causal.attn_bwd_dq_causal_kernel[grid](*_gluon_descs(flat, 128, 64, D), lse2, delta, dq, S,
+                                                     sm_scale * LOG2E, sm_scale, BLOCK_M=128, BLOCK_N=64, D=D,
+                                                     num_warps=8)
     return tuple(t.reshape(B, H, S, D) for t in (dq, dk, dv))
 
 
@@ -419,12 +317,7 @@ def compile_only(out):
             gluon_backward(q, k, v, do, o, torch.empty(1, 2, 1024), dq_deferred=nbuf)
         except Exception as e:  # noqa: BLE001
             print(f"{type(e).__name__}: {str(e)[:3000]}")
-    os.makedirs(out, exist_ok=True)
-    for name, ks in compiled.items():
-        for i, kern in enumerate(ks):
-            path = os.path.join(out, f"{name}_{i}.ptx")
-            open(path, "w").write(kern.asm["ptx"])
-            print(f"{name}[{i}]: {path}  ptxas: {inspect_ir.ptxas_report(kern.asm['ptx'])}")
+    inspect_ir.write_ptx(compiled, out)
 
 
 if __name__ == "__main__":

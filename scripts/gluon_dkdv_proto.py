@@ -505,12 +505,7 @@ def compile_only(out):
             launch(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, sm_scale=0.1, **kw)
         except Exception as e:  # noqa: BLE001
             print(f"{name}: {type(e).__name__}: {str(e)[:2000]}")
-    os.makedirs(out, exist_ok=True)
-    for name, ks in compiled.items():
-        for i, kern in enumerate(ks):
-            path = os.path.join(out, f"{name}_{i}.ptx")
-            open(path, "w").write(kern.asm["ptx"])
-            print(f"{name}[{i}]: {path}  ptxas: {inspect_ir.ptxas_report(kern.asm['ptx'])}")
+    inspect_ir.write_ptx(compiled, out)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,18 @@ def loop_loads(ttgir: str):
     return out
 
 
+def write_ptx(compiled: dict, out: str) -> None:
+    """Each kernel _compile_only caught ({name: [compiled kernel, ...]}) as OUT/name_i.ptx, with its
+    ptxas register and spill report printed."""
+    os.makedirs(out, exist_ok=True)
+    for name, ks in compiled.items():
+        for i, kern in enumerate(ks):
+            path = os.path.join(out, f"{name}_{i}.ptx")
+            with open(path, "w") as f:
+                f.write(kern.asm["ptx"])
+            print(f"{name}[{i}]: {path}  ptxas: {ptxas_report(kern.asm['ptx'])}")
+
+
 def ptxas_report(ptx: str) -> str:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:

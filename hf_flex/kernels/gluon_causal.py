@@ -72,6 +72,36 @@ if AVAILABLE:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
     @gluon.jit
+    def _copy_pair(desc_a, desc_b, row, bar, dst_a, dst_b):
+        """Rows ``row`` ... of two descriptors into dst_a and dst_b by TMA, both signalling ``bar``."""
+        mbarrier.expect(bar, 2 * dst_a.type.shape[0] * dst_a.type.shape[1] * dst_a.dtype.primitive_bitwidth // 8)
+        tma.async_copy_global_to_shared(desc_a, [row, 0], bar, dst_a)
+        tma.async_copy_global_to_shared(desc_b, [row, 0], bar, dst_b)
+
+    @gluon.jit
+    def _buffers(res_a, res_b, str_a, str_b, RES: gl.constexpr, STR: gl.constexpr, D: gl.constexpr):
+        """Shared memory of a program: the resident pair ([RES, D] each, from descriptors res_a / res_b:
+        K, V for dK/dV, Q, dO for dQ), the streamed pair in two stages ([2, STR, D] each), the resident
+        pair's barrier and the stages' two, initialised."""
+        dtype: gl.constexpr = res_a.dtype
+        ra = gl.allocate_shared_memory(dtype, [RES, D], res_a.layout)
+        rb = gl.allocate_shared_memory(dtype, [RES, D], res_b.layout)
+        sa = gl.allocate_shared_memory(dtype, [2, STR, D], str_a.layout)
+        sb = gl.allocate_shared_memory(dtype, [2, STR, D], str_b.layout)
+        res_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(res_bar, count=1)
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+        return ra, rb, sa, sb, res_bar, bars
+
+    @gluon.jit
+    def _release(res_bar, bars):
+        mbarrier.invalidate(res_bar)
+        mbarrier.invalidate(bars.index(0))
+        mbarrier.invalidate(bars.index(1))
+
+    @gluon.jit
     def _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE,
                    DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -92,9 +122,7 @@ if AVAILABLE:
         sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
         if i + 1 < n_steps:
             nx = (i + 1) % 2
-            mbarrier.expect(bars.index(nx), 2 * BLOCK_M * qs.shape[1] * qs.dtype.primitive_bitwidth // 8)
-            tma.async_copy_global_to_shared(q_desc, [rows + BLOCK_M, 0], bars.index(nx), q_smem.index(nx))
-            tma.async_copy_global_to_shared(do_desc, [rows + BLOCK_M, 0], bars.index(nx), do_smem.index(nx))
+            _copy_pair(q_desc, do_desc, rows + BLOCK_M, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
         if MASKED:
             keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zero_s.type.layout))
             sT = gl.where((q0 + i * BLOCK_M + offs_m)[None, :] >= keys[:, None], sT, float("-inf"))
@@ -112,29 +140,15 @@ if AVAILABLE:
         after the tile: K/V and the first Q/dO stage all in flight before the first wait."""
         row0 = bh * S
         start_n = pid_n * BLOCK_N
-        dtype: gl.constexpr = q_desc.dtype
-        nbytes: gl.constexpr = dtype.primitive_bitwidth // 8
         s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], do_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.init(bars.index(0), count=1)
-        mbarrier.init(bars.index(1), count=1)
+        k_smem, v_smem, q_smem, do_smem, kv_bar, bars = _buffers(k_desc, v_desc, q_desc, do_desc, BLOCK_N, BLOCK_M, D)
         q0 = start_n
         n_diag: gl.constexpr = BLOCK_N // BLOCK_M
         n_steps = (S - q0) // BLOCK_M
-        mbarrier.expect(kv_bar, 2 * BLOCK_N * D * nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row0 + start_n, 0], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [row0 + start_n, 0], kv_bar, v_smem)
-        mbarrier.expect(bars.index(0), 2 * BLOCK_M * D * nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row0 + q0, 0], bars.index(0), q_smem.index(0))
-        tma.async_copy_global_to_shared(do_desc, [row0 + q0, 0], bars.index(0), do_smem.index(0))
+        _copy_pair(k_desc, v_desc, row0 + start_n, kv_bar, k_smem, v_smem)
+        _copy_pair(q_desc, do_desc, row0 + q0, bars.index(0), q_smem.index(0), do_smem.index(0))
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
         dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
@@ -149,9 +163,7 @@ if AVAILABLE:
                                 do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, False, BLOCK_M,
                                 BLOCK_N)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-        mbarrier.invalidate(kv_bar)
-        mbarrier.invalidate(bars.index(0))
-        mbarrier.invalidate(bars.index(1))
+        _release(kv_bar, bars)
         rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
         offs = (row0 + start_n + rows)[:, None] * D + cols[None, :]
@@ -181,9 +193,7 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         if i + 1 < n_steps:
             nx = (i + 1) % 2
-            mbarrier.expect(bars.index(nx), 2 * BLOCK_N * ks.shape[1] * ks.dtype.primitive_bitwidth // 8)
-            tma.async_copy_global_to_shared(k_desc, [row0 + (i + 1) * BLOCK_N, 0], bars.index(nx), k_smem.index(nx))
-            tma.async_copy_global_to_shared(v_desc, [row0 + (i + 1) * BLOCK_N, 0], bars.index(nx), v_smem.index(nx))
+            _copy_pair(k_desc, v_desc, row0 + (i + 1) * BLOCK_N, bars.index(nx), k_smem.index(nx), v_smem.index(nx))
         if MASKED:
             keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
             s = gl.where((start_m + rows)[:, None] >= keys[None, :], s, float("-inf"))
@@ -203,28 +213,14 @@ if AVAILABLE:
         pid_m = S // BLOCK_M - 1 - gl.program_id(0)
         row0 = gl.program_id(1) * S
         start_m = pid_m * BLOCK_M
-        dtype: gl.constexpr = q_desc.dtype
-        nbytes: gl.constexpr = dtype.primitive_bitwidth // 8
         s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], v_desc.layout)
-        qo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(qo_bar, count=1)
-        mbarrier.init(bars.index(0), count=1)
-        mbarrier.init(bars.index(1), count=1)
+        q_smem, do_smem, k_smem, v_smem, qo_bar, bars = _buffers(q_desc, do_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D)
         n_diag: gl.constexpr = BLOCK_M // BLOCK_N
         n_steps = (start_m + BLOCK_M) // BLOCK_N
-        mbarrier.expect(qo_bar, 2 * BLOCK_M * D * nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row0 + start_m, 0], qo_bar, q_smem)
-        tma.async_copy_global_to_shared(do_desc, [row0 + start_m, 0], qo_bar, do_smem)
-        mbarrier.expect(bars.index(0), 2 * BLOCK_N * D * nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row0, 0], bars.index(0), k_smem.index(0))
-        tma.async_copy_global_to_shared(v_desc, [row0, 0], bars.index(0), v_smem.index(0))
+        _copy_pair(q_desc, do_desc, row0 + start_m, qo_bar, q_smem, do_smem)
+        _copy_pair(k_desc, v_desc, row0, bars.index(0), k_smem.index(0), v_smem.index(0))
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         lse = gl.load(LSE + row0 + start_m + rows)
         delta = gl.load(DELTA + row0 + start_m + rows)
@@ -237,9 +233,7 @@ if AVAILABLE:
         for i in range(n_steps - n_diag, n_steps):
             dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows,
                           lse, delta, zero_s, dq, qk_scale, a_layout, True, BLOCK_N)
-        mbarrier.invalidate(qo_bar)
-        mbarrier.invalidate(bars.index(0))
-        mbarrier.invalidate(bars.index(1))
+        _release(qo_bar, bars)
         rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
         gl.store(DQ + (row0 + start_m + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
