@@ -34,6 +34,27 @@ def test_applies_only_where_the_kernels_run():
     assert not gluon_causal.applies(q, q, q, True, object())
 
 
+def test_layout_ok_takes_only_what_the_kernels_are_written_for():
+    def t(B=1, H=2, S=256, D=128, dtype=torch.bfloat16, device="cpu"):
+        return torch.empty(B, H, S, D, dtype=dtype, device=device)
+
+    q = t()
+    assert gluon_causal.layout_ok(q, q, q)
+    assert gluon_causal.layout_ok(t(D=64), t(D=64), t(D=64), (64, 128))
+    assert not gluon_causal.layout_ok(t(D=64), t(D=64), t(D=64), (128,))  # a head dim the schedule leaves out
+    assert not gluon_causal.layout_ok(t(D=96), t(D=96), t(D=96), (96,))  # one the kernels are not written for
+    assert not gluon_causal.layout_ok(q, t(H=1), t(H=1))  # GQA
+    assert not gluon_causal.layout_ok(t(S=200), t(S=200), t(S=200))  # S not a multiple of 128
+    assert not gluon_causal.layout_ok(t(dtype=torch.float32), t(dtype=torch.float32), t(dtype=torch.float32))
+    assert not gluon_causal.layout_ok(q, t(dtype=torch.float16), q)
+    qt = torch.empty(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2)  # Transformers' layout
+    assert not gluon_causal.layout_ok(qt, qt, qt)
+    big = t(B=2, H=64, S=131072, D=128, device="meta")  # 2**31 elements: 32-bit offsets would wrap
+    assert not gluon_causal.layout_ok(big, big, big)
+    below = t(B=1, H=64, S=131072, D=128, device="meta")
+    assert gluon_causal.layout_ok(below, below, below)
+
+
 @pytest.mark.parametrize("knob", [True, False])
 def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, knob):
     """With applies() forced true, the backward of a causal call goes to causal_backward (a stand-in

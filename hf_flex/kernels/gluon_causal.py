@@ -57,10 +57,17 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sco
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
+    return layout_ok(q, k, v, head_dims)
+
+
+def layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims=(128,)) -> bool:
+    """The input part of ``applies`` (any device): 16-bit q, k, v of one dtype and one [B, H, S, D] shape,
+    contiguous, S a multiple of 128, D in ``head_dims`` and HEAD_DIMS, and fewer than 2**31 elements
+    (the kernels' output offsets are 32-bit)."""
     B, H, S, D = q.shape
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and k.shape == q.shape and v.shape == q.shape and S % TILE == 0 and D in head_dims and D in HEAD_DIMS
-            and all(t.is_contiguous() for t in (q, k, v)))
+            and q.numel() < 2**31 and all(t.is_contiguous() for t in (q, k, v)))
 
 
 if AVAILABLE:
