@@ -22,6 +22,16 @@ from .kernels.launch_varlen import varlen_backward, varlen_forward, varlen_tile,
 from .modtypes import ScoreMod, and_holds, and_leaves
 
 
+def _per_mask_mod(bm: BlockMask, attr: str, compute):
+    """compute(bm), kept on the block mask under ``attr`` for as long as its mask_mod stays the same:
+    every layer of a batch shares one block mask, so a walk of the mask's structure runs once per batch."""
+    cached = bm.__dict__.get(attr)
+    if cached is None or cached[0] is not bm.mask_mod:
+        cached = (bm.mask_mod, compute(bm))
+        setattr(bm, attr, cached)
+    return cached[1]
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Everything non-tensor the kernels need for one call."""
@@ -51,25 +61,20 @@ class KernelSpec:
         """Whether the mask holds packed documents, alone or in an "and" (flex_forward's and
         flex_backward's ``packed_documents``): its rows list few, unevenly many blocks. Every layer of
         a batch shares one block mask: the walk of the mask's structure runs once per block mask."""
-        bm = self.block_mask
-        cached = bm.__dict__.get("_packs_documents")
-        if cached is None or cached[0] is not bm.mask_mod:
-            cached = bm._packs_documents = (bm.mask_mod, and_holds(bm.mask_mod.structure, ("packed_documents",)))
-        return cached[1]
+        return _per_mask_mod(self.block_mask, "_packs_documents",
+                             lambda bm: and_holds(bm.mask_mod.structure, ("packed_documents",)))
 
     def causal_only(self) -> bool:
         """Whether the mask is exactly causal (causal(), alone or in "and"s of causal() only) over queries
         and keys of one length: flex_backward's ``causal_only`` (the Gluon backward for Hopper,
         kernels/gluon_causal.py, takes such masks). As for the document-aligned kernels, the mask_mod
         defines the mask: the kernels then read no table. Cached per block mask."""
-        bm = self.block_mask
-        cached = bm.__dict__.get("_causal_only")
-        if cached is None or cached[0] is not bm.mask_mod:
+        def exactly_causal(bm) -> bool:
             leaves = and_leaves(bm.mask_mod.structure)
-            found = (leaves is not None and {leaf for _, leaf in leaves} == {("causal",)}
-                     and bm.seq_lengths[0] == bm.seq_lengths[1])
-            cached = bm._causal_only = (bm.mask_mod, found)
-        return cached[1]
+            return (leaves is not None and {leaf for _, leaf in leaves} == {("causal",)}
+                    and bm.seq_lengths[0] == bm.seq_lengths[1])
+
+        return _per_mask_mod(self.block_mask, "_causal_only", exactly_causal)
 
     def varlen(self, q: torch.Tensor, v: torch.Tensor):
         """(tiles, n_tiles, spans, tile) where the document-aligned kernels (kernels/varlen.py) run this

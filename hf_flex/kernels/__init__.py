@@ -1,5 +1,8 @@
 """Triton kernels only: no torch.autograd, no transformers. Launch helpers take and return tensors."""
 
+import functools
+
+import torch
 import triton
 
 
@@ -17,3 +20,15 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host ints. triton.cdiv is a @triton.jit function: called on the host it goes
     through JITFunction.__call__ (~7 us a call, several per attention call)."""
     return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    """The compute capability's major number of CUDA device ``index``: asked by every launch (a few per
+    layer), and the answer never changes for a device."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device (a device without one means the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()

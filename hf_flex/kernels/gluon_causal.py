@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from . import _cuda_major, cuda_index, interpreted
+from .forward import LOG2E
+
 try:  # Gluon ships with Triton >= 3.5; without it (or its Hopper module) this path never applies
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -38,7 +41,6 @@ try:  # Gluon ships with Triton >= 3.5; without it (or its Hopper module) this p
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
-LOG2E = 1.4426950408889634
 TILE = 128  # key tile of the dK/dV programs, query tile of the dQ programs: S must be a multiple
 STEP = 64  # the streamed tiles: query step of dK/dV, key step of dQ
 HEAD_DIMS = (64, 128)  # the head dims the kernels are written for (launch.SCHEDULE["gluon_bwd_head_dims"] picks)
@@ -51,13 +53,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sco
     Hopper GPU (not Triton's interpreter), 16-bit q, k, v of one dtype and [B, H, S, D] layout with
     contiguous storage, as many key heads as query heads, S a multiple of 128 and D in ``head_dims``
     (of HEAD_DIMS)."""
-    from . import interpreted
-
     if not (causal and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    return layout_ok(q, k, v, head_dims)
+    return _cuda_major(cuda_index(q.device)) == 9 and layout_ok(q, k, v, head_dims)
 
 
 def layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims=(128,)) -> bool:

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
+from . import _cuda_major, cuda_index, gluon_causal
 from . import cdiv as _cdiv
-from . import gluon_causal
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
 from .forward import LN2, attn_fwd_kernel
 
@@ -290,17 +290,11 @@ def out_like(q: torch.Tensor, dv: int) -> torch.Tensor:
     return torch.empty((B, H, S, dv), dtype=q.dtype, device=q.device)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_major(index: int) -> int:
-    # asked by every launch (a few per layer): the answer never changes for a device
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can load through tensor descriptors: CUDA of compute capability 9
     (Hopper) or later, or Triton's interpreter (CPU tensors), which emulates them."""
     if device.type == "cuda":
-        return _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+        return _cuda_major(cuda_index(device)) >= 9
     from . import interpreted
 
     return interpreted()

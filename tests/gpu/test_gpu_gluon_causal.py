@@ -28,12 +28,9 @@ def _grads(q, k, v, do, dlse, bm, scale):
 
 
 def _reference(q, k, v, do, dlse, scale):
+    """float64 gradients of sum(out dO) (+ sum(lse dLSE)) through hf_flex's dense oracle."""
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    S = q.shape[2]
-    s = q64 @ k64.transpose(-1, -2) * scale
-    s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1) @ v64
+    out, lse = hf_flex.reference.attention(q64, k64, v64, None, mods.causal(), scale=scale, return_lse=True)
     loss = (out * do.double()).sum()
     if dlse is not None:
         loss = loss + (lse * dlse.double()).sum()
