@@ -64,17 +64,24 @@ class KernelSpec:
         return _per_mask_mod(self.block_mask, "_packs_documents",
                              lambda bm: and_holds(bm.mask_mod.structure, ("packed_documents",)))
 
-    def causal_only(self) -> bool:
-        """Whether the mask is exactly causal (causal(), alone or in "and"s of causal() only) over queries
-        and keys of one length: flex_backward's ``causal_only`` (the Gluon backward for Hopper,
-        kernels/gluon_causal.py, takes such masks). As for the document-aligned kernels, the mask_mod
-        defines the mask: the kernels then read no table. Cached per block mask."""
-        def exactly_causal(bm) -> bool:
+    def causal_window(self) -> Optional[int]:
+        """Where the mask is causal, alone or within sliding windows (causal() in an "and" of causal() and
+        sliding_window(w) only, at any nesting), over queries and keys of one length S: the window in
+        keys (the smallest w; S for plain causal, whose window of S keys changes nothing); else None.
+        flex_backward's ``causal_window`` (the Gluon backward for Hopper, kernels/gluon_causal.py,
+        takes such masks). As for the document-aligned kernels, the mask_mod defines the mask: the
+        kernels then read no table. Cached per block mask."""
+        def window_of(bm) -> Optional[int]:
             leaves = and_leaves(bm.mask_mod.structure)
-            return (leaves is not None and {leaf for _, leaf in leaves} == {("causal",)}
-                    and bm.seq_lengths[0] == bm.seq_lengths[1])
+            S, S_kv = bm.seq_lengths
+            if leaves is None or S != S_kv:
+                return None
+            kinds = {leaf[0] for _, leaf in leaves}
+            if "causal" not in kinds or not kinds <= {"causal", "window"}:
+                return None
+            return min([S] + [leaf[1] for _, leaf in leaves if leaf[0] == "window"])
 
-        return _per_mask_mod(self.block_mask, "_causal_only", exactly_causal)
+        return _per_mask_mod(self.block_mask, "_causal_window", window_of)
 
     def varlen(self, q: torch.Tensor, v: torch.Tensor):
         """(tiles, n_tiles, spans, tile) where the document-aligned kernels (kernels/varlen.py) run this
@@ -199,7 +206,7 @@ def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, 
     compile_ahead.start(key, q.device, functools.partial(
         flex_backward, q, k, v, out, lse, out, spec.fwd_tables(), spec.bwd_tables(), spec.block_mask.BLOCK_SIZE,
         mask_fn, mask_args, score_fn, score_args, score_grad_fn, None, (),
-        spec.scale, mask_fn_by_key=by_key, packed_documents=ctx.packed_documents, causal_only=spec.causal_only(),
+        spec.scale, mask_fn_by_key=by_key, packed_documents=ctx.packed_documents, causal_window=spec.causal_window(),
         warmup=True,
     ))
 
@@ -275,7 +282,7 @@ class FlexAttentionFunction(torch.autograd.Function):
                 q, k, v, out, lse2, dout, fwd_tables, bwd_tables, spec.block_mask.BLOCK_SIZE,
                 spec.block_mask.mask_mod.kernel_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn,
                 grads, spec.scale, dlse=dlse, mask_fn_by_key=spec.mask_by_key(),
-                packed_documents=ctx.packed_documents, causal_only=spec.causal_only(),
+                packed_documents=ctx.packed_documents, causal_window=spec.causal_window(),
             )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:

@@ -145,16 +145,16 @@ def gluon_backward(q, k, v, do, o, lse2, passes=("delta", "dkdv", "dq"), delta=N
     grid = (S // 128, B * H)
     if "dkdv" in passes:
         gluon_causal.attn_bwd_dkdv_causal_kernel[grid](*_gluon_descs(flat, 64, 128, D), lse2, delta, dk, dv, S,
-                                                       sm_scale * LOG2E, sm_scale, BLOCK_M=64, BLOCK_N=128, D=D,
-                                                       num_warps=8)
+                                                       sm_scale * LOG2E, sm_scale, S, SLIDING=False, BLOCK_M=64,
+                                                       BLOCK_N=128, D=D, num_warps=8)
     if "dq" in passes and dq_deferred:
         gluon_dq_deferred_kernel[grid](*_gluon_descs(flat, 128, 64, D), lse2, delta, dq, S, sm_scale * LOG2E,
                                        sm_scale, BLOCK_M=128, BLOCK_N=64, D=D, NBUF=dq_deferred, CAUSAL=True,
                                        num_warps=8)
     elif "dq" in passes:
         gluon_causal.attn_bwd_dq_causal_kernel[grid](*_gluon_descs(flat, 128, 64, D), lse2, delta, dq, S,
-                                                     sm_scale * LOG2E, sm_scale, BLOCK_M=128, BLOCK_N=64, D=D,
-                                                     num_warps=8)
+                                                     sm_scale * LOG2E, sm_scale, S, SLIDING=False, BLOCK_M=128,
+                                                     BLOCK_N=64, D=D, num_warps=8)
     return tuple(t.reshape(B, H, S, D) for t in (dq, dk, dv))
 
 

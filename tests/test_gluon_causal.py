@@ -16,22 +16,30 @@ def _spec(mask_mod, q_len=256, kv_len=256):
     return KernelSpec(bm, None, 0.1)
 
 
-def test_causal_only_recognises_exactly_causal_masks():
-    assert _spec(mods.causal()).causal_only()
-    assert _spec(mods.and_masks(mods.causal(), mods.causal())).causal_only()
-    assert not _spec(mods.and_masks(mods.causal(), mods.sliding_window(64))).causal_only()
-    assert not _spec(mods.or_masks(mods.causal(), mods.sliding_window(64))).causal_only()
-    assert not _spec(mods.causal(), 256, 384).causal_only()  # queries and keys of different lengths
+def test_causal_window_recognises_causal_and_sliding_window_masks():
+    """The window of a causal mask over S x S (S: plain causal), alone or in "and"s of sliding windows;
+    None for every other mask."""
+    assert _spec(mods.causal()).causal_window() == 256
+    assert _spec(mods.and_masks(mods.causal(), mods.causal())).causal_window() == 256
+    assert _spec(mods.and_masks(mods.causal(), mods.sliding_window(64))).causal_window() == 64
+    assert _spec(mods.and_masks(mods.sliding_window(100), mods.causal())).causal_window() == 100
+    nested = mods.and_masks(mods.sliding_window(96), mods.and_masks(mods.causal(), mods.sliding_window(40)))
+    assert _spec(nested).causal_window() == 40  # two windows: the narrower
+    assert _spec(mods.and_masks(mods.causal(), mods.sliding_window(1000))).causal_window() == 256  # wider than S
+    assert _spec(mods.sliding_window(64)).causal_window() is None  # no causal: keys after the query allowed
+    assert _spec(mods.or_masks(mods.causal(), mods.sliding_window(64))).causal_window() is None
+    assert _spec(mods.causal(), 256, 384).causal_window() is None  # queries and keys of different lengths
     ids = torch.zeros(1, 256, dtype=torch.int32)
     ids[:, 100:] = 1
-    assert not _spec(mods.and_masks(mods.causal(), mods.document(ids))).causal_only()
+    assert _spec(mods.and_masks(mods.causal(), mods.document(ids))).causal_window() is None
+    assert _spec(mods.and_masks(mods.causal(), mods.sliding_window(64), mods.document(ids))).causal_window() is None
 
 
 def test_applies_only_where_the_kernels_run():
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
-    assert not gluon_causal.applies(q, q, q, True, None)  # not on a CUDA device
-    assert not gluon_causal.applies(q, q, q, False, None)
-    assert not gluon_causal.applies(q, q, q, True, object())
+    assert not gluon_causal.applies(q, q, q, 256, None)  # not on a CUDA device
+    assert not gluon_causal.applies(q, q, q, None, None)
+    assert not gluon_causal.applies(q, q, q, 64, object())
 
 
 def test_layout_ok_takes_only_what_the_kernels_are_written_for():
@@ -55,25 +63,36 @@ def test_layout_ok_takes_only_what_the_kernels_are_written_for():
     assert gluon_causal.layout_ok(below, below, below)
 
 
-@pytest.mark.parametrize("knob", [True, False])
-def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, knob):
-    """With applies() forced true, the backward of a causal call goes to causal_backward (a stand-in
-    here) with lse2 and delta as the Triton kernels would read them, and returns its gradients; the
-    knob off, or a mask that is not exactly causal, keeps the Triton kernels."""
+@pytest.mark.parametrize("knob,sliding_knob", [(True, True), (True, False), (False, True)])
+def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, knob, sliding_knob):
+    """With applies() forced true, the backward of a causal call (or one within a sliding window) goes to
+    causal_backward (a stand-in here) with lse2 and delta as the Triton kernels would read them and the
+    window, and returns its gradients; the knob off (gluon_bwd_sliding off: for a window shorter than
+    S), or a mask that is neither, keeps the Triton kernels."""
     calls = []
 
-    def fake(q, k, v, dout, lse2, delta, sm_scale, concurrent):
-        calls.append((lse2.clone(), delta.clone(), sm_scale, dout.is_contiguous()))
+    def fake(q, k, v, dout, lse2, delta, sm_scale, window, concurrent):
+        calls.append((lse2.clone(), delta.clone(), sm_scale, dout.is_contiguous(), window))
         return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
 
-    monkeypatch.setattr(gluon_causal, "applies", lambda q, k, v, causal, score_fn, dims: causal and score_fn is None)
+    monkeypatch.setattr(gluon_causal, "applies",
+                        lambda q, k, v, window, score_fn, dims: window is not None and score_fn is None)
     monkeypatch.setattr(gluon_causal, "causal_backward", fake)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", knob)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_sliding", sliding_knob)
     B, H, S, D = 1, 2, 128, 32
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g).to(device).requires_grad_() for _ in range(3))
     do = torch.randn(B, H, S, D, generator=g).to(device)
-    for mm, expect_gluon in ((mods.causal(), knob), (mods.and_masks(mods.causal(), mods.sliding_window(64)), False)):
+    ids = torch.zeros(1, S, dtype=torch.int32)
+    ids[:, 50:] = 1
+    cases = (
+        (mods.causal(), knob, S),
+        (mods.and_masks(mods.causal(), mods.sliding_window(64)), knob and sliding_knob, 64),
+        (mods.and_masks(mods.causal(), mods.sliding_window(1000)), knob, S),  # wider than S: plain causal
+        (mods.and_masks(mods.causal(), mods.document(ids.to(device))), False, None),
+    )
+    for mm, expect_gluon, window in cases:
         calls.clear()
         bm = hf_flex.create_block_mask(mm, None, None, S, S, device=device)
         out, lse = hf_flex.flex_attention(q, k, v, block_mask=bm, scale=0.25, return_lse=True)
@@ -84,8 +103,8 @@ def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, kno
             assert not torch.equal(dq, torch.full_like(dq, 1.0))
             continue
         assert torch.equal(dq, torch.full_like(dq, 1.0)) and torch.equal(dv, torch.full_like(dv, 3.0))
-        lse2, delta, scale, contiguous = calls[0]
-        assert scale == 0.25 and contiguous
+        lse2, delta, scale, contiguous, got_window = calls[0]
+        assert scale == 0.25 and contiguous and got_window == window
         log2e = 1.4426950408889634
         torch.testing.assert_close(lse2.cpu(), (lse.detach() * log2e).cpu(), rtol=1e-5, atol=1e-5)
         # delta = rowsum(dO O) - dLSE: the LSE's gradient folded in

@@ -1,6 +1,7 @@
 """The causal attention backward in Gluon for Hopper (sm_90): the dK/dV and dQ passes of a mask that is
-exactly causal, with its products as explicitly asynchronous wgmma and its tiles by TMA behind
-mbarriers, issued in an order Triton's ``tl.dot`` pipeline does not produce.
+exactly causal, or causal within a sliding window (key <= query < key + window), with its products as
+explicitly asynchronous wgmma and its tiles by TMA behind mbarriers, issued in an order Triton's
+``tl.dot`` pipeline does not produce.
 
 Why: on the H100 these passes run 13-16 % faster than the block-sparse Triton kernels' on causal 2k and
 8k, forward+backward 4-8 % (tests/benchmarks/NOTES.md, sixteenth round: ``scripts/gluon_bwd_proto.py``,
@@ -16,10 +17,15 @@ delta = rowsum(dO O) - dLSE, launch.delta_pass). S a multiple of 128, D = 64 or 
 many key heads as query heads.
 
 dK/dV programs: one per (128-key tile, batch x head), tile 0 (the longest causal column) first; K and
-V resident, Q and dO in 64-query steps through two stages, from the tile's diagonal to the end: the
-diagonal's two steps masked in a loop of their own. dQ programs: one per (128-query tile, batch x
-head), the last (longest) tile first; Q and dO resident, K and V in 64-key steps through two stages
-from key 0 through the diagonal, whose two steps are masked. Deterministic: no atomics.
+V resident, Q and dO in 64-query steps through two stages, from the tile's diagonal to the end (or
+the last query the window lets see a key of the tile): the diagonal's two steps masked in a loop of
+their own, then a loop without mask (with a window: the steps between the diagonal and the window's
+edge without mask first, then the diagonal's and the edge's masked in one loop). dQ programs: one per
+(128-query tile, batch x head), the last (longest) tile first; Q and dO resident, K and V in 64-key
+steps through two stages from key 0 (or the first key the window lets one of its queries see)
+through the diagonal: the window edge's steps masked, a loop without mask, the diagonal's two steps
+masked. A plain causal mask (a window of S keys or more) runs the kernels compiled without the
+window's loops and compares (SLIDING false). Deterministic: no atomics.
 """
 from __future__ import annotations
 
@@ -46,14 +52,15 @@ STEP = 64  # the streamed tiles: query step of dK/dV, key step of dQ
 HEAD_DIMS = (64, 128)  # the head dims the kernels are written for (launch.SCHEDULE["gluon_bwd_head_dims"] picks)
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, score_fn,
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, score_fn,
             head_dims=(128,)) -> bool:
-    """Whether this backward runs for these inputs: ``causal`` (the block mask's mask_mod is exactly
-    causal over S x S: the caller's KernelSpec.causal_only), no score mod, Gluon importable, q on a
+    """Whether this backward runs for these inputs: ``window`` not None (the block mask's mask_mod is
+    exactly causal, or causal within a sliding window of that many keys, over S x S: the caller's
+    KernelSpec.causal_window), no score mod, Gluon importable, q on a
     Hopper GPU (not Triton's interpreter), 16-bit q, k, v of one dtype and [B, H, S, D] layout with
     contiguous storage, as many key heads as query heads, S a multiple of 128 and D in ``head_dims``
     (of HEAD_DIMS)."""
-    if not (causal and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
+    if not (window is not None and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
         return False
     return _cuda_major(cuda_index(q.device)) == 9 and layout_ok(q, k, v, head_dims)
 
@@ -107,30 +114,46 @@ if AVAILABLE:
         mbarrier.invalidate(bars.index(1))
 
     @gluon.jit
-    def _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE,
-                   DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Step i (queries q0 + i * BLOCK_M ...) of a dK/dV program: wait for its stage, issue S^T = K Q^T
-        and dP^T = V dO^T, wait for S^T (and with it the previous step's dV and dK products, which read
-        the other stage), refill the other stage with the next step's Q and dO, then P^T, dV += P^T dO
-        issued, dP^T waited for, dS^T under dV's product, dK += dS^T Q issued (both left in flight).
-        MASKED: keys after the query masked (the diagonal's steps)."""
-        st = i % 2
-        mbarrier.wait(bars.index(st), (i // 2) & 1)
+    def _dkdv_order(r, n_diag: gl.constexpr, n_whole, edge0):
+        """The query step a sliding window's dK/dV program takes r-th: the unmasked ones (n_diag ..
+        edge0 - 1, n_whole of them), then the diagonal's (0 .. n_diag - 1) and the window edge's (edge0
+        ...): both masked runs in one loop (a third loop body costs ptxas registers it then spills)."""
+        m = r - n_whole
+        return gl.where(m < 0, r + n_diag, gl.where(m < n_diag, m, m - n_diag + edge0))
+
+    @gluon.jit
+    def _dkdv_step(r, step, next_step, n_steps, q0, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
+                   do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout: gl.constexpr,
+                   MASKED: gl.constexpr, SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The r-th step of a dK/dV program, queries q0 + step * BLOCK_M ... (``next_step``: the next
+        one's): wait for its stage, issue S^T = K Q^T and dP^T = V dO^T, wait for S^T (and with it the
+        previous step's dV and dK products, which read the other stage), refill the other stage with the
+        next step's Q and dO, then P^T, dV += P^T dO issued, dP^T waited for, dS^T under dV's product,
+        dK += dS^T Q issued (both left in flight). MASKED: the mask evaluated (the diagonal's steps and
+        the window's edge): a key is allowed where 0 <= query - key (< window where SLIDING)."""
+        st = r % 2
+        mbarrier.wait(bars.index(st), (r // 2) & 1)
         qs = q_smem.index(st)
         dos = do_smem.index(st)
-        rows = row0 + q0 + i * BLOCK_M
+        rows = row0 + q0 + step * BLOCK_M
         lse = gl.load(LSE + rows + offs_m)
         delta = gl.load(DELTA + rows + offs_m)
         sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
-        if i + 1 < n_steps:
-            nx = (i + 1) % 2
-            _copy_pair(q_desc, do_desc, rows + BLOCK_M, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
+        if r + 1 < n_steps:
+            nx = (r + 1) % 2
+            # (the forms without the window kept as they were before it: ptxas's registers and loop
+            # lengths of the plain causal kernel unchanged)
+            next_rows = row0 + q0 + next_step * BLOCK_M if SLIDING else rows + BLOCK_M
+            _copy_pair(q_desc, do_desc, next_rows, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
         if MASKED:
             keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zero_s.type.layout))
-            sT = gl.where((q0 + i * BLOCK_M + offs_m)[None, :] >= keys[:, None], sT, float("-inf"))
+            if SLIDING:  # 0 <= query - key < window in one unsigned compare (window >= 1)
+                gap = (q0 + step * BLOCK_M + offs_m)[None, :] - keys[:, None]
+                sT = gl.where(gap.to(gl.uint32) < window.to(gl.uint32), sT, float("-inf"))
+            else:
+                sT = gl.where((q0 + step * BLOCK_M + offs_m)[None, :] >= keys[:, None], sT, float("-inf"))
         pT = gl.exp2(sT * qk_scale - lse[None, :])
         dv = warpgroup_mma(gl.convert_layout(pT.to(qs.dtype), a_layout), dos, dv, is_async=True)
         dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
@@ -139,10 +162,14 @@ if AVAILABLE:
         return dk, dv
 
     @gluon.jit
-    def _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, pid_n, bh,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    def _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, window, pid_n, bh,
+                      SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                      num_warps: gl.constexpr):
         """dK (times sm_scale) and dV [BLOCK_N, D] of key tile pid_n of row bh from the queries at and
-        after the tile: K/V and the first Q/dO stage all in flight before the first wait."""
+        after the tile, up to the last that ``window`` lets see one of its keys (SLIDING; else the last):
+        K/V and the first Q/dO stage all in flight before the first wait. Steps: plain causal, the
+        diagonal's (masked), then the rest (no mask); SLIDING, those whose every query sees every key
+        of the tile (no mask), then the diagonal's and the window edge's (masked, one loop)."""
         row0 = bh * S
         start_n = pid_n * BLOCK_N
         s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
@@ -151,22 +178,42 @@ if AVAILABLE:
         k_smem, v_smem, q_smem, do_smem, kv_bar, bars = _buffers(k_desc, v_desc, q_desc, do_desc, BLOCK_N, BLOCK_M, D)
         q0 = start_n
         n_diag: gl.constexpr = BLOCK_N // BLOCK_M
-        n_steps = (S - q0) // BLOCK_M
         _copy_pair(k_desc, v_desc, row0 + start_n, kv_bar, k_smem, v_smem)
-        _copy_pair(q_desc, do_desc, row0 + q0, bars.index(0), q_smem.index(0), do_smem.index(0))
+        if SLIDING:
+            # step i holds queries q0 + i * BLOCK_M ...: some query sees a key of the tile while
+            # i * BLOCK_M <= window + BLOCK_N - 2, every query every key while (i + 1) * BLOCK_M <= window
+            n_steps = gl.minimum((S - q0) // BLOCK_M, (window + BLOCK_N - 2) // BLOCK_M + 1)
+            edge0 = gl.maximum(gl.minimum(window // BLOCK_M, n_steps), n_diag)  # the window edge's first step
+            step0 = gl.where(edge0 > n_diag, n_diag, 0)
+        else:
+            step0 = 0
+        _copy_pair(q_desc, do_desc, row0 + q0 + step0 * BLOCK_M, bars.index(0), q_smem.index(0), do_smem.index(0))
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
         dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
         dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
         mbarrier.wait(kv_bar, 0)
-        for i in range(0, n_diag):
-            dk, dv = _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
-                                do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, True, BLOCK_M,
-                                BLOCK_N)
-        for i in range(n_diag, n_steps):
-            dk, dv = _dkdv_step(i, q0, n_steps, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
-                                do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, False, BLOCK_M,
-                                BLOCK_N)
+        if SLIDING:
+            n_whole = edge0 - n_diag
+            for i in range(n_diag, edge0):  # the steps without mask first, in order: r = i - n_diag
+                dk, dv = _dkdv_step(i - n_diag, i, _dkdv_order(i - n_diag + 1, n_diag, n_whole, edge0), n_steps, q0,
+                                    row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA,
+                                    offs_m, zero_s, dk, dv, qk_scale, window, a_layout, False, True, BLOCK_M, BLOCK_N)
+            for r in range(n_whole, n_steps):
+                dk, dv = _dkdv_step(r, _dkdv_order(r, n_diag, n_whole, edge0),
+                                    _dkdv_order(r + 1, n_diag, n_whole, edge0), n_steps, q0, row0, start_n, k_smem,
+                                    v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv,
+                                    qk_scale, window, a_layout, True, True, BLOCK_M, BLOCK_N)
+        else:
+            n_steps = (S - q0) // BLOCK_M
+            for i in range(0, n_diag):
+                dk, dv = _dkdv_step(i, i, i + 1, n_steps, q0, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars,
+                                    q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout,
+                                    True, False, BLOCK_M, BLOCK_N)
+            for i in range(n_diag, n_steps):
+                dk, dv = _dkdv_step(i, i, i + 1, n_steps, q0, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars,
+                                    q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout,
+                                    False, False, BLOCK_M, BLOCK_N)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
         _release(kv_bar, bars)
         rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
@@ -177,31 +224,37 @@ if AVAILABLE:
 
     @gluon.jit
     def attn_bwd_dkdv_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
-                                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                                    num_warps: gl.constexpr):
+                                    window, SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                    D: gl.constexpr, num_warps: gl.constexpr):
         """Grid (S // BLOCK_N, B * H): the dK/dV program of key tile program_id(0), row program_id(1)."""
-        _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, gl.program_id(0),
-                      gl.program_id(1), BLOCK_M, BLOCK_N, D, num_warps)
+        _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, window,
+                      gl.program_id(0), gl.program_id(1), SLIDING, BLOCK_M, BLOCK_N, D, num_warps)
 
     @gluon.jit
-    def _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse, delta,
-                 zero_s, dq, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Step i (keys i * BLOCK_N ...) of a dQ program: wait for its stage, issue S = Q K^T and dP = dO V^T,
-        wait for S, refill the other stage with the next step's K and V, then P, dP waited for, dS and
-        dQ += dS K, waited for before returning (left in flight across the loop edge it makes ptxas
-        serialise every product of the loop, C7515). MASKED: keys after the query masked."""
-        st = i % 2
-        mbarrier.wait(bars.index(st), (i // 2) & 1)
+    def _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse,
+                 delta, zero_s, dq, qk_scale, window, a_layout: gl.constexpr, MASKED: gl.constexpr,
+                 SLIDING: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Step i (keys i * BLOCK_N ...; the program's steps run from ``first``) of a dQ program: wait for
+        its stage, issue S = Q K^T and dP = dO V^T, wait for S, refill the other stage with the next
+        step's K and V, then P, dP waited for, dS and dQ += dS K, waited for before returning (left in
+        flight across the loop edge it makes ptxas serialise every product of the loop, C7515).
+        MASKED: the mask evaluated: a key is allowed where 0 <= query - key (< window where SLIDING)."""
+        st = (i - first) % 2
+        mbarrier.wait(bars.index(st), ((i - first) // 2) & 1)
         ks = k_smem.index(st)
         s = warpgroup_mma(q_smem, ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         if i + 1 < n_steps:
-            nx = (i + 1) % 2
+            nx = (i + 1 - first) % 2
             _copy_pair(k_desc, v_desc, row0 + (i + 1) * BLOCK_N, bars.index(nx), k_smem.index(nx), v_smem.index(nx))
         if MASKED:
             keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
-            s = gl.where((start_m + rows)[:, None] >= keys[None, :], s, float("-inf"))
+            if SLIDING:  # 0 <= query - key < window in one unsigned compare (window >= 1)
+                gap = (start_m + rows)[:, None] - keys[None, :]
+                s = gl.where(gap.to(gl.uint32) < window.to(gl.uint32), s, float("-inf"))
+            else:
+                s = gl.where((start_m + rows)[:, None] >= keys[None, :], s, float("-inf"))
         p = gl.exp2(s * qk_scale - lse[:, None])
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
         ds = p * (dp - delta[:, None])
@@ -209,12 +262,13 @@ if AVAILABLE:
         return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
     @gluon.jit
-    def attn_bwd_dq_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale,
-                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+    def attn_bwd_dq_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale, window,
+                                  SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                                   num_warps: gl.constexpr):
         """Grid (S // BLOCK_M, B * H): dQ (times sm_scale) [BLOCK_M, D] of query tile S // BLOCK_M - 1 -
-        program_id(0) (the longest causal rows first) of row program_id(1), from keys 0 through the
-        tile's diagonal."""
+        program_id(0) (the longest causal rows first) of row program_id(1), from the first key ``window``
+        lets one of its queries see through the tile's diagonal. Steps: those on the window's edge
+        (masked), those whose every key every query of the tile sees (unmasked), the diagonal's (masked)."""
         pid_m = S // BLOCK_M - 1 - gl.program_id(0)
         row0 = gl.program_id(1) * S
         start_m = pid_m * BLOCK_M
@@ -223,21 +277,37 @@ if AVAILABLE:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         q_smem, do_smem, k_smem, v_smem, qo_bar, bars = _buffers(q_desc, do_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D)
         n_diag: gl.constexpr = BLOCK_M // BLOCK_N
-        n_steps = (start_m + BLOCK_M) // BLOCK_N
+        n_steps = (start_m + BLOCK_M) // BLOCK_N  # one past the last step
+        diag = n_steps - n_diag
+        if SLIDING:
+            # the first query sees keys from start_m - window + 1, the last every key from start_m + BLOCK_M -
+            # window (clamped at 0 before the division: Triton's // truncates toward zero)
+            first = gl.maximum(start_m - window + 1, 0) // BLOCK_N
+            whole = gl.minimum((gl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N, diag)
+        else:
+            first = 0
         _copy_pair(q_desc, do_desc, row0 + start_m, qo_bar, q_smem, do_smem)
-        _copy_pair(k_desc, v_desc, row0, bars.index(0), k_smem.index(0), v_smem.index(0))
+        _copy_pair(k_desc, v_desc, row0 + first * BLOCK_N, bars.index(0), k_smem.index(0), v_smem.index(0))
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         lse = gl.load(LSE + row0 + start_m + rows)
         delta = gl.load(DELTA + row0 + start_m + rows)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         dq = gl.zeros([BLOCK_M, D], gl.float32, acc_layout)
         mbarrier.wait(qo_bar, 0)
-        for i in range(0, n_steps - n_diag):
-            dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows,
-                          lse, delta, zero_s, dq, qk_scale, a_layout, False, BLOCK_N)
-        for i in range(n_steps - n_diag, n_steps):
-            dq = _dq_step(i, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows,
-                          lse, delta, zero_s, dq, qk_scale, a_layout, True, BLOCK_N)
+        if SLIDING:
+            for i in range(first, whole):
+                dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                              rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, True, True, BLOCK_N)
+            for i in range(whole, diag):
+                dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                              rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, False, True, BLOCK_N)
+        else:
+            for i in range(0, diag):
+                dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                              rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, False, False, BLOCK_N)
+        for i in range(diag, n_steps):
+            dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                          rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, True, SLIDING, BLOCK_N)
         _release(qo_bar, bars)
         rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
@@ -259,13 +329,20 @@ def _side_stream(device) -> "torch.cuda.Stream":
     return s
 
 
-def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, concurrent: bool = True):
-    """(dq, dk, dv) like q of causal attention, from the inputs ``applies`` accepted, dout (made
-    contiguous here when it is not), lse2 and delta contiguous float32 [B, H, S]. ``concurrent``: the dQ
+def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, concurrent: bool = True):
+    """(dq, dk, dv) like q of causal attention (``window``: a sliding window's, key <= query < key +
+    window; None: plain causal), from the inputs ``applies`` accepted, dout (made contiguous here when
+    it is not), lse2 and delta contiguous float32 [B, H, S]. ``concurrent``: the dQ
     launch goes to a second stream, so that its programs fill the SMs the dK/dV launch's last programs
     leave idle (what one launch of both passes does for the Triton kernels); the caller's stream waits
     for it before returning."""
     B, H, S, D = q.shape
+    # a window of S keys or more over S x S is plain causal: the kernels compiled without the window's
+    # loops and compares (SLIDING false) then run
+    window = S if window is None else min(int(window), S)
+    if window < 1:
+        raise ValueError(f"causal_backward: window must be a positive int, got {window}")
+    sliding = window < S
     dout = dout if dout.is_contiguous() else dout.contiguous()
     gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     flat = [t.view(B * H * S, D) for t in (q, k, v, dout)]
@@ -279,7 +356,8 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, concurrent: boo
     grid = (S // TILE, B * H)
 
     def dq_pass():
-        attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, BLOCK_M=TILE,
+        attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, window,
+                                        SLIDING=sliding, BLOCK_M=TILE,
                                         BLOCK_N=STEP, D=D, num_warps=8)
 
     if concurrent:
@@ -290,8 +368,8 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, concurrent: boo
             dq_pass()
     else:
         dq_pass()
-    attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, BLOCK_M=STEP,
-                                      BLOCK_N=TILE, D=D, num_warps=8)
+    attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, window,
+                                      SLIDING=sliding, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
     if concurrent:
         # every tensor the dQ launch reads or writes was made on the caller's stream, which now waits
         # for it: their memory is not reused before it is done

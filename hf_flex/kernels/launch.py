@@ -138,6 +138,8 @@ OVERRIDES: dict = {}
 #   pass 13-16 % faster than the block-sparse kernels' at causal 2k and 8k; forward+backward +4-7 % at
 #   D = 128, +8 % at D = 64 (H100, NOTES.md, sixteenth round). gluon_bwd_streams: its dQ launch on a
 #   second stream, concurrent with the dK/dV launch (+3 % at 2k, within noise at 8k).
+#   gluon_bwd_sliding: causal masks within a sliding window take it too (its window edge's steps
+#   masked; NOTES.md, seventeenth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -146,7 +148,7 @@ SCHEDULE: dict = {
     "varlen_one_loop": False, "varlen_bwd_stages": 3, "atomic_dq_tma": True, "varlen_atomic_dq": False,
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
-    "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128),
+    "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
 }
 
 
@@ -542,7 +544,7 @@ def delta_pass(go, out, dout, dlse, delta) -> None:
 def flex_backward(
     q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
     mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
-    dlse=None, mask_fn_by_key=None, packed_documents: bool = False, causal_only: bool = False,
+    dlse=None, mask_fn_by_key=None, packed_documents: bool = False, causal_window: Optional[int] = None,
     warmup: bool = False,
 ):
     """Returns (dq, dk, dv, delta); adds learnable score-mod gradients into ``score_grads`` (float64).
@@ -556,20 +558,24 @@ def flex_backward(
 
     ``mask_fn_by_key``: the dK/dV pass's form of ``mask_fn`` (MaskMod.kernel_fn_by_key); None: mask_fn.
     ``packed_documents``: the mask holds packed documents, for SCHEDULE["bwd_flat_group"] == "documents".
-    ``causal_only``: the mask is exactly causal over S x S (KernelSpec.causal_only): with
-    SCHEDULE["gluon_bwd"], inputs gluon_causal.applies accepts run the Gluon passes instead (compiled
-    at their first call: a warm-up launches and compiles nothing for them).
+    ``causal_window``: the mask is causal over S x S, within a sliding window of that many keys (S:
+    plain causal; KernelSpec.causal_window); None: any other mask. With SCHEDULE["gluon_bwd"] (and
+    SCHEDULE["gluon_bwd_sliding"] for a window shorter than S), inputs gluon_causal.applies accepts run
+    the Gluon passes instead (compiled at their first call: a warm-up launches and compiles nothing
+    for them).
 
     ``dlse`` [B, Hq, Sq] (the gradient reaching the returned LSE) folds into delta: since
     d lse / d s = P, dS = P * (dP - (delta - dlse)). The returned delta includes it.
     """
+    if causal_window is not None and causal_window < k.shape[2] and not SCHEDULE["gluon_bwd_sliding"]:
+        causal_window = None
     if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None
-            and gluon_causal.applies(q, k, v, causal_only, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
+            and gluon_causal.applies(q, k, v, causal_window, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         if warmup:
             return None
         lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
         delta_pass(_launcher(False), out, dout, dlse, delta)
-        return (*gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale,
+        return (*gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale, causal_window,
                                               concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse

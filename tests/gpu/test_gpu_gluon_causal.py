@@ -1,6 +1,6 @@
-"""The Gluon causal backward (kernels/gluon_causal.py) on Hopper: gradients against float64, no worse than
-the block-sparse Triton kernels' on the same inputs (SCHEDULE["gluon_bwd"] off), and the path actually
-taken. Run on the device machine: ``pytest -m gpu tests/gpu``."""
+"""The Gluon causal backward (kernels/gluon_causal.py) on Hopper, plain causal and within sliding windows:
+gradients against float64, no worse than the block-sparse Triton kernels' on the same inputs
+(SCHEDULE["gluon_bwd"] off), and the path actually taken. Run on the device machine: ``pytest -m gpu tests/gpu``."""
 
 import math
 
@@ -27,14 +27,51 @@ def _grads(q, k, v, do, dlse, bm, scale):
     return torch.autograd.grad(outs, leaves, grads)
 
 
-def _reference(q, k, v, do, dlse, scale):
+def _reference(q, k, v, do, dlse, scale, mask_mod):
     """float64 gradients of sum(out dO) (+ sum(lse dLSE)) through hf_flex's dense oracle."""
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    out, lse = hf_flex.reference.attention(q64, k64, v64, None, mods.causal(), scale=scale, return_lse=True)
+    out, lse = hf_flex.reference.attention(q64, k64, v64, None, mask_mod, scale=scale, return_lse=True)
     loss = (out * do.double()).sum()
     if dlse is not None:
         loss = loss + (lse * dlse.double()).sum()
     return torch.autograd.grad(loss, (q64, k64, v64))
+
+
+def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed):
+    """Gradients of a causal call (within ``window`` keys, when not None) through the Gluon kernels,
+    which must run once and get the window, against float64, each no worse than 1.5x the Triton
+    kernels' error on the same inputs plus 2 ulp of the gradient's scale."""
+    B, H = 2, 3
+    scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)  # a scale other than the default, once
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    dlse = torch.randn(B, H, S, device="cuda", generator=g) if with_dlse else None
+    mask = mods.causal() if window is None else mods.and_masks(mods.causal(), mods.sliding_window(window))
+    bm = hf_flex.create_block_mask(mask, None, None, S, S, device="cuda")
+
+    calls = []
+    real = gluon_causal.causal_backward
+
+    def counted(*args, **kwargs):
+        calls.append(args[7])  # the window
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_causal, "causal_backward", counted)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_sliding", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_streams", streams)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_causal.HEAD_DIMS)
+    ours = _grads(q, k, v, do, dlse, bm, scale)
+    assert calls == [S if window is None else min(window, S)], "the Gluon backward did not run, or not with the window"
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", False)
+    triton_grads = _grads(q, k, v, do, dlse, bm, scale)
+    assert len(calls) == 1
+    ref = _reference(q, k, v, do, dlse, scale, mask)
+    for name, a, b, r in zip(("dq", "dk", "dv"), ours, triton_grads, ref):
+        assert torch.isfinite(a).all(), name
+        e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
+        atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+        assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
@@ -44,35 +81,21 @@ def _reference(q, k, v, do, dlse, scale):
 @pytest.mark.parametrize("streams", [True, False])
 @pytest.mark.parametrize("D", [128, 64])
 def test_gluon_causal_backward_against_float64(monkeypatch, dtype, S, with_dlse, streams, D):
-    B, H = 2, 3
-    scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)  # a scale other than the default, once
-    g = torch.Generator(device="cuda").manual_seed(S + with_dlse)
-    q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
-    dlse = torch.randn(B, H, S, device="cuda", generator=g) if with_dlse else None
-    bm = hf_flex.create_block_mask(mods.causal(), None, None, S, S, device="cuda")
+    _check(monkeypatch, dtype, S, D, None, with_dlse, streams, seed=S + with_dlse)
 
-    calls = []
-    real = gluon_causal.causal_backward
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gluon_causal, "causal_backward", counted)
-    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", True)
-    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_streams", streams)
-    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_causal.HEAD_DIMS)
-    ours = _grads(q, k, v, do, dlse, bm, scale)
-    assert len(calls) == 1, "the Gluon backward did not run"
-    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", False)
-    triton_grads = _grads(q, k, v, do, dlse, bm, scale)
-    assert len(calls) == 1
-    ref = _reference(q, k, v, do, dlse, scale)
-    for name, a, b, r in zip(("dq", "dk", "dv"), ours, triton_grads, ref):
-        assert torch.isfinite(a).all(), name
-        e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
-        atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
-        assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,window", [
+    (384, 1),  # the diagonal only
+    (384, 40),  # narrower than a step: the diagonal's steps are the window's edge
+    (384, 64), (384, 100), (1024, 128), (1024, 200), (1024, 256),  # steps on both edges, whole steps between
+    (1024, 700), (1024, 1000),  # edges that reach past the sequence's last tiles
+    (1024, 1023),  # one key short of plain causal
+])
+@pytest.mark.parametrize("D", [128, 64])
+def test_gluon_sliding_window_backward_against_float64(monkeypatch, dtype, S, window, D):
+    _check(monkeypatch, dtype, S, D, window, with_dlse=window % 2 == 0, streams=True, seed=S * window + D)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
