@@ -222,7 +222,7 @@ if AVAILABLE:
         gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
         gl.store(DV + offs, dv.to(DV.dtype.element_ty))
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["window"])  # window 1 would be a constexpr; one compile for every window
     def attn_bwd_dkdv_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
                                     window, SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                     D: gl.constexpr, num_warps: gl.constexpr):
@@ -261,7 +261,7 @@ if AVAILABLE:
         dq = warpgroup_mma(gl.convert_layout(ds.to(ks.dtype), a_layout), ks, dq, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["window"])  # window 1 would be a constexpr; one compile for every window
     def attn_bwd_dq_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale, window,
                                   SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                                   num_warps: gl.constexpr):
