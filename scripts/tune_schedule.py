@@ -94,6 +94,8 @@ SCHEDULES = {
     "gluon_d128_only": {"gluon_bwd_head_dims": (128,)},  # D = 64 on the Triton kernels (before the default)
     # seventeenth round: causal within a sliding window on the block-sparse Triton backward, not the Gluon passes
     "gluon_sliding_off": {"gluon_bwd_sliding": False},
+    # the document-aligned Triton backward for causal packed documents instead of kernels/gluon_varlen.py
+    "gluon_varlen_off": {"gluon_varlen": False},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

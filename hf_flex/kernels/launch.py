@@ -139,7 +139,10 @@ OVERRIDES: dict = {}
 #   D = 128, +8 % at D = 64 (H100, NOTES.md, sixteenth round). gluon_bwd_streams: its dQ launch on a
 #   second stream, concurrent with the dK/dV launch (+3 % at 2k, within noise at 8k).
 #   gluon_bwd_sliding: causal masks within a sliding window take it too (its window edge's steps
-#   masked; NOTES.md, seventeenth round).
+#   masked; NOTES.md, seventeenth round). gluon_varlen: the document-aligned backward (causal packed
+#   documents, launch_varlen.varlen_backward) as the Gluon kernels of kernels/gluon_varlen.py where
+#   their applies() holds (as gluon_bwd's, with GQA and any S; gluon_bwd_head_dims and
+#   gluon_bwd_streams apply).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -149,6 +152,7 @@ SCHEDULE: dict = {
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
+    "gluon_varlen": True,
 }
 
 

@@ -14,6 +14,7 @@ from .launch import (
     bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, out_like, row_buffer,
     row_slack, use_atomic_dq,
 )
+from . import gluon_varlen
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
 __all__ = ["varlen_tile", "varlen_tiles", "varlen_forward", "varlen_backward"]
@@ -88,7 +89,17 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     """(dq, dk, dv, delta) as launch.flex_backward returns them (``warmup``: compile, launch nothing,
     return None), for the mask of :func:`varlen_forward`. One launch of dK/dV and dQ programs, no
     atomics (deterministic); with SCHEDULE["varlen_atomic_dq"] (use_atomic_dq), dK/dV programs alone
-    that add dQ into a float32 accumulator (its compile-ahead is skipped)."""
+    that add dQ into a float32 accumulator (its compile-ahead is skipped). With SCHEDULE["gluon_varlen"],
+    inputs gluon_varlen.applies accepts run its Gluon passes instead (compiled at their first call:
+    a warm-up launches and compiles nothing for them)."""
+    if (SCHEDULE["gluon_varlen"] and score_param_grad_fn is None
+            and gluon_varlen.applies(q, k, v, tile, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
+        if warmup:
+            return None
+        lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
+        delta_pass(_launcher(False), out, dout, dlse, delta)
+        return (*gluon_varlen.varlen_backward(q, k, v, dout, lse, delta, tiles, n_tiles, spans, sm_scale,
+                                              concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = dkdv_tiles(DP, DVP, q.element_size(), 128, 128)
     t2 = dq_tiles(DP, DVP, q.element_size(), 128, 128)

@@ -1,0 +1,331 @@
+"""The document-aligned causal backward in Gluon for Hopper (sm_90): the dK/dV and dQ passes of
+``and_masks(causal(), document(ids))`` over the tile lists of the document-aligned Triton kernels
+(kernels/varlen.py, launch_varlen.varlen_tiles), with the products and copies of
+kernels/gluon_causal.py: explicitly asynchronous wgmma, TMA tiles behind mbarriers, two stages.
+
+Why: the causal passes in this form run 13-16 % faster than the Triton kernels' (gluon_causal's
+docstring); packed documents are the training workload (the document anchor cases and the end-to-end
+step). NOTES.md, seventeenth round, has the measurement.
+
+Tiles: tile t of a row's list starts at position ``start`` of a document [lo, end) (lo + a multiple of
+128); its queries (dQ) or keys (dK/dV) are start .. min(start + 128, end) - 1. A query past ``end``
+(the next document's, or past the tensor) reads LSE +inf and delta 0: its P and dS are 0 in every
+product, which is its whole mask outside the diagonal's steps; rows past ``end`` are not stored.
+
+dK/dV programs: grid (cdiv(S, 128), B * Hkv); program p walks tiles p, p + cdiv(S, 128), ... of its
+row's key-major list (a row holds up to one tile per document more than cdiv(S, 128)). K and V of
+the tile resident; for each query head of the key head's group (GQA), Q and dO in 64-query steps
+from ``start`` to ``end``: the diagonal's two steps masked (keys past the query, which include the
+keys past ``end`` of a short tile), the rest without mask. dQ programs: grid (cdiv(S, 128), B * Hq),
+program p walks tiles p, p + cdiv(S, 128), ... of the query-major list; Q and dO resident, K and V of
+the key head in 64-key steps from ``lo``: those before ``start`` without mask, the diagonal's masked.
+Deterministic: no atomics.
+
+Layouts: q [B, Hq, S, D], k, v [B, Hkv, S, D], dout like q, all contiguous (flat [rows, D] through TMA
+descriptors); lse2 and delta contiguous float32 [B, Hq, S]; bf16 or fp16; D = 64 or 128; any S.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _cuda_major, cuda_index, interpreted
+from .forward import LOG2E
+from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, _descriptors, _side_stream
+
+if AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    )
+
+    from .gluon_causal import _buffers, _copy_pair, _mma_layout, _release
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, score_fn, head_dims=(128,)) -> bool:
+    """Whether this backward runs for a document-aligned call (KernelSpec.varlen found its tiles):
+    tile lists of 128 positions, no score mod, Gluon importable, q on a Hopper GPU (not Triton's
+    interpreter), and inputs ``layout_ok`` accepts."""
+    if not (tile == TILE and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
+        return False
+    return _cuda_major(cuda_index(q.device)) == 9 and layout_ok(q, k, v, head_dims)
+
+
+def layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims=(128,)) -> bool:
+    """The input part of ``applies`` (any device): 16-bit q, k, v of one dtype, q [B, Hq, S, D] and k, v
+    [B, Hkv, S, D] with Hkv dividing Hq, contiguous, D in ``head_dims`` and HEAD_DIMS, and fewer than
+    2**31 elements (the kernels' output offsets are 32-bit)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    B, HQ, S, D = q.shape
+    HKV = k.shape[1]
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape == (B, HKV, S, D) and v.shape == k.shape and HKV > 0 and HQ % HKV == 0
+            and D in head_dims and D in HEAD_DIMS and q.numel() < 2**31
+            and all(t.is_contiguous() for t in (q, k, v)))
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb):
+        """(first position, document's first position, document's end) of tile t of row b's list; SPANS
+        [B, S] int64 lo | hi << 32 (mods.document_spans), hi the document's last position."""
+        start = gl.load(TILES + b * stride_tb + t).to(gl.int32)  # int16 lists where positions fit
+        sp = gl.load(SPANS + b * stride_sb + start)
+        return start, sp.to(gl.int32), (sp >> 32).to(gl.int32) + 1
+
+    @gluon.jit
+    def _row_inputs(LSE, DELTA, row, pos, end, like, num_warps: gl.constexpr):
+        """LSE (log2) and delta of the flat rows from ``row`` (positions pos ...) in the layout and length of
+        the 1-D tensor ``like``: +inf and 0
+        at positions from ``end`` on (past the tile's document), so that the row's P and dS are 0 in
+        every product. Loaded one element a thread, then moved into ``layout``: a tile starts at any
+        position, and loads straight into the products' layout, unaligned, take a 64-bit address per
+        element (register spills in the dK/dV loop)."""
+        ld_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        i = gl.arange(0, like.shape[0], layout=ld_layout)
+        inside = pos + i < end
+        lse = gl.load(LSE + row + i, mask=inside, other=float("inf"))
+        delta = gl.load(DELTA + row + i, mask=inside, other=0.0)
+        return gl.convert_layout(lse, like.type.layout), gl.convert_layout(delta, like.type.layout)
+
+    @gluon.jit
+    def _dkdv_step(r, r_end, rows, next_rows, first_q, end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
+                   do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout: gl.constexpr,
+                   MASKED: gl.constexpr, num_warps: gl.constexpr):
+        """Step r (stage r % 2; the tile's steps end before r_end) of a dK/dV program: queries first_q ...
+        of flat rows ``rows`` ...; the next step's at ``next_rows``. The order of gluon_causal's
+        dK/dV step: S^T and dP^T issued, S^T waited, the other stage refilled, dV and dK products
+        left in flight. MASKED: keys after the query masked."""
+        st = r % 2
+        mbarrier.wait(bars.index(st), (r // 2) & 1)
+        qs = q_smem.index(st)
+        dos = do_smem.index(st)
+        lse, delta = _row_inputs(LSE, DELTA, rows, first_q, end, offs_m, num_warps)
+        sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
+        if r + 1 < r_end:
+            nx = (r + 1) % 2
+            _copy_pair(q_desc, do_desc, next_rows, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
+        if MASKED:
+            sT = gl.where((first_q + offs_m)[None, :] >= keys[:, None], sT, float("-inf"))
+        pT = gl.exp2(sT * qk_scale - lse[None, :])
+        dv = warpgroup_mma(gl.convert_layout(pT.to(qs.dtype), a_layout), dos, dv, is_async=True)
+        dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
+        dsT = pT * (dpT - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(dsT.to(qs.dtype), a_layout), qs, dk, is_async=True)
+        return dk, dv
+
+    @gluon.jit
+    def _dkdv_tile(t, valid, base, kv_phase, b, kv_row0, q_row0, q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES,
+                   SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, qk_scale, sm_scale,
+                   G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                   num_warps: gl.constexpr):
+        """dK (times sm_scale) and dV of tile t (of row b's key-major list) of one key head, from the G
+        query heads of its group (none where not ``valid``: no step, no store); ``base``: the steps this
+        program ran before (the stages' counter), ``kv_phase``: the K/V barrier's. Returns the counter
+        after the tile's steps. The head loop is unrolled (static_range): a loop around the step loops,
+        which leave the dK and dV products in flight, makes ptxas serialise every wgmma (C7515)."""
+        s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
+        acc_layout: gl.constexpr = _mma_layout(D, num_warps)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        n_diag: gl.constexpr = BLOCK_N // BLOCK_M
+        start, lo, end = _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
+        end = gl.where(valid, end, start)
+        # the diagonal's n_diag steps always run (queries past ``end`` add nothing): a step loop that may
+        # not run at all merges the accumulators' zeros with its products, which serialises the wgmma
+        n_steps = gl.maximum((end - start + BLOCK_M - 1) // BLOCK_M, n_diag)
+        r_end = base + G * n_steps
+        _copy_pair(k_desc, v_desc, kv_row0 + start, kv_bar, k_smem, v_smem)
+        st0 = base % 2
+        _copy_pair(q_desc, do_desc, q_row0 + start, bars.index(st0), q_smem.index(st0), do_smem.index(st0))
+        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+        dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
+        dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
+        mbarrier.wait(kv_bar, kv_phase)
+        for j in gl.static_range(G):
+            head = q_row0 + j * S + start  # the flat row of this head's query ``start``
+            r0 = base + j * n_steps
+            for i in gl.static_range(n_diag):
+                nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S)
+                dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
+                                    v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
+                                    dk, dv, qk_scale, a_layout, True, num_warps)
+            for i in range(n_diag, n_steps):
+                nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S)
+                dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
+                                    v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
+                                    dk, dv, qk_scale, a_layout, False, num_warps)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        rows_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        offs = (kv_row0 + start + rows_n)[:, None] * D + cols[None, :]
+        keep = (start + rows_n < end)[:, None]
+        gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keep)
+        gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=keep)
+        return r_end
+
+    @gluon.jit
+    def attn_bwd_dkdv_varlen_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES, N_TILES, SPANS,
+                                    stride_tb, stride_sb, stride_nb, S, HQ, HKV, N_PROGRAMS, qk_scale, sm_scale,
+                                    FIRST, G: gl.constexpr, WALK: gl.constexpr, BLOCK_M: gl.constexpr,
+                                    BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (N_PROGRAMS, B * HKV): dK (times sm_scale) and dV of key head program_id(1) from the G query
+        heads of its group, of tile FIRST + program_id(0) of the row's key-major list (TILES: tiles[:,
+        1]); WALK: and of every N_PROGRAMS-th tile after it. A launch without WALK covers the first
+        cdiv(S, 128) tiles (the longest), one a program: the walk's loop over tiles costs ptxas
+        registers it then spills; a launch with it the rest (at most one tile per document)."""
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // HKV
+        kv_row0 = bh * S
+        q_row0 = (b * HQ + (bh % HKV) * G) * S
+        k_smem, v_smem, q_smem, do_smem, kv_bar, bars = _buffers(k_desc, v_desc, q_desc, do_desc, BLOCK_N, BLOCK_M, D)
+        n_tiles = gl.load(N_TILES + b * stride_nb)
+        if WALK:
+            base = pid * 0  # steps run so far by this program (the stages' counter)
+            kv_phase = pid * 0
+            for t in range(FIRST + pid, n_tiles, N_PROGRAMS):
+                base = _dkdv_tile(t, True, base, kv_phase, b, kv_row0, q_row0, q_desc, k_desc, v_desc, do_desc, LSE, DELTA,
+                                  DK, DV, TILES, SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem, do_smem,
+                                  kv_bar, bars, qk_scale, sm_scale, G, BLOCK_M, BLOCK_N, D, num_warps)
+                kv_phase = kv_phase ^ 1
+        else:
+            # (a program past the row's tiles reads a position of the list that starts no tile, and runs
+            # no step: branch-free, as a branch around the steps also serialises the wgmma)
+            _dkdv_tile(FIRST + pid, FIRST + pid < n_tiles, 0, 0, b, kv_row0, q_row0, q_desc, k_desc, v_desc, do_desc,
+                       LSE, DELTA, DK, DV, TILES, SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem, do_smem,
+                       kv_bar, bars, qk_scale, sm_scale, G, BLOCK_M, BLOCK_N, D, num_warps)
+        _release(kv_bar, bars)
+
+    @gluon.jit
+    def _dq_step(r, r_end, rows, next_rows, first_k, q_pos, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                 lse, delta, zero_s, dq, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr,
+                 BLOCK_N: gl.constexpr):
+        """Step r (stage r % 2; the tile's steps end before r_end) of a dQ program: keys first_k ... at
+        flat rows ``rows`` ...; the next step's at ``next_rows``. The order of gluon_causal's dQ step,
+        the dQ product waited before returning. MASKED: keys after the query (q_pos) masked."""
+        st = r % 2
+        mbarrier.wait(bars.index(st), (r // 2) & 1)
+        ks = k_smem.index(st)
+        s = warpgroup_mma(q_smem, ks.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        if r + 1 < r_end:
+            nx = (r + 1) % 2
+            _copy_pair(k_desc, v_desc, next_rows, bars.index(nx), k_smem.index(nx), v_smem.index(nx))
+        if MASKED:
+            keys = first_k + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
+            s = gl.where(q_pos[:, None] >= keys[None, :], s, float("-inf"))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(ks.dtype), a_layout), ks, dq, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+
+    @gluon.jit
+    def attn_bwd_dq_varlen_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, TILES, N_TILES, SPANS,
+                                  stride_tb, stride_sb, stride_nb, S, HQ, HKV, N_PROGRAMS, qk_scale, sm_scale,
+                                  G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                                  num_warps: gl.constexpr):
+        """Grid (N_PROGRAMS, B * HQ): dQ (times sm_scale) of tiles program_id(0), + N_PROGRAMS, ... of the
+        query-major list (TILES: tiles[:, 0]) of query head program_id(1), from its document's keys
+        through the tile's diagonal."""
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // HQ
+        q_row0 = bh * S
+        kv_row0 = (b * HKV + (bh % HQ) // G) * S
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
+        acc_layout: gl.constexpr = _mma_layout(D, num_warps)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        q_smem, do_smem, k_smem, v_smem, qo_bar, bars = _buffers(q_desc, do_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D)
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        n_tiles = gl.load(N_TILES + b * stride_nb)
+        base = pid * 0
+        qo_phase = pid * 0
+        for t in range(pid, n_tiles, N_PROGRAMS):
+            start, lo, end = _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
+            n_full = (start - lo) // BLOCK_N  # key steps before the tile: every query sees them whole
+            n_steps = n_full + (gl.minimum(end - start, BLOCK_M) + BLOCK_N - 1) // BLOCK_N
+            r_end = base + n_steps
+            _copy_pair(q_desc, do_desc, q_row0 + start, qo_bar, q_smem, do_smem)
+            st0 = base % 2
+            _copy_pair(k_desc, v_desc, kv_row0 + lo, bars.index(st0), k_smem.index(st0), v_smem.index(st0))
+            q_pos = start + rows
+            lse, delta = _row_inputs(LSE, DELTA, q_row0 + start, start, end, rows, num_warps)
+            dq = gl.zeros([BLOCK_M, D], gl.float32, acc_layout)
+            mbarrier.wait(qo_bar, qo_phase)
+            krow = kv_row0 + lo
+            for i in range(0, n_full):
+                dq = _dq_step(base + i, r_end, krow + i * BLOCK_N, krow + (i + 1) * BLOCK_N, lo + i * BLOCK_N, q_pos,
+                              q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, lse, delta, zero_s, dq, qk_scale,
+                              a_layout, False, BLOCK_N)
+            for i in range(n_full, n_steps):
+                dq = _dq_step(base + i, r_end, krow + i * BLOCK_N, krow + (i + 1) * BLOCK_N, lo + i * BLOCK_N, q_pos,
+                              q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, lse, delta, zero_s, dq, qk_scale,
+                              a_layout, True, BLOCK_N)
+            keep = (start + rows_o < end)[:, None]
+            gl.store(DQ + (q_row0 + start + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                     mask=keep)
+            base = r_end
+            qo_phase = qo_phase ^ 1
+        _release(qo_bar, bars)
+
+
+def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True):
+    """(dq, dk, dv) of ``and_masks(causal(), document(ids))`` from the inputs ``applies`` accepted, dout
+    (made contiguous here when it is not), lse2 and delta contiguous float32 [B, Hq, S], and the tile
+    lists of launch_varlen.varlen_tiles(spans, 128) (tiles [Bs, 2, S], n_tiles [Bs], spans [Bs, S];
+    Bs = 1 serves every batch row). ``concurrent``: the dQ launch on a second stream, as in
+    gluon_causal.causal_backward."""
+    B, HQ, S, D = q.shape
+    HKV = k.shape[1]
+    dout = dout if dout.is_contiguous() else dout.contiguous()
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    qf, dof = (t.view(B * HQ * S, D) for t in (q, dout))
+    kf, vf = (t.view(B * HKV * S, D) for t in (k, v))
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    qk_scale = sm_scale * LOG2E
+    q_s, do_s = _descriptors([qf, dof], STEP, D, gl_dtype)
+    k_t, v_t = _descriptors([kf, vf], TILE, D, gl_dtype)
+    q_t, do_t = _descriptors([qf, dof], TILE, D, gl_dtype)
+    k_s, v_s = _descriptors([kf, vf], STEP, D, gl_dtype)
+    n_programs = -(-S // TILE)
+    one_row = tiles.shape[0] == 1  # a one-row list (spans of B = 1) serves every batch row
+    stride_tb = 0 if one_row else tiles.stride(0)
+    stride_sb = 0 if spans.shape[0] == 1 else spans.stride(0)
+    stride_nb = 0 if n_tiles.shape[0] == 1 else n_tiles.stride(0)
+    lists = (spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV, n_programs, qk_scale, sm_scale)
+
+    def dq_pass():
+        attn_bwd_dq_varlen_kernel[(n_programs, B * HQ)](
+            q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, BLOCK_M=TILE,
+            BLOCK_N=STEP, D=D, num_warps=8)
+
+    if concurrent:
+        main = torch.cuda.current_stream(q.device)
+        side = _side_stream(q.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            dq_pass()
+    else:
+        dq_pass()
+    dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles[:, 1], n_tiles, *lists)
+    attn_bwd_dkdv_varlen_kernel[(n_programs, B * HKV)](*dkdv_args, 0, G=HQ // HKV, WALK=False, BLOCK_M=STEP,
+                                                        BLOCK_N=TILE, D=D, num_warps=8)
+    # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
+    n_walk = -(-n_programs // 4)
+    attn_bwd_dkdv_varlen_kernel[(n_walk, B * HKV)](*dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs,
+                                                    G=HQ // HKV, WALK=True, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
+                                                    num_warps=8)
+    if concurrent:
+        main.wait_stream(side)  # as in gluon_causal.causal_backward
+    return dq, dk, dv

@@ -1,0 +1,87 @@
+"""The document-aligned Gluon backward (kernels/gluon_varlen.py) on Hopper: gradients of causal attention
+over packed documents against float64, no worse than the Triton kernels' on the same inputs
+(SCHEDULE["gluon_varlen"] off), and the path actually taken. Run on the device machine:
+``pytest -m gpu tests/gpu``."""
+
+import math
+
+import pytest
+import torch
+
+import hf_flex
+from hf_flex import mods
+from hf_flex.kernels import gluon_varlen, launch
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _doc_ids(B, S, lengths, g):
+    """[B, S] int32 ids: row 0 cut at ``lengths`` (the rest one last document), other rows at random."""
+    ids = torch.empty(B, S, dtype=torch.int32)
+    for b in range(B):
+        if b == 0:
+            cuts = torch.tensor(lengths).cumsum(0)
+        else:
+            cuts = torch.randint(1, S, (len(lengths),), generator=g).sort().values
+        ids[b] = torch.bucketize(torch.arange(S), cuts, right=True).to(torch.int32)
+    return ids.cuda()
+
+
+def _grads(q, k, v, do, dlse, bm, scale):
+    leaves = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = hf_flex.flex_attention(*leaves, block_mask=bm, scale=scale, return_lse=True,
+                                      enable_gqa=q.shape[1] != k.shape[1])
+    outs, grads = ((out, lse), (do, dlse)) if dlse is not None else ((out,), (do,))
+    return torch.autograd.grad(outs, leaves, grads)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,lengths", [
+    (1000, [1, 63, 64, 65, 127, 128, 129, 200]),  # documents shorter, as long as and longer than the tiles
+    (2048, [700, 5, 300, 1000]),  # several tiles a document; S a multiple of 128
+    (777, [777]),  # one document, S not a multiple of 128
+])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("D", [128, 64])
+def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G, D):
+    B, HKV = 2, 2
+    HQ = HKV * G
+    with_dlse = G == 4
+    scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)
+    g = torch.Generator().manual_seed(S + G + D)
+    q, do = (torch.randn(B, HQ, S, D, generator=g).to("cuda", dtype) for _ in range(2))
+    k, v = (torch.randn(B, HKV, S, D, generator=g).to("cuda", dtype) for _ in range(2))
+    dlse = torch.randn(B, HQ, S, generator=g).cuda() if with_dlse else None
+    mask = mods.and_masks(mods.causal(), mods.document(_doc_ids(B, S, lengths, g)))
+    bm = hf_flex.create_block_mask(mask, B, None, S, S, device="cuda")
+
+    calls = []
+    real = gluon_varlen.varlen_backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_varlen, "varlen_backward", counted)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_varlen.HEAD_DIMS)
+    ours = _grads(q, k, v, do, dlse, bm, scale)
+    assert calls == [1], "the Gluon backward did not run"
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", False)
+    triton_grads = _grads(q, k, v, do, dlse, bm, scale)
+    assert calls == [1]
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out, lse = hf_flex.reference.attention(q64, k64, v64, None, mask, scale=scale, return_lse=True,
+                                           enable_gqa=G > 1)
+    loss = (out * do.double()).sum() + ((lse * dlse.double()).sum() if with_dlse else 0)
+    ref = torch.autograd.grad(loss, (q64, k64, v64))
+    for name, a, b, r in zip(("dq", "dk", "dv"), ours, triton_grads, ref):
+        assert torch.isfinite(a).all(), name
+        e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
+        atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+        assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
