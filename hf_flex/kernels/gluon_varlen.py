@@ -76,19 +76,18 @@ if AVAILABLE:
         return start, sp.to(gl.int32), (sp >> 32).to(gl.int32) + 1
 
     @gluon.jit
-    def _row_inputs(LSE, DELTA, row, pos, end, like, num_warps: gl.constexpr):
-        """LSE (log2) and delta of the flat rows from ``row`` (positions pos ...) in the layout and length of
-        the 1-D tensor ``like``: +inf and 0
-        at positions from ``end`` on (past the tile's document), so that the row's P and dS are 0 in
-        every product. Loaded one element a thread, then moved into ``layout``: a tile starts at any
-        position, and loads straight into the products' layout, unaligned, take a 64-bit address per
-        element (register spills in the dK/dV loop)."""
+    def _row_inputs(LSE, DELTA, row, pos, end, n: gl.constexpr, num_warps: gl.constexpr):
+        """LSE (log2) and delta of the n flat rows from ``row`` (positions pos ...), one element a thread
+        (gl.convert_layout moves them into the products' layout where they are used): +inf and 0 at
+        positions from ``end`` on (past the tile's document), so that the row's P and dS are 0 in every
+        product. A tile starts at any position: loads straight into the products' layout, unaligned,
+        take a 64-bit address per element (register spills in the dK/dV loop)."""
         ld_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        i = gl.arange(0, like.shape[0], layout=ld_layout)
+        i = gl.arange(0, n, layout=ld_layout)
         inside = pos + i < end
         lse = gl.load(LSE + row + i, mask=inside, other=float("inf"))
         delta = gl.load(DELTA + row + i, mask=inside, other=0.0)
-        return gl.convert_layout(lse, like.type.layout), gl.convert_layout(delta, like.type.layout)
+        return lse, delta
 
     @gluon.jit
     def _dkdv_step(r, r_end, rows, next_rows, first_q, end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
@@ -102,10 +101,13 @@ if AVAILABLE:
         mbarrier.wait(bars.index(st), (r // 2) & 1)
         qs = q_smem.index(st)
         dos = do_smem.index(st)
-        lse, delta = _row_inputs(LSE, DELTA, rows, first_q, end, offs_m, num_warps)
+        lse, delta = _row_inputs(LSE, DELTA, rows, first_q, end, offs_m.shape[0], num_warps)
         sT = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dpT = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         sT = warpgroup_mma_wait(num_outstanding=1, deps=(sT,))
+        # moved into the products' layout only now: earlier, the 32 registers they take live through
+        # the products' issue (spills)
+        lse = gl.convert_layout(lse, offs_m.type.layout)
         if r + 1 < r_end:
             nx = (r + 1) % 2
             _copy_pair(q_desc, do_desc, next_rows, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
@@ -114,6 +116,7 @@ if AVAILABLE:
         pT = gl.exp2(sT * qk_scale - lse[None, :])
         dv = warpgroup_mma(gl.convert_layout(pT.to(qs.dtype), a_layout), dos, dv, is_async=True)
         dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT,))
+        delta = gl.convert_layout(delta, offs_m.type.layout)
         dsT = pT * (dpT - delta[None, :])
         dk = warpgroup_mma(gl.convert_layout(dsT.to(qs.dtype), a_layout), qs, dk, is_async=True)
         return dk, dv
@@ -126,8 +129,9 @@ if AVAILABLE:
         """dK (times sm_scale) and dV of tile t (of row b's key-major list) of one key head, from the G
         query heads of its group (none where not ``valid``: no step, no store); ``base``: the steps this
         program ran before (the stages' counter), ``kv_phase``: the K/V barrier's. Returns the counter
-        after the tile's steps. The head loop is unrolled (static_range): a loop around the step loops,
-        which leave the dK and dV products in flight, makes ptxas serialise every wgmma (C7515)."""
+        after the tile's steps. One query head (G = 1): the diagonal's steps (masked), then the rest.
+        A group: the diagonal's steps of every head in one masked loop, then the rest head by head (the
+        head loop unrolled around both step loops, ptxas spills hundreds of bytes)."""
         s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -147,19 +151,34 @@ if AVAILABLE:
         dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
         dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
         mbarrier.wait(kv_bar, kv_phase)
-        for j in gl.static_range(G):
-            head = q_row0 + j * S + start  # the flat row of this head's query ``start``
-            r0 = base + j * n_steps
+        head0 = q_row0 + start  # the flat row of the first head's query ``start``; head j's: + j * S
+        if G == 1:
             for i in gl.static_range(n_diag):
-                nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S)
-                dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
+                nxt = head0 + (i + 1) * BLOCK_M
+                dk, dv = _dkdv_step(base + i, r_end, head0 + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
                                     v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
                                     dk, dv, qk_scale, a_layout, True, num_warps)
             for i in range(n_diag, n_steps):
-                nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S)
-                dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
-                                    v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
-                                    dk, dv, qk_scale, a_layout, False, num_warps)
+                dk, dv = _dkdv_step(base + i, r_end, head0 + i * BLOCK_M, head0 + (i + 1) * BLOCK_M,
+                                    start + i * BLOCK_M, end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
+                                    do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, False, num_warps)
+        else:
+            for r in range(0, G * n_diag):  # head r // n_diag, step r % n_diag; then head 0's first unmasked
+                i = r % n_diag
+                nxt = gl.where(r + 1 < G * n_diag, head0 + ((r + 1) // n_diag) * S + ((r + 1) % n_diag) * BLOCK_M,
+                               head0 + n_diag * BLOCK_M)
+                dk, dv = _dkdv_step(base + r, r_end, head0 + (r // n_diag) * S + i * BLOCK_M, nxt, start + i * BLOCK_M,
+                                    end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA,
+                                    offs_m, zero_s, dk, dv, qk_scale, a_layout, True, num_warps)
+            n_rest = n_steps - n_diag
+            for j in range(G):
+                head = head0 + j * S
+                r0 = base + G * n_diag + j * n_rest - n_diag  # step i's counter: r0 + i
+                for i in range(n_diag, n_steps):
+                    nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S + n_diag * BLOCK_M)
+                    dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
+                                        v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
+                                        dk, dv, qk_scale, a_layout, False, num_warps)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
         rows_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
@@ -260,7 +279,9 @@ if AVAILABLE:
             st0 = base % 2
             _copy_pair(k_desc, v_desc, kv_row0 + lo, bars.index(st0), k_smem.index(st0), v_smem.index(st0))
             q_pos = start + rows
-            lse, delta = _row_inputs(LSE, DELTA, q_row0 + start, start, end, rows, num_warps)
+            lse, delta = _row_inputs(LSE, DELTA, q_row0 + start, start, end, BLOCK_M, num_warps)
+            lse = gl.convert_layout(lse, rows.type.layout)
+            delta = gl.convert_layout(delta, rows.type.layout)
             dq = gl.zeros([BLOCK_M, D], gl.float32, acc_layout)
             mbarrier.wait(qo_bar, qo_phase)
             krow = kv_row0 + lo

@@ -47,9 +47,10 @@ def _grads(q, k, v, do, dlse, bm, scale):
     (777, [777]),  # one document, S not a multiple of 128
 ])
 @pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("D", [128, 64])
-def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G, D):
-    B, HKV = 2, 2
+def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G):
+    """D = 128: the document-aligned kernels' tile at D = 64 is not 128 positions (launch_varlen.varlen_tile),
+    and those calls run the block-sparse kernels."""
+    B, HKV, D = 2, 2, 128
     HQ = HKV * G
     with_dlse = G == 4
     scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)
