@@ -96,6 +96,7 @@ SCHEDULES = {
     "gluon_sliding_off": {"gluon_bwd_sliding": False},
     # the document-aligned Triton backward for causal packed documents instead of kernels/gluon_varlen.py
     "gluon_varlen_off": {"gluon_varlen": False},
+    "gluon_varlen_mha": {"gluon_varlen_min_group": 1},  # without GQA too
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

@@ -50,6 +50,7 @@ def test_varlen_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, k
     monkeypatch.setattr(gluon_varlen, "applies", lambda q, k, v, tile, score_fn, dims: score_fn is None)
     monkeypatch.setattr(gluon_varlen, "varlen_backward", fake)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", knob)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 1)
     seen = []
     real_tiles = launch_varlen.varlen_tiles
 
@@ -80,3 +81,24 @@ def test_varlen_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, k
     torch.testing.assert_close(lse2.cpu(), (lse.detach() * 1.4426950408889634).cpu(), rtol=1e-5, atol=1e-5)
     want = (do.float() * out.detach().float()).sum(-1) - dlse
     torch.testing.assert_close(delta.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_min_group_keeps_the_triton_kernels_for_small_groups(device, monkeypatch):
+    """gluon_varlen_min_group: query-head groups smaller than it keep the Triton kernels."""
+    calls = []
+    monkeypatch.setattr(gluon_varlen, "applies", lambda q, k, v, tile, score_fn, dims: True)
+    monkeypatch.setattr(gluon_varlen, "varlen_backward", lambda q, k, v, *a, **kw: calls.append(q.shape[1]) or (
+        torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)))
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 2)
+    S, D = 256, 32
+    ids = torch.zeros(1, S, dtype=torch.int32)
+    ids[:, 90:] = 1
+    bm = hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.document(ids.to(device))), 1, None, S, S,
+                                   device=device)
+    for hq, hkv in ((2, 2), (4, 2)):
+        q = torch.randn(1, hq, S, D, device=device, requires_grad=True)
+        k, v = (torch.randn(1, hkv, S, D, device=device, requires_grad=True) for _ in range(2))
+        out = hf_flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=hq != hkv)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert calls == [4]

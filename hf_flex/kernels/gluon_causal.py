@@ -29,6 +29,8 @@ window's loops and compares (SLIDING false). Deterministic: no atomics.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _cuda_major, cuda_index, interpreted
@@ -314,8 +316,16 @@ if AVAILABLE:
         gl.store(DQ + (row0 + start_m + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_layout(block: int, D: int, gl_dtype):
+    # built once per tile shape: get_default_for takes ~16 us on the host, and a backward builds 8
+    # descriptors per layer
+    return gl.NVMMASharedLayout.get_default_for([block, D], gl_dtype)
+
+
 def _descriptors(flat, block: int, D: int, gl_dtype):
-    layout = gl.NVMMASharedLayout.get_default_for([block, D], gl_dtype)
+    """TMA descriptors of 2-D tensors ``flat`` in [block, D] tiles."""
+    layout = _shared_layout(block, D, gl_dtype)
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block, D], layout) for t in flat]
 
 

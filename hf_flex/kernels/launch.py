@@ -142,7 +142,10 @@ OVERRIDES: dict = {}
 #   masked; NOTES.md, seventeenth round). gluon_varlen: the document-aligned backward (causal packed
 #   documents, launch_varlen.varlen_backward) as the Gluon kernels of kernels/gluon_varlen.py where
 #   their applies() holds (as gluon_bwd's, with GQA and any S; gluon_bwd_head_dims and
-#   gluon_bwd_streams apply).
+#   gluon_bwd_streams apply), for query-head groups of at least gluon_varlen_min_group heads: 24 docs
+#   GQA (groups of 4) +4.5 % forward+backward; 12 docs without GQA, its kernels 6 % faster (818 against
+#   874 us) but the call 35 % slower: host-bound, the three Gluon launches and eight descriptors cost
+#   the host more than the Triton kernels' one launch (NOTES.md, seventeenth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -152,7 +155,7 @@ SCHEDULE: dict = {
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
-    "gluon_varlen": True,
+    "gluon_varlen": True, "gluon_varlen_min_group": 2,
 }
 
 

@@ -91,8 +91,10 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     atomics (deterministic); with SCHEDULE["varlen_atomic_dq"] (use_atomic_dq), dK/dV programs alone
     that add dQ into a float32 accumulator (its compile-ahead is skipped). With SCHEDULE["gluon_varlen"],
     inputs gluon_varlen.applies accepts run its Gluon passes instead (compiled at their first call:
-    a warm-up launches and compiles nothing for them)."""
+    a warm-up launches and compiles nothing for them), for query-head groups of at least
+    SCHEDULE["gluon_varlen_min_group"] heads."""
     if (SCHEDULE["gluon_varlen"] and score_param_grad_fn is None
+            and q.shape[1] >= SCHEDULE["gluon_varlen_min_group"] * k.shape[1]
             and gluon_varlen.applies(q, k, v, tile, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         if warmup:
             return None

@@ -70,6 +70,7 @@ def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G
 
     monkeypatch.setattr(gluon_varlen, "varlen_backward", counted)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 1)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_varlen.HEAD_DIMS)
     ours = _grads(q, k, v, do, dlse, bm, scale)
     assert calls == [1], "the Gluon backward did not run"
