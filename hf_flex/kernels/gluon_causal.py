@@ -5,7 +5,8 @@ explicitly asynchronous wgmma and its tiles by TMA behind mbarriers, issued in a
 
 Why: on the H100 these passes run 13-16 % faster than the block-sparse Triton kernels' on causal 2k and
 8k, forward+backward 4-8 % (tests/benchmarks/NOTES.md, sixteenth round: ``scripts/gluon_bwd_proto.py``,
-``scripts/tune_schedule.py`` variants gluon_bwd_off, gluon_one_stream): each program issues
+``scripts/tune_schedule.py`` variants gluon_bwd_off, gluon_one_stream); within a 1024-key window at
+8k, forward+backward 312 against 297 TFLOP/s (seventeenth round, variant gluon_sliding_off): each program issues
 its resident tiles and its first two stages of streamed tiles before it waits for any, and runs the
 softmax and dS work while the next products are in flight. Gluon kernels cannot call hf_flex's Triton
 mask and score functions, so this path takes only the mask it knows (``applies``); every other mask,

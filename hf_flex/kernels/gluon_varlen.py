@@ -3,26 +3,29 @@
 (kernels/varlen.py, launch_varlen.varlen_tiles), with the products and copies of
 kernels/gluon_causal.py: explicitly asynchronous wgmma, TMA tiles behind mbarriers, two stages.
 
-Why: the causal passes in this form run 13-16 % faster than the Triton kernels' (gluon_causal's
-docstring); packed documents are the training workload (the document anchor cases and the end-to-end
-step). NOTES.md, seventeenth round, has the measurement.
+Why: on the H100, forward+backward of the 24-document GQA anchor case 253 against 242 TFLOP/s on the
+Triton kernels (+4.5 %). Without GQA (12 documents, one query head a key head) the passes' kernels
+ran 818 against 874 us, but the call turned host-bound: three launches and eight descriptors cost
+the host more than the Triton kernels' one launch, so launch_varlen takes this path for query-head
+groups of SCHEDULE["gluon_varlen_min_group"] heads or more (NOTES.md, seventeenth round).
 
 Tiles: tile t of a row's list starts at position ``start`` of a document [lo, end) (lo + a multiple of
 128); its queries (dQ) or keys (dK/dV) are start .. min(start + 128, end) - 1. A query past ``end``
 (the next document's, or past the tensor) reads LSE +inf and delta 0: its P and dS are 0 in every
 product, which is its whole mask outside the diagonal's steps; rows past ``end`` are not stored.
 
-dK/dV programs: grid (cdiv(S, 128), B * Hkv); program p walks tiles p, p + cdiv(S, 128), ... of its
-row's key-major list (a row holds up to one tile per document more than cdiv(S, 128)). K and V of
-the tile resident; for each query head of the key head's group (GQA), Q and dO in 64-query steps
-from ``start`` to ``end``: the diagonal's two steps masked (keys past the query, which include the
-keys past ``end`` of a short tile), the rest without mask. dQ programs: grid (cdiv(S, 128), B * Hq),
-program p walks tiles p, p + cdiv(S, 128), ... of the query-major list; Q and dO resident, K and V of
-the key head in 64-key steps from ``lo``: those before ``start`` without mask, the diagonal's masked.
-Deterministic: no atomics.
+dK/dV: a launch of cdiv(S, 128) x B * Hkv programs, one tile each (the first cdiv(S, 128) of the row's
+key-major list, the longest), then one of cdiv(S, 512) x B * Hkv programs walking the rest (at most
+one tile per document). K and V of the tile resident; Q and dO in 64-query steps from ``start`` to
+``end`` for each query head of the key head's group: the diagonal's two steps masked (keys past the
+query, which include the keys past ``end`` of a short tile; both always run), the rest without mask.
+dQ: cdiv(S, 128) x B * Hq programs walking tiles p, p + cdiv(S, 128), ... of the query-major list; Q
+and dO resident, K and V of the key head in 64-key steps from ``lo``: those before ``start`` without
+mask, the diagonal's masked. Deterministic: no atomics.
 
 Layouts: q [B, Hq, S, D], k, v [B, Hkv, S, D], dout like q, all contiguous (flat [rows, D] through TMA
-descriptors); lse2 and delta contiguous float32 [B, Hq, S]; bf16 or fp16; D = 64 or 128; any S.
+descriptors); lse2 and delta contiguous float32 [B, Hq, S]; bf16 or fp16; any S. D = 128 (the kernels
+take 64 too, but the document-aligned tile at D = 64 is not 128 positions: launch_varlen.varlen_tile).
 """
 from __future__ import annotations
 
