@@ -330,6 +330,18 @@ def _descriptors(flat, block: int, D: int, gl_dtype):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block, D], layout) for t in flat]
 
 
+def pass_descriptors(q, k, v, dout):
+    """The TMA descriptors both passes read, from contiguous q, k, v, dout [B, H, S, D] (as flat rows):
+    (q, dout) in STEP-row tiles and (k, v) in TILE-row tiles for the dK/dV pass (Q and dO streamed, K
+    and V resident), then (q, dout) in TILE rows and (k, v) in STEP rows for the dQ pass."""
+    D = q.shape[-1]
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    qo = [q.view(-1, D), dout.view(-1, D)]
+    kv = [k.view(-1, D), v.view(-1, D)]
+    return (*_descriptors(qo, STEP, D, gl_dtype), *_descriptors(kv, TILE, D, gl_dtype),
+            *_descriptors(qo, TILE, D, gl_dtype), *_descriptors(kv, STEP, D, gl_dtype))
+
+
 _side_streams: dict = {}
 
 
@@ -340,13 +352,30 @@ def _side_stream(device) -> "torch.cuda.Stream":
     return s
 
 
+def run_passes(device, dq_pass, dkdv_pass, concurrent: bool) -> None:
+    """dq_pass() then dkdv_pass(); ``concurrent``: dq_pass on a second stream, so that its programs fill
+    the SMs the dK/dV launch's last programs leave idle (what one launch of both passes does for the
+    Triton kernels); the caller's stream waits for it before returning."""
+    if not concurrent:
+        dq_pass()
+        dkdv_pass()
+        return
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)  # delta and the buffers written on the caller's stream
+    with torch.cuda.stream(side):
+        dq_pass()
+    dkdv_pass()
+    # every tensor the dQ launch reads or writes was made on the caller's stream, which now waits for
+    # it: their memory is not reused before it is done
+    main.wait_stream(side)
+
+
 def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, concurrent: bool = True):
     """(dq, dk, dv) like q of causal attention (``window``: a sliding window's, key <= query < key +
     window; None: plain causal), from the inputs ``applies`` accepted, dout (made contiguous here when
-    it is not), lse2 and delta contiguous float32 [B, H, S]. ``concurrent``: the dQ
-    launch goes to a second stream, so that its programs fill the SMs the dK/dV launch's last programs
-    leave idle (what one launch of both passes does for the Triton kernels); the caller's stream waits
-    for it before returning."""
+    it is not), lse2 and delta contiguous float32 [B, H, S]. ``concurrent``: the dQ launch on a second
+    stream (run_passes)."""
     B, H, S, D = q.shape
     # a window of S keys or more over S x S is plain causal: the kernels compiled without the window's
     # loops and compares (SLIDING false) then run
@@ -355,34 +384,18 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, co
         raise ValueError(f"causal_backward: window must be a positive int, got {window}")
     sliding = window < S
     dout = dout if dout.is_contiguous() else dout.contiguous()
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    flat = [t.view(B * H * S, D) for t in (q, k, v, dout)]
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     qk_scale = sm_scale * LOG2E
-    # dK/dV: Q and dO streamed in STEP rows, K and V resident in TILE rows; dQ the other way round
-    q_s, do_s = _descriptors([flat[0], flat[3]], STEP, D, gl_dtype)
-    k_t, v_t = _descriptors([flat[1], flat[2]], TILE, D, gl_dtype)
-    q_t, do_t = _descriptors([flat[0], flat[3]], TILE, D, gl_dtype)
-    k_s, v_s = _descriptors([flat[1], flat[2]], STEP, D, gl_dtype)
+    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout)
     grid = (S // TILE, B * H)
 
     def dq_pass():
         attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, window,
-                                        SLIDING=sliding, BLOCK_M=TILE,
-                                        BLOCK_N=STEP, D=D, num_warps=8)
+                                        SLIDING=sliding, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
-    if concurrent:
-        main = torch.cuda.current_stream(q.device)
-        side = _side_stream(q.device)
-        side.wait_stream(main)  # delta and the buffers written on the caller's stream
-        with torch.cuda.stream(side):
-            dq_pass()
-    else:
-        dq_pass()
-    attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, window,
-                                      SLIDING=sliding, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
-    if concurrent:
-        # every tensor the dQ launch reads or writes was made on the caller's stream, which now waits
-        # for it: their memory is not reused before it is done
-        main.wait_stream(side)
+    def dkdv_pass():
+        attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, window,
+                                          SLIDING=sliding, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
+
+    run_passes(q.device, dq_pass, dkdv_pass, concurrent)
     return dq, dk, dv

@@ -33,7 +33,7 @@ import torch
 
 from . import _cuda_major, cuda_index, interpreted
 from .forward import LOG2E
-from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, _descriptors, _side_stream
+from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, pass_descriptors, run_passes
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -310,23 +310,16 @@ def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale:
     lists of launch_varlen.varlen_tiles(spans, 128) (tiles [Bs, 2, S], n_tiles [Bs], spans [Bs, S];
     Bs = 1 serves every batch row). ``concurrent``: the dQ launch on a second stream, as in
     gluon_causal.causal_backward."""
+    from .launch_varlen import _list_args  # (launch_varlen imports this module)
+
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
     dout = dout if dout.is_contiguous() else dout.contiguous()
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    qf, dof = (t.view(B * HQ * S, D) for t in (q, dout))
-    kf, vf = (t.view(B * HKV * S, D) for t in (k, v))
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     qk_scale = sm_scale * LOG2E
-    q_s, do_s = _descriptors([qf, dof], STEP, D, gl_dtype)
-    k_t, v_t = _descriptors([kf, vf], TILE, D, gl_dtype)
-    q_t, do_t = _descriptors([qf, dof], TILE, D, gl_dtype)
-    k_s, v_s = _descriptors([kf, vf], STEP, D, gl_dtype)
+    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout)
     n_programs = -(-S // TILE)
-    one_row = tiles.shape[0] == 1  # a one-row list (spans of B = 1) serves every batch row
-    stride_tb = 0 if one_row else tiles.stride(0)
-    stride_sb = 0 if spans.shape[0] == 1 else spans.stride(0)
-    stride_nb = 0 if n_tiles.shape[0] == 1 else n_tiles.stride(0)
+    _, _, _, stride_tb, stride_sb, stride_nb = _list_args(tiles, n_tiles, spans)
     lists = (spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV, n_programs, qk_scale, sm_scale)
 
     def dq_pass():
@@ -334,22 +327,15 @@ def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale:
             q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, BLOCK_M=TILE,
             BLOCK_N=STEP, D=D, num_warps=8)
 
-    if concurrent:
-        main = torch.cuda.current_stream(q.device)
-        side = _side_stream(q.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            dq_pass()
-    else:
-        dq_pass()
-    dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles[:, 1], n_tiles, *lists)
-    attn_bwd_dkdv_varlen_kernel[(n_programs, B * HKV)](*dkdv_args, 0, G=HQ // HKV, WALK=False, BLOCK_M=STEP,
-                                                        BLOCK_N=TILE, D=D, num_warps=8)
-    # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
-    n_walk = -(-n_programs // 4)
-    attn_bwd_dkdv_varlen_kernel[(n_walk, B * HKV)](*dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs,
-                                                    G=HQ // HKV, WALK=True, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
-                                                    num_warps=8)
-    if concurrent:
-        main.wait_stream(side)  # as in gluon_causal.causal_backward
+    def dkdv_pass():
+        dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles[:, 1], n_tiles, *lists)
+        attn_bwd_dkdv_varlen_kernel[(n_programs, B * HKV)](*dkdv_args, 0, G=HQ // HKV, WALK=False, BLOCK_M=STEP,
+                                                            BLOCK_N=TILE, D=D, num_warps=8)
+        # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
+        n_walk = -(-n_programs // 4)
+        attn_bwd_dkdv_varlen_kernel[(n_walk, B * HKV)](*dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs,
+                                                        G=HQ // HKV, WALK=True, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
+                                                        num_warps=8)
+
+    run_passes(q.device, dq_pass, dkdv_pass, concurrent)
     return dq, dk, dv

@@ -548,6 +548,14 @@ def delta_pass(go, out, dout, dlse, delta) -> None:
     )
 
 
+def gluon_row_inputs(q, out, lse, dout, dlse):
+    """(lse2, dout, delta) as the Gluon backwards (gluon_causal, gluon_varlen) read them: backward_buffers
+    without slack (their row loads are exact) and delta = rowsum(dO O) - dLSE by delta_pass."""
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
+    delta_pass(_launcher(False), out, dout, dlse, delta)
+    return lse, dout, delta
+
+
 def flex_backward(
     q, k, v, out, lse, dout, fwd_tables: MaskTables, bwd_tables: MaskTables, sparse,
     mask_fn, mask_args, score_fn, score_args, score_grad_fn, score_param_grad_fn, score_grads, sm_scale,
@@ -580,8 +588,7 @@ def flex_backward(
             and gluon_causal.applies(q, k, v, causal_window, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         if warmup:
             return None
-        lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
-        delta_pass(_launcher(False), out, dout, dlse, delta)
+        lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse)
         return (*gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale, causal_window,
                                               concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)

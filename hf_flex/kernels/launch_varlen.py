@@ -11,8 +11,8 @@ import torch
 from . import cdiv as _cdiv
 from .launch import (
     SCHEDULE, _common, _dot_prec, _launcher, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
-    bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, out_like, row_buffer,
-    row_slack, use_atomic_dq,
+    bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, gluon_row_inputs,
+    out_like, row_buffer, row_slack, use_atomic_dq,
 )
 from . import gluon_varlen
 from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
@@ -98,8 +98,7 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
             and gluon_varlen.applies(q, k, v, tile, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         if warmup:
             return None
-        lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
-        delta_pass(_launcher(False), out, dout, dlse, delta)
+        lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse)
         return (*gluon_varlen.varlen_backward(q, k, v, dout, lse, delta, tiles, n_tiles, spans, sm_scale,
                                               concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
