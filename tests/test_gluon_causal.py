@@ -56,11 +56,41 @@ def test_layout_ok_takes_only_what_the_kernels_are_written_for():
     assert not gluon_causal.layout_ok(t(dtype=torch.float32), t(dtype=torch.float32), t(dtype=torch.float32))
     assert not gluon_causal.layout_ok(q, t(dtype=torch.float16), q)
     qt = torch.empty(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2)  # Transformers' layout
-    assert not gluon_causal.layout_ok(qt, qt, qt)
+    assert gluon_causal.layout_ok(qt, qt, qt)
+    assert not gluon_causal.layout_ok(q, qt, qt)  # one layout for all three
+    assert not gluon_causal.layout_ok(q[:, :, :, :64], q[:, :, :, :64], q[:, :, :, :64], (64,))  # neither
     big = t(B=2, H=64, S=131072, D=128, device="meta")  # 2**31 elements: 32-bit offsets would wrap
     assert not gluon_causal.layout_ok(big, big, big)
     below = t(B=1, H=64, S=131072, D=128, device="meta")
     assert gluon_causal.layout_ok(below, below, below)
+
+
+def test_layout_names_the_storage_the_kernels_read():
+    """Head-major (contiguous [B, H, S, D]) and token-major (transposed [B, S, H, D]) storage, as the
+    descriptors tile it (_rows); anything else is neither; dout moves into q's layout only when it is
+    not in it."""
+    heads = torch.randn(2, 3, 256, 64)
+    tokens = torch.randn(2, 256, 3, 64).transpose(1, 2)
+    assert gluon_causal.layout(heads, heads) == "heads"
+    assert gluon_causal.layout(tokens, tokens) == "tokens"
+    assert gluon_causal.layout(heads, tokens) is None
+    assert gluon_causal.layout(torch.randn(2, 3, 64, 256).transpose(2, 3)) is None  # S and D swapped
+    single = torch.randn(2, 1, 256, 64)  # one head: both at once; head-major is taken
+    assert gluon_causal.layout(single) == "heads" and gluon_causal.layout(single, tokens) == "tokens"
+    # the 2-D matrices the descriptors tile: a head's [S, D] tile at (b * H + h) * S rows (head-major),
+    # at b * S rows and h * D columns (token-major)
+    for t, tok in ((heads, False), (tokens, True)):
+        rows = gluon_causal._rows(t, tok)
+        assert rows.data_ptr() == t.data_ptr()
+        b, h = 1, 2
+        r0, c0 = (b * 256, h * 64) if tok else ((b * 3 + h) * 256, 0)
+        assert torch.equal(rows[r0:r0 + 256, c0:c0 + 64], t[b, h])
+    assert gluon_causal.in_layout(tokens, tokens) is tokens
+    assert gluon_causal.in_layout(heads, heads) is heads
+    moved = gluon_causal.in_layout(heads, tokens)
+    assert gluon_causal.layout(moved) == "tokens" and torch.equal(moved, heads)
+    moved = gluon_causal.in_layout(tokens, heads)
+    assert moved.is_contiguous() and torch.equal(moved, tokens)
 
 
 @pytest.mark.parametrize("knob,sliding_knob", [(True, True), (True, False), (False, True)])

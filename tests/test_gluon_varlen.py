@@ -30,8 +30,12 @@ def test_layout_ok_takes_only_what_the_kernels_are_written_for():
     assert not gluon_varlen.layout_ok(q, t(S=200), t(S=200))
     assert not gluon_varlen.layout_ok(q, t(dtype=torch.float16), t())
     assert not gluon_varlen.layout_ok(t(dtype=torch.float32), t(dtype=torch.float32), t(dtype=torch.float32))
-    qt = torch.empty(1, 300, 4, 128, dtype=torch.bfloat16).transpose(1, 2)  # Transformers' layout
-    assert not gluon_varlen.layout_ok(qt, t(), t())
+    def tt(H):  # Transformers' layout: [B, S, H, D] projections seen per head
+        return torch.empty(1, 300, H, 128, dtype=torch.bfloat16).transpose(1, 2)
+
+    assert gluon_varlen.layout_ok(tt(4), tt(2), tt(2))
+    assert not gluon_varlen.layout_ok(tt(4), t(), t())  # one layout for all three
+    assert not gluon_varlen.layout_ok(q, tt(2), tt(2))
     big = t(B=2, H=64, S=131072, D=128, device="meta")
     assert not gluon_varlen.layout_ok(big, big, big)
 

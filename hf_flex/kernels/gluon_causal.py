@@ -12,10 +12,12 @@ softmax and dS work while the next products are in flight. Gluon kernels cannot 
 mask and score functions, so this path takes only the mask it knows (``applies``); every other mask,
 score mod, device and Triton's interpreter run the Triton kernels (kernels/backward.py).
 
-Layouts: q, k, v, dout contiguous [B, H, S, D] (read as flat [B * H * S, D] rows through TMA
-descriptors), lse2 and delta contiguous float32 [B, H, S] (lse2 in log2 units of the scaled scores,
-delta = rowsum(dO O) - dLSE, launch.delta_pass). S a multiple of 128, D = 64 or 128, bf16 or fp16, as
-many key heads as query heads.
+Layouts: q, k, v, dout [B, H, S, D], all head-major (contiguous: read as [B * H * S, D] rows through
+TMA descriptors) or all token-major (transposed views of contiguous [B, S, H, D], Transformers' q, k
+and v: read as [B * S, H * D], a head's tiles D columns wide at column h * D), the gradients written
+in the same layout (``layout``, constexpr TOKENS); lse2 and delta contiguous float32 [B, H, S] (lse2 in
+log2 units of the scaled scores, delta = rowsum(dO O) - dLSE, launch.delta_pass). S a multiple of 128,
+D = 64 or 128, bf16 or fp16, as many key heads as query heads.
 
 dK/dV programs: one per (128-key tile, batch x head), tile 0 (the longest causal column) first; K and
 V resident, Q and dO in 64-query steps through two stages, from the tile's diagonal to the end (or
@@ -60,9 +62,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, score_fn,
     """Whether this backward runs for these inputs: ``window`` not None (the block mask's mask_mod is
     exactly causal, or causal within a sliding window of that many keys, over S x S: the caller's
     KernelSpec.causal_window), no score mod, Gluon importable, q on a
-    Hopper GPU (not Triton's interpreter), 16-bit q, k, v of one dtype and [B, H, S, D] layout with
-    contiguous storage, as many key heads as query heads, S a multiple of 128 and D in ``head_dims``
-    (of HEAD_DIMS)."""
+    Hopper GPU (not Triton's interpreter), 16-bit q, k, v of one dtype and one [B, H, S, D] shape, all
+    head-major or all token-major (``layout``), S a multiple of 128 and D in ``head_dims`` (of
+    HEAD_DIMS)."""
     if not (window is not None and score_fn is None and AVAILABLE and q.device.type == "cuda" and not interpreted()):
         return False
     return _cuda_major(cuda_index(q.device)) == 9 and layout_ok(q, k, v, head_dims)
@@ -70,12 +72,36 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, score_fn,
 
 def layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims=(128,)) -> bool:
     """The input part of ``applies`` (any device): 16-bit q, k, v of one dtype and one [B, H, S, D] shape,
-    contiguous, S a multiple of 128, D in ``head_dims`` and HEAD_DIMS, and fewer than 2**31 elements
+    one ``layout``, S a multiple of 128, D in ``head_dims`` and HEAD_DIMS, and fewer than 2**31 elements
     (the kernels' output offsets are 32-bit)."""
     B, H, S, D = q.shape
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and k.shape == q.shape and v.shape == q.shape and S % TILE == 0 and D in head_dims and D in HEAD_DIMS
-            and q.numel() < 2**31 and all(t.is_contiguous() for t in (q, k, v)))
+            and q.numel() < 2**31 and layout(q, k, v) is not None)
+
+
+def _token_major(t: torch.Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
+
+
+def layout(*ts: torch.Tensor):
+    """The storage the [B, H, S, D] tensors ``ts`` share, as the Gluon kernels read it: "heads" where
+    all are contiguous (head-major: each head's [S, D] rows in one block), "tokens" where all are
+    transposed views of contiguous [B, S, H, D] (token-major: Transformers' q, k and v, the projections'
+    outputs seen per head), None otherwise (the Triton kernels take any strides)."""
+    if all(t.is_contiguous() for t in ts):
+        return "heads"
+    if all(_token_major(t) for t in ts):
+        return "tokens"
+    return None
+
+
+def in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t (dout) in the storage of ``like`` (q, whose ``layout`` is known): t itself where it already is,
+    else a copy."""
+    if layout(like) == "heads":
+        return t if t.is_contiguous() else t.contiguous()
+    return t if _token_major(t) else torch.empty_like(like).copy_(t)
 
 
 if AVAILABLE:
@@ -87,11 +113,22 @@ if AVAILABLE:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
     @gluon.jit
-    def _copy_pair(desc_a, desc_b, row, bar, dst_a, dst_b):
-        """Rows ``row`` ... of two descriptors into dst_a and dst_b by TMA, both signalling ``bar``."""
+    def _copy_pair(desc_a, desc_b, row, col, bar, dst_a, dst_b):
+        """The tiles at (``row``, ``col``) of two descriptors into dst_a and dst_b by TMA, both signalling
+        ``bar`` (col: the head's first column in the token-major layout, else 0)."""
         mbarrier.expect(bar, 2 * dst_a.type.shape[0] * dst_a.type.shape[1] * dst_a.dtype.primitive_bitwidth // 8)
-        tma.async_copy_global_to_shared(desc_a, [row, 0], bar, dst_a)
-        tma.async_copy_global_to_shared(desc_b, [row, 0], bar, dst_b)
+        tma.async_copy_global_to_shared(desc_a, [row, col], bar, dst_a)
+        tma.async_copy_global_to_shared(desc_b, [row, col], bar, dst_b)
+
+    @gluon.jit
+    def _tile_origin(bh, H, S, TOKENS: gl.constexpr, D: gl.constexpr):
+        """(first descriptor row, column, row stride in elements) of row bh (batch row bh // H, head bh %
+        H): the head's [S, D] block in the head-major layout ([B * H * S, D] descriptors), the batch
+        row's [S, H * D] block at the head's D columns in the token-major one ([B * S, H * D])."""
+        if TOKENS:
+            return (bh // H) * S, (bh % H) * D, H * D
+        else:
+            return bh * S, 0, D
 
     @gluon.jit
     def _buffers(res_a, res_b, str_a, str_b, RES: gl.constexpr, STR: gl.constexpr, D: gl.constexpr):
@@ -125,15 +162,16 @@ if AVAILABLE:
         return gl.where(m < 0, r + n_diag, gl.where(m < n_diag, m, m - n_diag + edge0))
 
     @gluon.jit
-    def _dkdv_step(r, step, next_step, n_steps, q0, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
-                   do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout: gl.constexpr,
+    def _dkdv_step(r, step, next_step, n_steps, q0, row0, trow0, col, start_n, k_smem, v_smem, q_smem, do_smem, bars,
+                   q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout: gl.constexpr,
                    MASKED: gl.constexpr, SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """The r-th step of a dK/dV program, queries q0 + step * BLOCK_M ... (``next_step``: the next
         one's): wait for its stage, issue S^T = K Q^T and dP^T = V dO^T, wait for S^T (and with it the
         previous step's dV and dK products, which read the other stage), refill the other stage with the
         next step's Q and dO, then P^T, dV += P^T dO issued, dP^T waited for, dS^T under dV's product,
         dK += dS^T Q issued (both left in flight). MASKED: the mask evaluated (the diagonal's steps and
-        the window's edge): a key is allowed where 0 <= query - key (< window where SLIDING)."""
+        the window's edge): a key is allowed where 0 <= query - key (< window where SLIDING). row0: the
+        head's first row of LSE and delta; (trow0, col): its first tile's in the descriptors."""
         st = r % 2
         mbarrier.wait(bars.index(st), (r // 2) & 1)
         qs = q_smem.index(st)
@@ -148,8 +186,8 @@ if AVAILABLE:
             nx = (r + 1) % 2
             # (the forms without the window kept as they were before it: ptxas's registers and loop
             # lengths of the plain causal kernel unchanged)
-            next_rows = row0 + q0 + next_step * BLOCK_M if SLIDING else rows + BLOCK_M
-            _copy_pair(q_desc, do_desc, next_rows, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
+            next_rows = trow0 + q0 + next_step * BLOCK_M if SLIDING else trow0 + q0 + step * BLOCK_M + BLOCK_M
+            _copy_pair(q_desc, do_desc, next_rows, col, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
         if MASKED:
             keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zero_s.type.layout))
             if SLIDING:  # 0 <= query - key < window in one unsigned compare (window >= 1)
@@ -165,15 +203,16 @@ if AVAILABLE:
         return dk, dv
 
     @gluon.jit
-    def _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, window, pid_n, bh,
-                      SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                      num_warps: gl.constexpr):
+    def _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, H, qk_scale, sm_scale, window, pid_n, bh,
+                      SLIDING: gl.constexpr, TOKENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      D: gl.constexpr, num_warps: gl.constexpr):
         """dK (times sm_scale) and dV [BLOCK_N, D] of key tile pid_n of row bh from the queries at and
         after the tile, up to the last that ``window`` lets see one of its keys (SLIDING; else the last):
         K/V and the first Q/dO stage all in flight before the first wait. Steps: plain causal, the
         diagonal's (masked), then the rest (no mask); SLIDING, those whose every query sees every key
         of the tile (no mask), then the diagonal's and the window edge's (masked, one loop)."""
-        row0 = bh * S
+        row0 = bh * S  # LSE and delta's
+        trow0, col, row_stride = _tile_origin(bh, H, S, TOKENS, D)  # the descriptors' and outputs'
         start_n = pid_n * BLOCK_N
         s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
@@ -181,7 +220,7 @@ if AVAILABLE:
         k_smem, v_smem, q_smem, do_smem, kv_bar, bars = _buffers(k_desc, v_desc, q_desc, do_desc, BLOCK_N, BLOCK_M, D)
         q0 = start_n
         n_diag: gl.constexpr = BLOCK_N // BLOCK_M
-        _copy_pair(k_desc, v_desc, row0 + start_n, kv_bar, k_smem, v_smem)
+        _copy_pair(k_desc, v_desc, trow0 + start_n, col, kv_bar, k_smem, v_smem)
         if SLIDING:
             # step i holds queries q0 + i * BLOCK_M ...: some query sees a key of the tile while
             # i * BLOCK_M <= window + BLOCK_N - 2, every query every key while (i + 1) * BLOCK_M <= window
@@ -190,7 +229,8 @@ if AVAILABLE:
             step0 = gl.where(edge0 > n_diag, n_diag, 0)
         else:
             step0 = 0
-        _copy_pair(q_desc, do_desc, row0 + q0 + step0 * BLOCK_M, bars.index(0), q_smem.index(0), do_smem.index(0))
+        _copy_pair(q_desc, do_desc, trow0 + q0 + step0 * BLOCK_M, col, bars.index(0), q_smem.index(0),
+                   do_smem.index(0))
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
         dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
@@ -200,48 +240,51 @@ if AVAILABLE:
             n_whole = edge0 - n_diag
             for i in range(n_diag, edge0):  # the steps without mask first, in order: r = i - n_diag
                 dk, dv = _dkdv_step(i - n_diag, i, _dkdv_order(i - n_diag + 1, n_diag, n_whole, edge0), n_steps, q0,
-                                    row0, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA,
-                                    offs_m, zero_s, dk, dv, qk_scale, window, a_layout, False, True, BLOCK_M, BLOCK_N)
+                                    row0, trow0, col, start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc,
+                                    LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout, False, True,
+                                    BLOCK_M, BLOCK_N)
             for r in range(n_whole, n_steps):
                 dk, dv = _dkdv_step(r, _dkdv_order(r, n_diag, n_whole, edge0),
-                                    _dkdv_order(r + 1, n_diag, n_whole, edge0), n_steps, q0, row0, start_n, k_smem,
-                                    v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv,
-                                    qk_scale, window, a_layout, True, True, BLOCK_M, BLOCK_N)
+                                    _dkdv_order(r + 1, n_diag, n_whole, edge0), n_steps, q0, row0, trow0, col,
+                                    start_n, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA,
+                                    offs_m, zero_s, dk, dv, qk_scale, window, a_layout, True, True, BLOCK_M, BLOCK_N)
         else:
             n_steps = (S - q0) // BLOCK_M
             for i in range(0, n_diag):
-                dk, dv = _dkdv_step(i, i, i + 1, n_steps, q0, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars,
-                                    q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout,
-                                    True, False, BLOCK_M, BLOCK_N)
+                dk, dv = _dkdv_step(i, i, i + 1, n_steps, q0, row0, trow0, col, start_n, k_smem, v_smem, q_smem,
+                                    do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale,
+                                    window, a_layout, True, False, BLOCK_M, BLOCK_N)
             for i in range(n_diag, n_steps):
-                dk, dv = _dkdv_step(i, i, i + 1, n_steps, q0, row0, start_n, k_smem, v_smem, q_smem, do_smem, bars,
-                                    q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, window, a_layout,
-                                    False, False, BLOCK_M, BLOCK_N)
+                dk, dv = _dkdv_step(i, i, i + 1, n_steps, q0, row0, trow0, col, start_n, k_smem, v_smem, q_smem,
+                                    do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale,
+                                    window, a_layout, False, False, BLOCK_M, BLOCK_N)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
         _release(kv_bar, bars)
         rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-        offs = (row0 + start_n + rows)[:, None] * D + cols[None, :]
+        offs = (trow0 + start_n + rows)[:, None] * row_stride + col + cols[None, :]
         gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty))
         gl.store(DV + offs, dv.to(DV.dtype.element_ty))
 
     @gluon.jit(do_not_specialize=["window"])  # window 1 would be a constexpr; one compile for every window
-    def attn_bwd_dkdv_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale,
-                                    window, SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                    D: gl.constexpr, num_warps: gl.constexpr):
-        """Grid (S // BLOCK_N, B * H): the dK/dV program of key tile program_id(0), row program_id(1)."""
-        _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, qk_scale, sm_scale, window,
-                      gl.program_id(0), gl.program_id(1), SLIDING, BLOCK_M, BLOCK_N, D, num_warps)
+    def attn_bwd_dkdv_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, H, qk_scale, sm_scale,
+                                    window, SLIDING: gl.constexpr, TOKENS: gl.constexpr, BLOCK_M: gl.constexpr,
+                                    BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (S // BLOCK_N, B * H): the dK/dV program of key tile program_id(0), row program_id(1).
+        TOKENS: q, k, v, dout, dK and dV token-major ([B, S, H, D] storage), else head-major."""
+        _dkdv_program(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, S, H, qk_scale, sm_scale, window,
+                      gl.program_id(0), gl.program_id(1), SLIDING, TOKENS, BLOCK_M, BLOCK_N, D, num_warps)
 
     @gluon.jit
-    def _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows, lse,
-                 delta, zero_s, dq, qk_scale, window, a_layout: gl.constexpr, MASKED: gl.constexpr,
+    def _dq_step(i, first, n_steps, start_m, row0, col, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, rows,
+                 lse, delta, zero_s, dq, qk_scale, window, a_layout: gl.constexpr, MASKED: gl.constexpr,
                  SLIDING: gl.constexpr, BLOCK_N: gl.constexpr):
         """Step i (keys i * BLOCK_N ...; the program's steps run from ``first``) of a dQ program: wait for
         its stage, issue S = Q K^T and dP = dO V^T, wait for S, refill the other stage with the next
         step's K and V, then P, dP waited for, dS and dQ += dS K, waited for before returning (left in
         flight across the loop edge it makes ptxas serialise every product of the loop, C7515).
-        MASKED: the mask evaluated: a key is allowed where 0 <= query - key (< window where SLIDING)."""
+        MASKED: the mask evaluated: a key is allowed where 0 <= query - key (< window where SLIDING).
+        (row0, col): the head's first tile in the descriptors."""
         st = (i - first) % 2
         mbarrier.wait(bars.index(st), ((i - first) // 2) & 1)
         ks = k_smem.index(st)
@@ -250,7 +293,8 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         if i + 1 < n_steps:
             nx = (i + 1 - first) % 2
-            _copy_pair(k_desc, v_desc, row0 + (i + 1) * BLOCK_N, bars.index(nx), k_smem.index(nx), v_smem.index(nx))
+            _copy_pair(k_desc, v_desc, row0 + (i + 1) * BLOCK_N, col, bars.index(nx), k_smem.index(nx),
+                       v_smem.index(nx))
         if MASKED:
             keys = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
             if SLIDING:  # 0 <= query - key < window in one unsigned compare (window >= 1)
@@ -265,15 +309,18 @@ if AVAILABLE:
         return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
     @gluon.jit(do_not_specialize=["window"])  # window 1 would be a constexpr; one compile for every window
-    def attn_bwd_dq_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, qk_scale, sm_scale, window,
-                                  SLIDING: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                                  num_warps: gl.constexpr):
+    def attn_bwd_dq_causal_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, S, H, qk_scale, sm_scale, window,
+                                  SLIDING: gl.constexpr, TOKENS: gl.constexpr, BLOCK_M: gl.constexpr,
+                                  BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
         """Grid (S // BLOCK_M, B * H): dQ (times sm_scale) [BLOCK_M, D] of query tile S // BLOCK_M - 1 -
         program_id(0) (the longest causal rows first) of row program_id(1), from the first key ``window``
         lets one of its queries see through the tile's diagonal. Steps: those on the window's edge
-        (masked), those whose every key every query of the tile sees (unmasked), the diagonal's (masked)."""
+        (masked), those whose every key every query of the tile sees (unmasked), the diagonal's (masked).
+        TOKENS: as attn_bwd_dkdv_causal_kernel's."""
         pid_m = S // BLOCK_M - 1 - gl.program_id(0)
-        row0 = gl.program_id(1) * S
+        bh = gl.program_id(1)
+        row0 = bh * S  # LSE and delta's
+        trow0, col, row_stride = _tile_origin(bh, H, S, TOKENS, D)  # the descriptors' and dQ's
         start_m = pid_m * BLOCK_M
         s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
@@ -289,8 +336,8 @@ if AVAILABLE:
             whole = gl.minimum((gl.maximum(start_m + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N, diag)
         else:
             first = 0
-        _copy_pair(q_desc, do_desc, row0 + start_m, qo_bar, q_smem, do_smem)
-        _copy_pair(k_desc, v_desc, row0 + first * BLOCK_N, bars.index(0), k_smem.index(0), v_smem.index(0))
+        _copy_pair(q_desc, do_desc, trow0 + start_m, col, qo_bar, q_smem, do_smem)
+        _copy_pair(k_desc, v_desc, trow0 + first * BLOCK_N, col, bars.index(0), k_smem.index(0), v_smem.index(0))
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         lse = gl.load(LSE + row0 + start_m + rows)
         delta = gl.load(DELTA + row0 + start_m + rows)
@@ -299,22 +346,23 @@ if AVAILABLE:
         mbarrier.wait(qo_bar, 0)
         if SLIDING:
             for i in range(first, whole):
-                dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
-                              rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, True, True, BLOCK_N)
+                dq = _dq_step(i, first, n_steps, start_m, trow0, col, q_smem, do_smem, k_smem, v_smem, bars, k_desc,
+                              v_desc, rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, True, True, BLOCK_N)
             for i in range(whole, diag):
-                dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
-                              rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, False, True, BLOCK_N)
+                dq = _dq_step(i, first, n_steps, start_m, trow0, col, q_smem, do_smem, k_smem, v_smem, bars, k_desc,
+                              v_desc, rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, False, True, BLOCK_N)
         else:
             for i in range(0, diag):
-                dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
-                              rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, False, False, BLOCK_N)
+                dq = _dq_step(i, first, n_steps, start_m, trow0, col, q_smem, do_smem, k_smem, v_smem, bars, k_desc,
+                              v_desc, rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, False, False, BLOCK_N)
         for i in range(diag, n_steps):
-            dq = _dq_step(i, first, n_steps, start_m, row0, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
-                          rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, True, SLIDING, BLOCK_N)
+            dq = _dq_step(i, first, n_steps, start_m, trow0, col, q_smem, do_smem, k_smem, v_smem, bars, k_desc,
+                          v_desc, rows, lse, delta, zero_s, dq, qk_scale, window, a_layout, True, SLIDING, BLOCK_N)
         _release(qo_bar, bars)
         rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-        gl.store(DQ + (row0 + start_m + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
+        gl.store(DQ + (trow0 + start_m + rows_o)[:, None] * row_stride + col + cols[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -330,14 +378,22 @@ def _descriptors(flat, block: int, D: int, gl_dtype):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block, D], layout) for t in flat]
 
 
-def pass_descriptors(q, k, v, dout):
-    """The TMA descriptors both passes read, from contiguous q, k, v, dout [B, H, S, D] (as flat rows):
-    (q, dout) in STEP-row tiles and (k, v) in TILE-row tiles for the dK/dV pass (Q and dO streamed, K
-    and V resident), then (q, dout) in TILE rows and (k, v) in STEP rows for the dQ pass."""
+def _rows(t: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """[B, H, S, D] t as the 2-D matrix its descriptors tile: [B * H * S, D] head-major, [B * S, H * D]
+    token-major (``tokens``; a head's tiles at columns h * D ...)."""
+    B, H, S, D = t.shape
+    return t.transpose(1, 2).reshape(B * S, H * D) if tokens else t.reshape(B * H * S, D)
+
+
+def pass_descriptors(q, k, v, dout, tokens: bool = False):
+    """The TMA descriptors both passes read, from q, k, v, dout [B, H, S, D] of one ``layout``
+    (``tokens``: token-major; else head-major), as 2-D matrices (_rows): (q, dout) in STEP-row tiles and
+    (k, v) in TILE-row tiles for the dK/dV pass (Q and dO streamed, K and V resident), then (q, dout) in
+    TILE rows and (k, v) in STEP rows for the dQ pass; every tile D columns wide."""
     D = q.shape[-1]
     gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    qo = [q.view(-1, D), dout.view(-1, D)]
-    kv = [k.view(-1, D), v.view(-1, D)]
+    qo = [_rows(q, tokens), _rows(dout, tokens)]
+    kv = [_rows(k, tokens), _rows(v, tokens)]
     return (*_descriptors(qo, STEP, D, gl_dtype), *_descriptors(kv, TILE, D, gl_dtype),
             *_descriptors(qo, TILE, D, gl_dtype), *_descriptors(kv, STEP, D, gl_dtype))
 
@@ -373,9 +429,10 @@ def run_passes(device, dq_pass, dkdv_pass, concurrent: bool) -> None:
 
 def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, concurrent: bool = True):
     """(dq, dk, dv) like q of causal attention (``window``: a sliding window's, key <= query < key +
-    window; None: plain causal), from the inputs ``applies`` accepted, dout (made contiguous here when
-    it is not), lse2 and delta contiguous float32 [B, H, S]. ``concurrent``: the dQ launch on a second
-    stream (run_passes)."""
+    window; None: plain causal), from the inputs ``applies`` accepted, dout (copied into q's ``layout``
+    where it is not in it), lse2 and delta contiguous float32 [B, H, S]. The gradients have the inputs'
+    layout: token-major ones hand Transformers' transposes back contiguous [B, S, H, D] gradients, with no
+    copy. ``concurrent``: the dQ launch on a second stream (run_passes)."""
     B, H, S, D = q.shape
     # a window of S keys or more over S x S is plain causal: the kernels compiled without the window's
     # loops and compares (SLIDING false) then run
@@ -383,19 +440,21 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, co
     if window < 1:
         raise ValueError(f"causal_backward: window must be a positive int, got {window}")
     sliding = window < S
-    dout = dout if dout.is_contiguous() else dout.contiguous()
-    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    tokens = layout(q, k, v) == "tokens"
+    dout = in_layout(dout, q)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # (empty_like keeps a dense tensor's strides)
     qk_scale = sm_scale * LOG2E
-    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout)
+    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
     grid = (S // TILE, B * H)
 
     def dq_pass():
-        attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, qk_scale, sm_scale, window,
-                                        SLIDING=sliding, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
+        attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, H, qk_scale, sm_scale, window,
+                                        SLIDING=sliding, TOKENS=tokens, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
     def dkdv_pass():
-        attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, qk_scale, sm_scale, window,
-                                          SLIDING=sliding, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
+        attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, H, qk_scale, sm_scale, window,
+                                          SLIDING=sliding, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
+                                          num_warps=8)
 
     run_passes(q.device, dq_pass, dkdv_pass, concurrent)
     return dq, dk, dv

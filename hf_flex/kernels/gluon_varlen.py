@@ -23,8 +23,10 @@ dQ: cdiv(S, 128) x B * Hq programs walking tiles p, p + cdiv(S, 128), ... of the
 and dO resident, K and V of the key head in 64-key steps from ``lo``: those before ``start`` without
 mask, the diagonal's masked. Deterministic: no atomics.
 
-Layouts: q [B, Hq, S, D], k, v [B, Hkv, S, D], dout like q, all contiguous (flat [rows, D] through TMA
-descriptors); lse2 and delta contiguous float32 [B, Hq, S]; bf16 or fp16; any S. D = 128 (the kernels
+Layouts: q [B, Hq, S, D], k, v [B, Hkv, S, D], dout like q, all head-major or all token-major, the
+gradients in the same (gluon_causal.layout; in the token-major layout a tile that runs past a batch
+row's end reads the next row's first positions, which the rules above leave out like any other
+document's); lse2 and delta contiguous float32 [B, Hq, S]; bf16 or fp16; any S. D = 128 (the kernels
 take 64 too, but the document-aligned tile at D = 64 is not 128 positions: launch_varlen.varlen_tile).
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from . import _cuda_major, cuda_index, interpreted
 from .forward import LOG2E
-from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, pass_descriptors, run_passes
+from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, layout, pass_descriptors, run_passes
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -56,16 +58,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, score_
 
 def layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims=(128,)) -> bool:
     """The input part of ``applies`` (any device): 16-bit q, k, v of one dtype, q [B, Hq, S, D] and k, v
-    [B, Hkv, S, D] with Hkv dividing Hq, contiguous, D in ``head_dims`` and HEAD_DIMS, and fewer than
-    2**31 elements (the kernels' output offsets are 32-bit)."""
+    [B, Hkv, S, D] with Hkv dividing Hq, all head-major or all token-major (gluon_causal.layout), D in
+    ``head_dims`` and HEAD_DIMS, and fewer than 2**31 elements (the kernels' output offsets are
+    32-bit)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
     return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and k.shape == (B, HKV, S, D) and v.shape == k.shape and HKV > 0 and HQ % HKV == 0
-            and D in head_dims and D in HEAD_DIMS and q.numel() < 2**31
-            and all(t.is_contiguous() for t in (q, k, v)))
+            and D in head_dims and D in HEAD_DIMS and q.numel() < 2**31 and layout(q, k, v) is not None)
 
 
 if AVAILABLE:
@@ -93,13 +95,13 @@ if AVAILABLE:
         return lse, delta
 
     @gluon.jit
-    def _dkdv_step(r, r_end, rows, next_rows, first_q, end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
-                   do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout: gl.constexpr,
+    def _dkdv_step(r, r_end, rows, next_rows, next_col, first_q, end, keys, k_smem, v_smem, q_smem, do_smem, bars,
+                   q_desc, do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout: gl.constexpr,
                    MASKED: gl.constexpr, num_warps: gl.constexpr):
         """Step r (stage r % 2; the tile's steps end before r_end) of a dK/dV program: queries first_q ...
-        of flat rows ``rows`` ...; the next step's at ``next_rows``. The order of gluon_causal's
-        dK/dV step: S^T and dP^T issued, S^T waited, the other stage refilled, dV and dK products
-        left in flight. MASKED: keys after the query masked."""
+        of LSE rows ``rows`` ...; the next step's tiles at (``next_rows``, ``next_col``) of the descriptors.
+        The order of gluon_causal's dK/dV step: S^T and dP^T issued, S^T waited, the other stage refilled,
+        dV and dK products left in flight. MASKED: keys after the query masked."""
         st = r % 2
         mbarrier.wait(bars.index(st), (r // 2) & 1)
         qs = q_smem.index(st)
@@ -113,7 +115,7 @@ if AVAILABLE:
         lse = gl.convert_layout(lse, offs_m.type.layout)
         if r + 1 < r_end:
             nx = (r + 1) % 2
-            _copy_pair(q_desc, do_desc, next_rows, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
+            _copy_pair(q_desc, do_desc, next_rows, next_col, bars.index(nx), q_smem.index(nx), do_smem.index(nx))
         if MASKED:
             sT = gl.where((first_q + offs_m)[None, :] >= keys[:, None], sT, float("-inf"))
         pT = gl.exp2(sT * qk_scale - lse[None, :])
@@ -125,16 +127,19 @@ if AVAILABLE:
         return dk, dv
 
     @gluon.jit
-    def _dkdv_tile(t, valid, base, kv_phase, b, kv_row0, q_row0, q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES,
-                   SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, qk_scale, sm_scale,
-                   G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                   num_warps: gl.constexpr):
+    def _dkdv_tile(t, valid, base, kv_phase, b, kv_row0, kv_col, kv_stride, q_row0, q_trow0, q_col0, q_desc, k_desc,
+                   v_desc, do_desc, LSE, DELTA, DK, DV, TILES, SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem,
+                   do_smem, kv_bar, bars, qk_scale, sm_scale, G: gl.constexpr, TOKENS: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
         """dK (times sm_scale) and dV of tile t (of row b's key-major list) of one key head, from the G
         query heads of its group (none where not ``valid``: no step, no store); ``base``: the steps this
         program ran before (the stages' counter), ``kv_phase``: the K/V barrier's. Returns the counter
         after the tile's steps. One query head (G = 1): the diagonal's steps (masked), then the rest.
         A group: the diagonal's steps of every head in one masked loop, then the rest head by head (the
-        head loop unrolled around both step loops, ptxas spills hundreds of bytes)."""
+        head loop unrolled around both step loops, ptxas spills hundreds of bytes). (kv_row0, kv_col): the
+        key head's first tile in the descriptors, kv_stride dK and dV's row stride; q_row0: the group's
+        first LSE row, (q_trow0, q_col0): its first tile in the descriptors (head j's: j * S rows
+        further, head-major; j * D columns, token-major: TOKENS)."""
         s_layout: gl.constexpr = _mma_layout(BLOCK_M, num_warps)  # S^T [BLOCK_N keys, BLOCK_M queries]
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -145,91 +150,119 @@ if AVAILABLE:
         # not run at all merges the accumulators' zeros with its products, which serialises the wgmma
         n_steps = gl.maximum((end - start + BLOCK_M - 1) // BLOCK_M, n_diag)
         r_end = base + G * n_steps
-        _copy_pair(k_desc, v_desc, kv_row0 + start, kv_bar, k_smem, v_smem)
+        _copy_pair(k_desc, v_desc, kv_row0 + start, kv_col, kv_bar, k_smem, v_smem)
         st0 = base % 2
-        _copy_pair(q_desc, do_desc, q_row0 + start, bars.index(st0), q_smem.index(st0), do_smem.index(st0))
+        _copy_pair(q_desc, do_desc, q_trow0 + start, q_col0, bars.index(st0), q_smem.index(st0), do_smem.index(st0))
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
         keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         dk = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
         dv = warpgroup_mma_init(gl.zeros([BLOCK_N, D], gl.float32, acc_layout))
         mbarrier.wait(kv_bar, kv_phase)
-        head0 = q_row0 + start  # the flat row of the first head's query ``start``; head j's: + j * S
+        head0 = q_row0 + start  # the LSE row of the first head's query ``start``; head j's: + j * S
+        thead0 = q_trow0 + start  # its descriptor row (head-major: head0; head j's: + j * S)
         if G == 1:
             for i in gl.static_range(n_diag):
-                nxt = head0 + (i + 1) * BLOCK_M
-                dk, dv = _dkdv_step(base + i, r_end, head0 + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
-                                    v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
+                nxt = thead0 + (i + 1) * BLOCK_M
+                dk, dv = _dkdv_step(base + i, r_end, head0 + i * BLOCK_M, nxt, q_col0, start + i * BLOCK_M, end, keys,
+                                    k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
                                     dk, dv, qk_scale, a_layout, True, num_warps)
             for i in range(n_diag, n_steps):
-                dk, dv = _dkdv_step(base + i, r_end, head0 + i * BLOCK_M, head0 + (i + 1) * BLOCK_M,
+                dk, dv = _dkdv_step(base + i, r_end, head0 + i * BLOCK_M, thead0 + (i + 1) * BLOCK_M, q_col0,
                                     start + i * BLOCK_M, end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
                                     do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, False, num_warps)
         else:
             for r in range(0, G * n_diag):  # head r // n_diag, step r % n_diag; then head 0's first unmasked
                 i = r % n_diag
-                nxt = gl.where(r + 1 < G * n_diag, head0 + ((r + 1) // n_diag) * S + ((r + 1) % n_diag) * BLOCK_M,
-                               head0 + n_diag * BLOCK_M)
-                dk, dv = _dkdv_step(base + r, r_end, head0 + (r // n_diag) * S + i * BLOCK_M, nxt, start + i * BLOCK_M,
-                                    end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA,
-                                    offs_m, zero_s, dk, dv, qk_scale, a_layout, True, num_warps)
+                if TOKENS:  # the next head's tiles D columns to the right
+                    nxt = gl.where(r + 1 < G * n_diag, thead0 + ((r + 1) % n_diag) * BLOCK_M, thead0 + n_diag * BLOCK_M)
+                    ncol = gl.where(r + 1 < G * n_diag, q_col0 + ((r + 1) // n_diag) * D, q_col0)
+                else:
+                    nxt = gl.where(r + 1 < G * n_diag, head0 + ((r + 1) // n_diag) * S + ((r + 1) % n_diag) * BLOCK_M,
+                                   head0 + n_diag * BLOCK_M)
+                    ncol = 0
+                dk, dv = _dkdv_step(base + r, r_end, head0 + (r // n_diag) * S + i * BLOCK_M, nxt, ncol,
+                                    start + i * BLOCK_M, end, keys, k_smem, v_smem, q_smem, do_smem, bars, q_desc,
+                                    do_desc, LSE, DELTA, offs_m, zero_s, dk, dv, qk_scale, a_layout, True, num_warps)
             n_rest = n_steps - n_diag
             for j in range(G):
                 head = head0 + j * S
                 r0 = base + G * n_diag + j * n_rest - n_diag  # step i's counter: r0 + i
                 for i in range(n_diag, n_steps):
-                    nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S + n_diag * BLOCK_M)
-                    dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, start + i * BLOCK_M, end, keys, k_smem,
-                                        v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m, zero_s,
-                                        dk, dv, qk_scale, a_layout, False, num_warps)
+                    if TOKENS:
+                        col = q_col0 + j * D
+                        nxt = gl.where(i + 1 < n_steps, thead0 + (i + 1) * BLOCK_M, thead0 + n_diag * BLOCK_M)
+                        ncol = gl.where(i + 1 < n_steps, col, col + D)
+                    else:
+                        nxt = gl.where(i + 1 < n_steps, head + (i + 1) * BLOCK_M, head + S + n_diag * BLOCK_M)
+                        ncol = 0
+                    dk, dv = _dkdv_step(r0 + i, r_end, head + i * BLOCK_M, nxt, ncol, start + i * BLOCK_M, end, keys,
+                                        k_smem, v_smem, q_smem, do_smem, bars, q_desc, do_desc, LSE, DELTA, offs_m,
+                                        zero_s, dk, dv, qk_scale, a_layout, False, num_warps)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
         rows_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-        offs = (kv_row0 + start + rows_n)[:, None] * D + cols[None, :]
+        offs = (kv_row0 + start + rows_n)[:, None] * kv_stride + kv_col + cols[None, :]
         keep = (start + rows_n < end)[:, None]
         gl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keep)
         gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=keep)
         return r_end
 
-    @gluon.jit
+    # the arguments that follow the sequence length, never specialised (a packed length that divides 16, or
+    # one tile's list, would otherwise compile another variant mid-training: the recompile check counts these)
+    _DYNAMIC = ["stride_tb", "stride_sb", "stride_nb", "S", "N_PROGRAMS"]
+
+    @gluon.jit(do_not_specialize=_DYNAMIC + ["FIRST", "stride_tl"])
     def attn_bwd_dkdv_varlen_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES, N_TILES, SPANS,
                                     stride_tb, stride_sb, stride_nb, S, HQ, HKV, N_PROGRAMS, qk_scale, sm_scale,
-                                    FIRST, G: gl.constexpr, WALK: gl.constexpr, BLOCK_M: gl.constexpr,
-                                    BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+                                    FIRST, stride_tl, G: gl.constexpr, WALK: gl.constexpr, TOKENS: gl.constexpr,
+                                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                                    num_warps: gl.constexpr):
         """Grid (N_PROGRAMS, B * HKV): dK (times sm_scale) and dV of key head program_id(1) from the G query
-        heads of its group, of tile FIRST + program_id(0) of the row's key-major list (TILES: tiles[:,
-        1]); WALK: and of every N_PROGRAMS-th tile after it. A launch without WALK covers the first
-        cdiv(S, 128) tiles (the longest), one a program: the walk's loop over tiles costs ptxas
-        registers it then spills; a launch with it the rest (at most one tile per document)."""
+        heads of its group, of tile FIRST + program_id(0) of the row's key-major list (TILES + stride_tl:
+        tiles[:, 1], addressed from the lists' base, whose alignment does not depend on S); WALK: and of
+        every N_PROGRAMS-th tile after it. A launch without WALK covers the first cdiv(S, 128) tiles (the
+        longest), one a program: the walk's loop over tiles costs ptxas registers it then spills; a
+        launch with it the rest (at most one tile per document). TOKENS: q, k,
+        v, dout, dK and dV token-major ([B, S, H, D] storage; descriptors over [B * S, H * D]), else
+        head-major."""
         pid = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // HKV
-        kv_row0 = bh * S
-        q_row0 = (b * HQ + (bh % HKV) * G) * S
+        q_row0 = (b * HQ + (bh % HKV) * G) * S  # LSE and delta's
+        if TOKENS:
+            kv_row0, kv_col, kv_stride = b * S, (bh % HKV) * D, HKV * D
+            q_trow0, q_col0 = b * S, (bh % HKV) * G * D
+        else:
+            kv_row0, kv_col, kv_stride = bh * S, 0, D
+            q_trow0, q_col0 = q_row0, 0
         k_smem, v_smem, q_smem, do_smem, kv_bar, bars = _buffers(k_desc, v_desc, q_desc, do_desc, BLOCK_N, BLOCK_M, D)
         n_tiles = gl.load(N_TILES + b * stride_nb)
+        TILES = TILES + stride_tl
         if WALK:
             base = pid * 0  # steps run so far by this program (the stages' counter)
             kv_phase = pid * 0
             for t in range(FIRST + pid, n_tiles, N_PROGRAMS):
-                base = _dkdv_tile(t, True, base, kv_phase, b, kv_row0, q_row0, q_desc, k_desc, v_desc, do_desc, LSE, DELTA,
-                                  DK, DV, TILES, SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem, do_smem,
-                                  kv_bar, bars, qk_scale, sm_scale, G, BLOCK_M, BLOCK_N, D, num_warps)
+                base = _dkdv_tile(t, True, base, kv_phase, b, kv_row0, kv_col, kv_stride, q_row0, q_trow0, q_col0,
+                                  q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES, SPANS, stride_tb,
+                                  stride_sb, S, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, qk_scale, sm_scale, G,
+                                  TOKENS, BLOCK_M, BLOCK_N, D, num_warps)
                 kv_phase = kv_phase ^ 1
         else:
             # (a program past the row's tiles reads a position of the list that starts no tile, and runs
             # no step: branch-free, as a branch around the steps also serialises the wgmma)
-            _dkdv_tile(FIRST + pid, FIRST + pid < n_tiles, 0, 0, b, kv_row0, q_row0, q_desc, k_desc, v_desc, do_desc,
-                       LSE, DELTA, DK, DV, TILES, SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem, do_smem,
-                       kv_bar, bars, qk_scale, sm_scale, G, BLOCK_M, BLOCK_N, D, num_warps)
+            _dkdv_tile(FIRST + pid, FIRST + pid < n_tiles, 0, 0, b, kv_row0, kv_col, kv_stride, q_row0, q_trow0,
+                       q_col0, q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES, SPANS, stride_tb, stride_sb,
+                       S, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, qk_scale, sm_scale, G, TOKENS, BLOCK_M,
+                       BLOCK_N, D, num_warps)
         _release(kv_bar, bars)
 
     @gluon.jit
-    def _dq_step(r, r_end, rows, next_rows, first_k, q_pos, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
+    def _dq_step(r, r_end, next_rows, col, first_k, q_pos, q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc,
                  lse, delta, zero_s, dq, qk_scale, a_layout: gl.constexpr, MASKED: gl.constexpr,
                  BLOCK_N: gl.constexpr):
-        """Step r (stage r % 2; the tile's steps end before r_end) of a dQ program: keys first_k ... at
-        flat rows ``rows`` ...; the next step's at ``next_rows``. The order of gluon_causal's dQ step,
+        """Step r (stage r % 2; the tile's steps end before r_end) of a dQ program: keys first_k ...; the
+        next step's tiles at (``next_rows``, ``col``) of the descriptors. The order of gluon_causal's dQ step,
         the dQ product waited before returning. MASKED: keys after the query (q_pos) masked."""
         st = r % 2
         mbarrier.wait(bars.index(st), (r // 2) & 1)
@@ -239,7 +272,7 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         if r + 1 < r_end:
             nx = (r + 1) % 2
-            _copy_pair(k_desc, v_desc, next_rows, bars.index(nx), k_smem.index(nx), v_smem.index(nx))
+            _copy_pair(k_desc, v_desc, next_rows, col, bars.index(nx), k_smem.index(nx), v_smem.index(nx))
         if MASKED:
             keys = first_k + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
             s = gl.where(q_pos[:, None] >= keys[None, :], s, float("-inf"))
@@ -249,19 +282,24 @@ if AVAILABLE:
         dq = warpgroup_mma(gl.convert_layout(ds.to(ks.dtype), a_layout), ks, dq, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=_DYNAMIC)
     def attn_bwd_dq_varlen_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, TILES, N_TILES, SPANS,
                                   stride_tb, stride_sb, stride_nb, S, HQ, HKV, N_PROGRAMS, qk_scale, sm_scale,
-                                  G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                                  num_warps: gl.constexpr):
+                                  G: gl.constexpr, TOKENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                  D: gl.constexpr, num_warps: gl.constexpr):
         """Grid (N_PROGRAMS, B * HQ): dQ (times sm_scale) of tiles program_id(0), + N_PROGRAMS, ... of the
         query-major list (TILES: tiles[:, 0]) of query head program_id(1), from its document's keys
-        through the tile's diagonal."""
+        through the tile's diagonal. TOKENS: as attn_bwd_dkdv_varlen_kernel's."""
         pid = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // HQ
-        q_row0 = bh * S
-        kv_row0 = (b * HKV + (bh % HQ) // G) * S
+        q_row0 = bh * S  # LSE and delta's
+        if TOKENS:
+            q_trow0, q_col, q_stride = b * S, (bh % HQ) * D, HQ * D
+            kv_row0, kv_col = b * S, ((bh % HQ) // G) * D
+        else:
+            q_trow0, q_col, q_stride = q_row0, 0, D
+            kv_row0, kv_col = (b * HKV + (bh % HQ) // G) * S, 0
         s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -278,9 +316,9 @@ if AVAILABLE:
             n_full = (start - lo) // BLOCK_N  # key steps before the tile: every query sees them whole
             n_steps = n_full + (gl.minimum(end - start, BLOCK_M) + BLOCK_N - 1) // BLOCK_N
             r_end = base + n_steps
-            _copy_pair(q_desc, do_desc, q_row0 + start, qo_bar, q_smem, do_smem)
+            _copy_pair(q_desc, do_desc, q_trow0 + start, q_col, qo_bar, q_smem, do_smem)
             st0 = base % 2
-            _copy_pair(k_desc, v_desc, kv_row0 + lo, bars.index(st0), k_smem.index(st0), v_smem.index(st0))
+            _copy_pair(k_desc, v_desc, kv_row0 + lo, kv_col, bars.index(st0), k_smem.index(st0), v_smem.index(st0))
             q_pos = start + rows
             lse, delta = _row_inputs(LSE, DELTA, q_row0 + start, start, end, BLOCK_M, num_warps)
             lse = gl.convert_layout(lse, rows.type.layout)
@@ -289,16 +327,16 @@ if AVAILABLE:
             mbarrier.wait(qo_bar, qo_phase)
             krow = kv_row0 + lo
             for i in range(0, n_full):
-                dq = _dq_step(base + i, r_end, krow + i * BLOCK_N, krow + (i + 1) * BLOCK_N, lo + i * BLOCK_N, q_pos,
+                dq = _dq_step(base + i, r_end, krow + (i + 1) * BLOCK_N, kv_col, lo + i * BLOCK_N, q_pos,
                               q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, lse, delta, zero_s, dq, qk_scale,
                               a_layout, False, BLOCK_N)
             for i in range(n_full, n_steps):
-                dq = _dq_step(base + i, r_end, krow + i * BLOCK_N, krow + (i + 1) * BLOCK_N, lo + i * BLOCK_N, q_pos,
+                dq = _dq_step(base + i, r_end, krow + (i + 1) * BLOCK_N, kv_col, lo + i * BLOCK_N, q_pos,
                               q_smem, do_smem, k_smem, v_smem, bars, k_desc, v_desc, lse, delta, zero_s, dq, qk_scale,
                               a_layout, True, BLOCK_N)
             keep = (start + rows_o < end)[:, None]
-            gl.store(DQ + (q_row0 + start + rows_o)[:, None] * D + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                     mask=keep)
+            gl.store(DQ + (q_trow0 + start + rows_o)[:, None] * q_stride + q_col + cols[None, :],
+                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=keep)
             base = r_end
             qo_phase = qo_phase ^ 1
         _release(qo_bar, bars)
@@ -306,7 +344,8 @@ if AVAILABLE:
 
 def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True):
     """(dq, dk, dv) of ``and_masks(causal(), document(ids))`` from the inputs ``applies`` accepted, dout
-    (made contiguous here when it is not), lse2 and delta contiguous float32 [B, Hq, S], and the tile
+    (copied into q's layout where it is not in it; the gradients have the inputs' layout, as in
+    gluon_causal.causal_backward), lse2 and delta contiguous float32 [B, Hq, S], and the tile
     lists of launch_varlen.varlen_tiles(spans, 128) (tiles [Bs, 2, S], n_tiles [Bs], spans [Bs, S];
     Bs = 1 serves every batch row). ``concurrent``: the dQ launch on a second stream, as in
     gluon_causal.causal_backward."""
@@ -314,28 +353,29 @@ def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale:
 
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
-    dout = dout if dout.is_contiguous() else dout.contiguous()
-    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    tokens = layout(q, k, v) == "tokens"
+    dout = in_layout(dout, q)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # (empty_like keeps a dense tensor's strides)
     qk_scale = sm_scale * LOG2E
-    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout)
+    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
     n_programs = -(-S // TILE)
     _, _, _, stride_tb, stride_sb, stride_nb = _list_args(tiles, n_tiles, spans)
     lists = (spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV, n_programs, qk_scale, sm_scale)
 
     def dq_pass():
         attn_bwd_dq_varlen_kernel[(n_programs, B * HQ)](
-            q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, BLOCK_M=TILE,
-            BLOCK_N=STEP, D=D, num_warps=8)
+            q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, TOKENS=tokens,
+            BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
     def dkdv_pass():
-        dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles[:, 1], n_tiles, *lists)
-        attn_bwd_dkdv_varlen_kernel[(n_programs, B * HKV)](*dkdv_args, 0, G=HQ // HKV, WALK=False, BLOCK_M=STEP,
-                                                            BLOCK_N=TILE, D=D, num_warps=8)
+        dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles, n_tiles, *lists)
+        attn_bwd_dkdv_varlen_kernel[(n_programs, B * HKV)](*dkdv_args, 0, tiles.stride(1), G=HQ // HKV, WALK=False,
+                                                            TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
         # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
         n_walk = -(-n_programs // 4)
         attn_bwd_dkdv_varlen_kernel[(n_walk, B * HKV)](*dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs,
-                                                        G=HQ // HKV, WALK=True, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
-                                                        num_warps=8)
+                                                        tiles.stride(1), G=HQ // HKV, WALK=True, TOKENS=tokens,
+                                                        BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
 
     run_passes(q.device, dq_pass, dkdv_pass, concurrent)
     return dq, dk, dv

@@ -134,7 +134,8 @@ OVERRIDES: dict = {}
 #   document anchor cases. NOTES.md, twelfth round.
 # gluon_bwd: a mask that is exactly causal over S x S, without score mod, runs its backward's dK/dV and
 #   dQ passes as the Gluon kernels of kernels/gluon_causal.py where their applies() holds (Hopper,
-#   16-bit contiguous [B, H, S, D] inputs, no GQA, S a multiple of 128, D in gluon_bwd_head_dims): each
+#   16-bit [B, H, S, D] inputs, contiguous or Transformers' transposed [B, S, H, D] projections, no
+#   GQA, S a multiple of 128, D in gluon_bwd_head_dims): each
 #   pass 13-16 % faster than the block-sparse kernels' at causal 2k and 8k; forward+backward +4-7 % at
 #   D = 128, +8 % at D = 64 (H100, NOTES.md, sixteenth round). gluon_bwd_streams: its dQ launch on a
 #   second stream, concurrent with the dK/dV launch (+3 % at 2k, within noise at 8k).
@@ -146,6 +147,9 @@ OVERRIDES: dict = {}
 #   GQA (groups of 4) +4.5 % forward+backward; 12 docs without GQA, its kernels 6 % faster (818 against
 #   874 us) but the call 35 % slower: host-bound, the three Gluon launches and eight descriptors cost
 #   the host more than the Triton kernels' one launch (NOTES.md, seventeenth round).
+# gluon_token_major: both Gluon backwards take Transformers' layout too (q, k, v transposed views of
+#   contiguous [B, S, H, D] projections, read in place and their gradients written in it); off, such
+#   inputs run the Triton kernels (NOTES.md, eighteenth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -155,7 +159,7 @@ SCHEDULE: dict = {
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
-    "gluon_varlen": True, "gluon_varlen_min_group": 2,
+    "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True,
 }
 
 
@@ -548,6 +552,12 @@ def delta_pass(go, out, dout, dlse, delta) -> None:
     )
 
 
+def gluon_layout_allowed(q) -> bool:
+    """Whether SCHEDULE lets q's layout take a Gluon backward: contiguous always, any other (the
+    token-major layout gluon_causal.layout accepts) with SCHEDULE["gluon_token_major"]."""
+    return q.is_contiguous() or bool_knob("gluon_token_major")
+
+
 def gluon_row_inputs(q, out, lse, dout, dlse):
     """(lse2, dout, delta) as the Gluon backwards (gluon_causal, gluon_varlen) read them: backward_buffers
     without slack (their row loads are exact) and delta = rowsum(dO O) - dLSE by delta_pass."""
@@ -584,7 +594,7 @@ def flex_backward(
     """
     if causal_window is not None and causal_window < k.shape[2] and not SCHEDULE["gluon_bwd_sliding"]:
         causal_window = None
-    if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None
+    if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None and gluon_layout_allowed(q)
             and gluon_causal.applies(q, k, v, causal_window, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         if warmup:
             return None
@@ -693,9 +703,14 @@ def count_variants(kernels) -> int:
 
 
 def compiled_variants() -> int:
-    """How many compiled variants of the attention kernels (block-sparse and document-aligned) exist
-    in this process."""
+    """How many compiled variants of the attention kernels (block-sparse, document-aligned and the Gluon
+    backwards) exist in this process."""
+    from . import gluon_varlen
     from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
-    return count_variants((attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
-                           attn_bwd_kernel, attn_fwd_varlen_kernel, attn_bwd_varlen_kernel))
+    kernels = [attn_fwd_kernel, attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel,
+               attn_fwd_varlen_kernel, attn_bwd_varlen_kernel]
+    if gluon_causal.AVAILABLE:
+        kernels += [gluon_causal.attn_bwd_dkdv_causal_kernel, gluon_causal.attn_bwd_dq_causal_kernel,
+                    gluon_varlen.attn_bwd_dkdv_varlen_kernel, gluon_varlen.attn_bwd_dq_varlen_kernel]
+    return count_variants(kernels)

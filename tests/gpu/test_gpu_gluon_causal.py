@@ -37,14 +37,18 @@ def _reference(q, k, v, do, dlse, scale, mask_mod):
     return torch.autograd.grad(loss, (q64, k64, v64))
 
 
-def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed):
+def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed, tokens=False):
     """Gradients of a causal call (within ``window`` keys, when not None) through the Gluon kernels,
     which must run once and get the window, against float64, each no worse than 1.5x the Triton
-    kernels' error on the same inputs plus 2 ulp of the gradient's scale."""
+    kernels' error on the same inputs plus 2 ulp of the gradient's scale. ``tokens``: q, k, v and dO
+    token-major (Transformers' transposed [B, S, H, D] projections), the gradients too."""
     B, H = 2, 3
     scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)  # a scale other than the default, once
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    shape = (B, S, H, D) if tokens else (B, H, S, D)
+    q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    if tokens:
+        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
     dlse = torch.randn(B, H, S, device="cuda", generator=g) if with_dlse else None
     mask = mods.causal() if window is None else mods.and_masks(mods.causal(), mods.sliding_window(window))
     bm = hf_flex.create_block_mask(mask, None, None, S, S, device="cuda")
@@ -67,8 +71,9 @@ def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed):
     triton_grads = _grads(q, k, v, do, dlse, bm, scale)
     assert len(calls) == 1
     ref = _reference(q, k, v, do, dlse, scale, mask)
-    for name, a, b, r in zip(("dq", "dk", "dv"), ours, triton_grads, ref):
+    for name, a, b, r, x in zip(("dq", "dk", "dv"), ours, triton_grads, ref, (q, k, v)):
         assert torch.isfinite(a).all(), name
+        assert a.stride() == x.stride(), f"{name}: strides {a.stride()}, the input's {x.stride()}"
         e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
         atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
         assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
@@ -113,3 +118,14 @@ def test_gluon_causal_backward_skips_what_it_does_not_take(monkeypatch):
         out = hf_flex.flex_attention(*leaves, block_mask=bm, enable_gqa=Hq != Hkv)
         torch.autograd.grad(out, leaves, torch.randn_like(out))
     assert not called
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,window", [(384, None), (1024, None), (384, 40), (1024, 200), (1024, 1000)])
+@pytest.mark.parametrize("D", [128, 64])
+def test_gluon_backward_of_token_major_inputs(monkeypatch, dtype, S, window, D):
+    """Transformers' layout: the kernels read q, k, v, dO as [B * S, H * D] tiles and write the gradients
+    in it (no copy either way)."""
+    _check(monkeypatch, dtype, S, D, window, with_dlse=D == 64, streams=True, seed=S + D + (window or 0),
+           tokens=True)

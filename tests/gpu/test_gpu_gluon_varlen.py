@@ -47,16 +47,24 @@ def _grads(q, k, v, do, dlse, bm, scale):
     (777, [777]),  # one document, S not a multiple of 128
 ])
 @pytest.mark.parametrize("G", [1, 4])
-def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G):
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G, tokens):
     """D = 128: the document-aligned kernels' tile at D = 64 is not 128 positions (launch_varlen.varlen_tile),
-    and those calls run the block-sparse kernels."""
+    and those calls run the block-sparse kernels. ``tokens``: q, k, v, dO token-major (Transformers'
+    layout; a tile past a batch row's end reads the next row's first positions), the gradients too."""
     B, HKV, D = 2, 2, 128
     HQ = HKV * G
     with_dlse = G == 4
     scale = 1 / math.sqrt(D) * (1.3 if with_dlse else 1.0)
     g = torch.Generator().manual_seed(S + G + D)
-    q, do = (torch.randn(B, HQ, S, D, generator=g).to("cuda", dtype) for _ in range(2))
-    k, v = (torch.randn(B, HKV, S, D, generator=g).to("cuda", dtype) for _ in range(2))
+
+    def randn(H):
+        if tokens:
+            return torch.randn(B, S, H, D, generator=g).to("cuda", dtype).transpose(1, 2)
+        return torch.randn(B, H, S, D, generator=g).to("cuda", dtype)
+
+    q, do = randn(HQ), randn(HQ)
+    k, v = randn(HKV), randn(HKV)
     dlse = torch.randn(B, HQ, S, generator=g).cuda() if with_dlse else None
     mask = mods.and_masks(mods.causal(), mods.document(_doc_ids(B, S, lengths, g)))
     bm = hf_flex.create_block_mask(mask, B, None, S, S, device="cuda")
@@ -82,8 +90,9 @@ def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G
                                            enable_gqa=G > 1)
     loss = (out * do.double()).sum() + ((lse * dlse.double()).sum() if with_dlse else 0)
     ref = torch.autograd.grad(loss, (q64, k64, v64))
-    for name, a, b, r in zip(("dq", "dk", "dv"), ours, triton_grads, ref):
+    for name, a, b, r, x in zip(("dq", "dk", "dv"), ours, triton_grads, ref, (q, k, v)):
         assert torch.isfinite(a).all(), name
+        assert a.stride() == x.stride(), f"{name}: strides {a.stride()}, the input's {x.stride()}"
         e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
         atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
         assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
