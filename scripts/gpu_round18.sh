@@ -16,8 +16,8 @@ timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/
   | tail -${TEST_TAIL:-8}
 fi
 [ -z "${SKIP_PROBE:-}" ] && timeout 180 python3 scripts/probe_e2e_paths.py --S ${PROBE_S:-16384} --layers 2 2>&1 | tail -4
-for ab in ${E2E_AB:-on off}; do
+for S in ${E2E_S:-16384}; do for ab in ${E2E_AB:-on off}; do
   knobs='{}'; [ "$ab" = off ] && knobs='{"gluon_token_major": false}'
-  HF_FLEX_E2E_SCHEDULE="$knobs" timeout ${E2E_S_LIMIT:-200} python3 -m hf_flex.bench --e2e-only --e2e-S ${E2E_S:-16384} \
-    --e2e-variants floor,hf_flex --no-recompiles --json "$OUT/e2e_$ab.json" 2>&1 | tail -${E2E_TAIL:-6}
-done
+  HF_FLEX_E2E_SCHEDULE="$knobs" timeout ${E2E_S_LIMIT:-200} python3 -m hf_flex.bench --e2e-only --e2e-S $S \
+    --e2e-variants floor,hf_flex --no-recompiles --json "$OUT/e2e_${S}_$ab.json" 2>&1 | grep -E "^ *$S|overhead ms"
+done; done

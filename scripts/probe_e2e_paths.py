@@ -4,8 +4,8 @@
 
 Builds hf_flex.bench_e2e's Llama-shaped model (its BIG config, ``--layers`` layers) with
 attn_implementation="flex", runs one forward and backward on a packed row of bench_e2e.packed_row, and
-counts the calls of each backward path (the Gluon document backward, the Gluon causal one, the
-document-aligned Triton kernels) and the layouts of the q the attention got; then runs the same step
+counts the calls of the Gluon backwards (document-aligned, causal; the rest run the Triton kernels) and
+the layouts of the q they got (warm-ups included: kernels.compile_ahead); then runs the same step
 with SCHEDULE["gluon_token_major"] off (the Triton kernels) and prints the largest relative
 difference of every parameter's gradient and the loss's. Needs a CUDA GPU.
 """
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_flex import bench_e2e  # noqa: E402
-from hf_flex.kernels import gluon_causal, gluon_varlen, launch, launch_varlen  # noqa: E402
+from hf_flex.kernels import gluon_causal, gluon_varlen, launch  # noqa: E402
 
 
 def _counting(module, name, counts, key, layouts=None):
@@ -45,9 +45,8 @@ def main():
     ids, pos, labels, lens = bench_e2e.packed_row(args.S, 0, cfg["vocab_size"])
     ids, pos, labels = ids.to(device), pos.to(device), labels.to(device)
     counts, layouts = {}, set()
-    _counting(gluon_varlen, "varlen_backward", counts, "gluon_varlen")
-    _counting(gluon_causal, "causal_backward", counts, "gluon_causal")
-    _counting(launch_varlen, "varlen_backward", counts, "varlen_backward (all document backwards)", layouts)
+    _counting(gluon_varlen, "varlen_backward", counts, "gluon_varlen", layouts)
+    _counting(gluon_causal, "causal_backward", counts, "gluon_causal", layouts)
     grads = {}
     for token_major in (True, False):
         launch.SCHEDULE["gluon_token_major"] = token_major

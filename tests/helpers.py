@@ -29,6 +29,17 @@ def listed_classes(classes: torch.Tensor, q_len: int, kv_len: int, qb: int, kb: 
     return torch.where((classes == 2) & past, torch.ones_like(classes), classes)
 
 
+def device_only(*values, id=None):
+    """A test case of a non-default SCHEDULE knob, run on the device machine only (marked gpu: the CPU
+    suite deselects it). Through Triton's interpreter such a case takes up to a minute and a half, and
+    CI must stay under 20 minutes: each such test keeps its default schedule's case (and the checks of
+    bad knob values) on the CPU, and the device runs every case (scripts/gpu_issue5_bench.sh runs
+    tests/test_kernels.py and tests/test_varlen.py before it measures)."""
+    import pytest
+
+    return pytest.param(*values, marks=pytest.mark.gpu, id=id)
+
+
 def rand_qkv(B, Hq, Hkv, Sq, Skv, D, Dv=None, dtype=torch.float32, device="cpu", seed=0):
     """Fresh standard-normal q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] (leaves, requires_grad).
 

@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: F401  (Triton wants it visible to the @tri
 import hf_flex
 from hf_flex import mods
 from hf_flex.dispatch import triton_runs_on
-from helpers import LaunchSpy, check_attention, make_param, poison_row_buffers, rand_qkv, random_doc_ids
+from helpers import LaunchSpy, check_attention, device_only, make_param, poison_row_buffers, rand_qkv, random_doc_ids
 
 
 @pytest.fixture(autouse=True)
@@ -226,9 +226,17 @@ def test_gqa_with_per_head_score_mods(device):
 # --- launch schedules: one fused backward launch or two, query tiles in either order ----------------
 
 
-@pytest.mark.parametrize("one_variant", [True, False], ids=["one_variant", "divisible_variant"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
-@pytest.mark.parametrize("reverse", [True, False], ids=["reverse_m", "forward_m"])
+def _schedule_case(reverse, fused, one_variant):
+    name = (f"{'reverse_m' if reverse else 'forward_m'}-{'fused_bwd' if fused else 'two_launches'}-"
+            f"{'one_variant' if one_variant else 'divisible_variant'}")
+    # on the CPU: the default schedule, and two launches (the default where the passes' tiles differ)
+    if reverse and one_variant:
+        return pytest.param(reverse, fused, one_variant, id=name)
+    return device_only(reverse, fused, one_variant, id=name)
+
+
+@pytest.mark.parametrize("reverse,fused,one_variant", [
+    _schedule_case(r, f, o) for r in (True, False) for f in (True, False) for o in (True, False)])
 def test_schedules(device, fused, reverse, one_variant, monkeypatch):
     from hf_flex.kernels import launch
 
@@ -245,7 +253,7 @@ def test_schedules(device, fused, reverse, one_variant, monkeypatch):
         check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 
-@pytest.mark.parametrize("fwd,bwd,interleave", [("none", False, False), ("both", True, True)])
+@pytest.mark.parametrize("fwd,bwd,interleave", [device_only("none", False, False), device_only("both", True, True)])
 def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch):
     """The block-index load order of the loops (SCHEDULE index_ahead / bwd_index_ahead; the defaults,
     "full" forward and the backward's full-block loops, run in every other test) and the fused
@@ -262,8 +270,9 @@ def test_load_order_and_program_order(device, fwd, bwd, interleave, monkeypatch)
         check_attention(q, k, v, mods.softcap(3.0), bm, enable_gqa=True)
 
 
-@pytest.mark.parametrize("knob,fused", [("bwd_one_loop", True), ("bwd_one_loop", False), ("fwd_one_loop", True)],
-                         ids=["bwd_fused", "bwd_two_launches", "fwd"])
+@pytest.mark.parametrize("knob,fused", [device_only("bwd_one_loop", True, id="bwd_fused"),
+                                        device_only("bwd_one_loop", False, id="bwd_two_launches"),
+                                        device_only("fwd_one_loop", True, id="fwd")])
 def test_one_loop(device, knob, fused, monkeypatch):
     """SCHEDULE["bwd_one_loop"] / ["fwd_one_loop"]: every backward (forward) program walks its partial,
     then its full blocks in one loop. The same answers: ragged lengths and lengths that divide the
@@ -282,8 +291,9 @@ def test_one_loop(device, knob, fused, monkeypatch):
         check_attention(q, k, v, mods.chain(mods.alibi(slopes), mods.softcap(3.0)), bm, enable_gqa=True, params=(slopes,))
 
 
-@pytest.mark.parametrize("fused,reverse", [(True, True), (False, True), (True, False)],
-                         ids=["fused_reverse_m", "two_launches_reverse_m", "fused_forward_m"])
+@pytest.mark.parametrize("fused,reverse", [pytest.param(True, True, id="fused_reverse_m"),
+                                           device_only(False, True, id="two_launches_reverse_m"),
+                                           device_only(True, False, id="fused_forward_m")])
 def test_heads_first(device, fused, reverse, monkeypatch):
     """SCHEDULE["heads_first"] and ["bwd_heads_first"]: grids (B * H, tiles), every head's tile t before any head's next tile,
     in the forward and both backward forms. Every (tile, batch, head) still runs exactly once: the
@@ -337,7 +347,7 @@ def _spy_dkdv_launches(monkeypatch, fused: bool) -> LaunchSpy:
     return spy
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused_bwd"), device_only(False, id="two_launches")])
 def test_bwd_flat_group(device, fused, monkeypatch):
     """SCHEDULE["bwd_flat_group"]: with tables shared by every head, each dK/dV loop walks its blocks
     for all the query heads of its key head in one loop. The same gradients (three query heads per key
@@ -374,7 +384,7 @@ def test_bwd_flat_group(device, fused, monkeypatch):
         check_attention(q, k, v, None, _block_mask("causal", 2, None, 113, 90, device, 32), enable_gqa=True)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+@pytest.mark.parametrize("fused", [device_only(True, id="fused_bwd"), device_only(False, id="two_launches")])
 def test_atomic_dq(device, fused, monkeypatch):
     """SCHEDULE["atomic_dq"]: dQ added by the dK/dV programs with float32 atomics, no dQ pass. The same
     answers (ragged lengths, several query heads per key head, a score mod's derivative, 128-key
@@ -402,8 +412,11 @@ def test_atomic_dq(device, fused, monkeypatch):
     assert not any(c.get("ATOMIC_DQ") for c in dkdv.calls)
 
 
-@pytest.mark.parametrize("setting,expect", [(True, True), (False, False), (64, True), (8, False)])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+@pytest.mark.parametrize("fused,setting,expect", [
+    pytest.param(True, 64, True, id="fused_bwd-64-True"),  # the default
+    *(device_only(f, s, e, id=f"{'fused_bwd' if f else 'two_launches'}-{s}-{e}")
+      for f in (True, False) for s, e in ((True, True), (False, False), (64, True), (8, False)) if not (f and s == 64)),
+])
 def test_dp_first(device, setting, expect, fused, monkeypatch):
     """SCHEDULE["bwd_dp_first"]: the dK/dV loops issue dP^T before the softmax or after dV's product
     (the default at head dims up to 64, so the tests' 16; the other order past 64): the same answers either way
@@ -423,7 +436,7 @@ def test_dp_first(device, setting, expect, fused, monkeypatch):
         check_attention(q, k, v, None, _block_mask("causal", 2, 4, Sq, Skv, device, bs), enable_gqa=True)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+@pytest.mark.parametrize("fused", [device_only(True, id="fused_bwd"), device_only(False, id="two_launches")])
 def test_full_loop_stages(device, fused, monkeypatch):
     """SCHEDULE["bwd_full_stages"] / ["bwd_dq_full_stages"]: the full-block loops pipelined 3 deep while
     the kernel's other loops keep its depth (on a GPU the pipeliner runs; Triton's interpreter has
@@ -495,8 +508,11 @@ def test_row_buffer_slack(device):
     assert launch.row_slack(64, launch.SCHEDULE["row_select"]) == (128 if launch.SCHEDULE["row_select"] else 0)
 
 
-@pytest.mark.parametrize("tma,bwd_tma", [("none", False), ("full", False), ("both", True)])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_bwd", "two_launches"])
+@pytest.mark.parametrize("fused,tma,bwd_tma", [
+    pytest.param(True, "both", True, id="fused_bwd-both-True"),  # the default
+    *(device_only(f, t, b, id=f"{'fused_bwd' if f else 'two_launches'}-{t}-{b}")
+      for f in (True, False) for t, b in (("none", False), ("full", False), ("both", True)) if not (f and t == "both")),
+])
 def test_tma_loads(device, tma, bwd_tma, fused, monkeypatch):
     """SCHEDULE["tma"] / ["bwd_tma"]: the forward's K/V tiles, the dK/dV pass's Q/dO tiles and the dQ
     pass's K/V tiles through tensor descriptors (TMA on Hopper, emulated by Triton's interpreter; the

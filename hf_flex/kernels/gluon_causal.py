@@ -408,6 +408,12 @@ def _side_stream(device) -> "torch.cuda.Stream":
     return s
 
 
+def launcher(kernel, grid, warmup: bool):
+    """kernel[grid], or with ``warmup`` its compile-only form (JITFunction.warmup: the variant for these
+    arguments compiled, nothing launched; kernels.compile_ahead runs it while the forward runs)."""
+    return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
+
+
 def run_passes(device, dq_pass, dkdv_pass, concurrent: bool) -> None:
     """dq_pass() then dkdv_pass(); ``concurrent``: dq_pass on a second stream, so that its programs fill
     the SMs the dK/dV launch's last programs leave idle (what one launch of both passes does for the
@@ -427,12 +433,15 @@ def run_passes(device, dq_pass, dkdv_pass, concurrent: bool) -> None:
     main.wait_stream(side)
 
 
-def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, concurrent: bool = True):
+def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, concurrent: bool = True,
+                    warmup: bool = False):
     """(dq, dk, dv) like q of causal attention (``window``: a sliding window's, key <= query < key +
     window; None: plain causal), from the inputs ``applies`` accepted, dout (copied into q's ``layout``
     where it is not in it), lse2 and delta contiguous float32 [B, H, S]. The gradients have the inputs'
     layout: token-major ones hand Transformers' transposes back contiguous [B, S, H, D] gradients, with no
-    copy. ``concurrent``: the dQ launch on a second stream (run_passes)."""
+    copy. ``concurrent``: the dQ launch on a second stream (run_passes). ``warmup``: compile the kernels
+    for these arguments and launch nothing (returns None; dout, lse2 and delta may be stand-ins of the
+    same layouts: the forward's output, its LSE)."""
     B, H, S, D = q.shape
     # a window of S keys or more over S x S is plain causal: the kernels compiled without the window's
     # loops and compares (SLIDING false) then run
@@ -442,19 +451,21 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, co
     sliding = window < S
     tokens = layout(q, k, v) == "tokens"
     dout = in_layout(dout, q)
-    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # (empty_like keeps a dense tensor's strides)
+    # (empty_like keeps a dense tensor's strides; a warm-up's stand-ins: q, k, v themselves)
+    dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(t) for t in (q, k, v))
     qk_scale = sm_scale * LOG2E
     q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
     grid = (S // TILE, B * H)
 
     def dq_pass():
-        attn_bwd_dq_causal_kernel[grid](q_t, k_s, v_s, do_t, lse2, delta, dq, S, H, qk_scale, sm_scale, window,
-                                        SLIDING=sliding, TOKENS=tokens, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
+        launcher(attn_bwd_dq_causal_kernel, grid, warmup)(
+            q_t, k_s, v_s, do_t, lse2, delta, dq, S, H, qk_scale, sm_scale, window,
+            SLIDING=sliding, TOKENS=tokens, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
     def dkdv_pass():
-        attn_bwd_dkdv_causal_kernel[grid](q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, H, qk_scale, sm_scale, window,
-                                          SLIDING=sliding, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
-                                          num_warps=8)
+        launcher(attn_bwd_dkdv_causal_kernel, grid, warmup)(
+            q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, H, qk_scale, sm_scale, window,
+            SLIDING=sliding, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
 
-    run_passes(q.device, dq_pass, dkdv_pass, concurrent)
-    return dq, dk, dv
+    run_passes(q.device, dq_pass, dkdv_pass, concurrent and not warmup)
+    return None if warmup else (dq, dk, dv)

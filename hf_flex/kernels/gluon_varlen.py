@@ -35,7 +35,7 @@ import torch
 
 from . import _cuda_major, cuda_index, interpreted
 from .forward import LOG2E
-from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, layout, pass_descriptors, run_passes
+from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, launcher, layout, pass_descriptors, run_passes
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -342,20 +342,21 @@ if AVAILABLE:
         _release(qo_bar, bars)
 
 
-def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True):
+def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True,
+                    warmup: bool = False):
     """(dq, dk, dv) of ``and_masks(causal(), document(ids))`` from the inputs ``applies`` accepted, dout
     (copied into q's layout where it is not in it; the gradients have the inputs' layout, as in
     gluon_causal.causal_backward), lse2 and delta contiguous float32 [B, Hq, S], and the tile
     lists of launch_varlen.varlen_tiles(spans, 128) (tiles [Bs, 2, S], n_tiles [Bs], spans [Bs, S];
     Bs = 1 serves every batch row). ``concurrent``: the dQ launch on a second stream, as in
-    gluon_causal.causal_backward."""
+    gluon_causal.causal_backward; ``warmup``: compile only, as there."""
     from .launch_varlen import _list_args  # (launch_varlen imports this module)
 
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
     tokens = layout(q, k, v) == "tokens"
     dout = in_layout(dout, q)
-    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # (empty_like keeps a dense tensor's strides)
+    dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(t) for t in (q, k, v))  # (as in causal_backward)
     qk_scale = sm_scale * LOG2E
     q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
     n_programs = -(-S // TILE)
@@ -363,19 +364,20 @@ def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale:
     lists = (spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV, n_programs, qk_scale, sm_scale)
 
     def dq_pass():
-        attn_bwd_dq_varlen_kernel[(n_programs, B * HQ)](
+        launcher(attn_bwd_dq_varlen_kernel, (n_programs, B * HQ), warmup)(
             q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, TOKENS=tokens,
             BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
     def dkdv_pass():
         dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles, n_tiles, *lists)
-        attn_bwd_dkdv_varlen_kernel[(n_programs, B * HKV)](*dkdv_args, 0, tiles.stride(1), G=HQ // HKV, WALK=False,
-                                                            TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
+        launcher(attn_bwd_dkdv_varlen_kernel, (n_programs, B * HKV), warmup)(
+            *dkdv_args, 0, tiles.stride(1), G=HQ // HKV, WALK=False, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
+            num_warps=8)
         # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
         n_walk = -(-n_programs // 4)
-        attn_bwd_dkdv_varlen_kernel[(n_walk, B * HKV)](*dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs,
-                                                        tiles.stride(1), G=HQ // HKV, WALK=True, TOKENS=tokens,
-                                                        BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
+        launcher(attn_bwd_dkdv_varlen_kernel, (n_walk, B * HKV), warmup)(
+            *dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs, tiles.stride(1), G=HQ // HKV, WALK=True,
+            TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
 
-    run_passes(q.device, dq_pass, dkdv_pass, concurrent)
-    return dq, dk, dv
+    run_passes(q.device, dq_pass, dkdv_pass, concurrent and not warmup)
+    return None if warmup else (dq, dk, dv)

@@ -558,11 +558,12 @@ def gluon_layout_allowed(q) -> bool:
     return q.is_contiguous() or bool_knob("gluon_token_major")
 
 
-def gluon_row_inputs(q, out, lse, dout, dlse):
+def gluon_row_inputs(q, out, lse, dout, dlse, warmup: bool = False):
     """(lse2, dout, delta) as the Gluon backwards (gluon_causal, gluon_varlen) read them: backward_buffers
-    without slack (their row loads are exact) and delta = rowsum(dO O) - dLSE by delta_pass."""
-    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, False, 0)
-    delta_pass(_launcher(False), out, dout, dlse, delta)
+    without slack (their row loads are exact) and delta = rowsum(dO O) - dLSE by delta_pass (``warmup``:
+    its kernel compiled, not launched; lse stands in for delta)."""
+    lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, 0)
+    delta_pass(_launcher(warmup), out, dout, dlse, delta)
     return lse, dout, delta
 
 
@@ -586,8 +587,8 @@ def flex_backward(
     ``causal_window``: the mask is causal over S x S, within a sliding window of that many keys (S:
     plain causal; KernelSpec.causal_window); None: any other mask. With SCHEDULE["gluon_bwd"] (and
     SCHEDULE["gluon_bwd_sliding"] for a window shorter than S), inputs gluon_causal.applies accepts run
-    the Gluon passes instead (compiled at their first call: a warm-up launches and compiles nothing
-    for them).
+    the Gluon passes instead (a warm-up compiles them: the Gluon kernels' compile is seconds of a first
+    training step, NOTES.md, eighteenth round).
 
     ``dlse`` [B, Hq, Sq] (the gradient reaching the returned LSE) folds into delta: since
     d lse / d s = P, dS = P * (dP - (delta - dlse)). The returned delta includes it.
@@ -596,11 +597,10 @@ def flex_backward(
         causal_window = None
     if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None and gluon_layout_allowed(q)
             and gluon_causal.applies(q, k, v, causal_window, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
-        if warmup:
-            return None
-        lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse)
-        return (*gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale, causal_window,
-                                              concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
+        lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse, warmup)
+        grads = gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale, causal_window,
+                                             concurrent=SCHEDULE["gluon_bwd_streams"], warmup=warmup)
+        return None if warmup else (*grads, delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
     t = dkdv_tiles(DP, DVP, q.element_size(), sq, skv)

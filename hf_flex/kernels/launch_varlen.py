@@ -90,17 +90,15 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     return None), for the mask of :func:`varlen_forward`. One launch of dK/dV and dQ programs, no
     atomics (deterministic); with SCHEDULE["varlen_atomic_dq"] (use_atomic_dq), dK/dV programs alone
     that add dQ into a float32 accumulator (its compile-ahead is skipped). With SCHEDULE["gluon_varlen"],
-    inputs gluon_varlen.applies accepts run its Gluon passes instead (compiled at their first call:
-    a warm-up launches and compiles nothing for them), for query-head groups of at least
-    SCHEDULE["gluon_varlen_min_group"] heads."""
+    inputs gluon_varlen.applies accepts run its Gluon passes instead (a warm-up compiles them), for
+    query-head groups of at least SCHEDULE["gluon_varlen_min_group"] heads."""
     if (SCHEDULE["gluon_varlen"] and score_param_grad_fn is None and gluon_layout_allowed(q)
             and q.shape[1] >= SCHEDULE["gluon_varlen_min_group"] * k.shape[1]
             and gluon_varlen.applies(q, k, v, tile, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
-        if warmup:
-            return None
-        lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse)
-        return (*gluon_varlen.varlen_backward(q, k, v, dout, lse, delta, tiles, n_tiles, spans, sm_scale,
-                                              concurrent=SCHEDULE["gluon_bwd_streams"]), delta)
+        lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse, warmup)
+        grads = gluon_varlen.varlen_backward(q, k, v, dout, lse, delta, tiles, n_tiles, spans, sm_scale,
+                                             concurrent=SCHEDULE["gluon_bwd_streams"], warmup=warmup)
+        return None if warmup else (*grads, delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = dkdv_tiles(DP, DVP, q.element_size(), 128, 128)
     t2 = dq_tiles(DP, DVP, q.element_size(), 128, 128)

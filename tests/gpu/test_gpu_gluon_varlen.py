@@ -10,7 +10,7 @@ import torch
 
 import hf_flex
 from hf_flex import mods
-from hf_flex.kernels import gluon_varlen, launch
+from hf_flex.kernels import compile_ahead, gluon_varlen, launch
 
 pytestmark = pytest.mark.gpu
 
@@ -96,3 +96,32 @@ def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G
         e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
         atol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
         assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton kernels' {e_triton:.3e}"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+def test_compile_ahead_compiles_the_gluon_backward(monkeypatch):
+    """The first forward of a configuration compiles its Gluon backward in the background
+    (kernels.compile_ahead): Transformers' layout, a query-head group of 2 (a variant no other test
+    here compiles); the backward then compiles no Gluon variant of its own."""
+    monkeypatch.setattr(compile_ahead, "_seen", set())
+    monkeypatch.setattr(compile_ahead, "errors", [])
+    monkeypatch.setattr(compile_ahead, "enabled", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 2)
+    kernels = (gluon_varlen.attn_bwd_dq_varlen_kernel, gluon_varlen.attn_bwd_dkdv_varlen_kernel)
+    B, S, HQ, HKV, D = 1, 1500, 4, 2, 128
+    g = torch.Generator().manual_seed(5)
+    q, do = (torch.randn(B, S, HQ, D, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(B, S, HKV, D, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(2))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = mods.and_masks(mods.causal(), mods.document(_doc_ids(B, S, [300, 900], g)))
+    bm = hf_flex.create_block_mask(mask, B, None, S, S, device="cuda")
+    before = launch.count_variants(kernels)
+    out = hf_flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    compile_ahead.wait()
+    assert compile_ahead.errors == []
+    ahead = launch.count_variants(kernels)
+    assert ahead == before + 3, "the warm-up did not compile dQ and both dK/dV launches' variants"
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert launch.count_variants(kernels) == ahead, "the backward compiled a variant the warm-up did not"
+    assert all(torch.isfinite(t).all() for t in grads)
