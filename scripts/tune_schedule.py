@@ -5,7 +5,9 @@ the anchor cases.
                                     [--budget-s 420] [--json out.json]
 
 --shrink N runs every case at S - N tokens (a length that does not divide the 128 block, as ragged
-packed lengths are).
+packed lengths are). --tokens gives every library q, k, v and dO in Transformers' token-major layout
+(transposed [B, S, H, D]) instead of contiguous [B, H, S, D]; --hkv N runs every case with N key heads
+(another query-head group size).
 
 Per case: hf_flex under every schedule and torch's compiled flex_attention are first checked against
 a float64 reference on one slice (the last batch, the last key head and its query heads: output and
@@ -179,13 +181,15 @@ def _applied(name):
         launch.OVERRIDES.update(saved_tiles)
 
 
-def run(c: bench.Case, variants, do_torch=True, rounds=1):
+def run(c: bench.Case, variants, do_torch=True, rounds=1, tokens=False):
     """One case: every variant checked against float64, then timed ``rounds`` times, the variants (and
     torch flex) in a rotated order each round, so that clock and thermal drift during a run falls on
     all of them alike; each reading is the median over rounds, with its spread."""
     st = bench.setup(c, seed=1)
     Bm, ids, bm, group = st.Bm, st.ids, st.bm, c.Hq // c.Hkv
     q, k, v, do = st.q, st.k, st.v, st.do
+    if tokens:  # the same values, stored as Transformers' projections are: [B, S, H, D] seen per head
+        q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, do))
     ours, theirs = st.ours, st.theirs
 
     b, hk = c.B - 1, c.Hkv - 1  # the last slice: the one a wrong batch/head offset would get wrong
@@ -200,7 +204,7 @@ def run(c: bench.Case, variants, do_torch=True, rounds=1):
     def timed(f):
         return bench.timed_tflops(f, q, k, v, do, flops)
 
-    row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
+    row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, tokens=tokens, density=round(dens, 4),
                torch_err=t_err, variants={}, rounds=rounds)
     ok, own = [], {}
 
@@ -255,6 +259,8 @@ def main():
     ap.add_argument("--shrink", type=int, default=0, help="run each case at S minus this many tokens")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--rounds", type=int, default=1, help="timings per variant, interleaved (median reported)")
+    ap.add_argument("--tokens", action="store_true", help="q, k, v, dO token-major (Transformers' layout)")
+    ap.add_argument("--hkv", type=int, default=0, help="key heads of every case (0: the case's)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     idx = [int(i) for i in a.cases.split(",")] if a.cases else range(len(bench.ANCHORS))
@@ -271,8 +277,10 @@ def main():
         c = bench.ANCHORS[i]
         if a.shrink:
             c = dataclasses.replace(c, S=c.S - a.shrink)
+        if a.hkv:
+            c = dataclasses.replace(c, Hkv=a.hkv)
         try:
-            row = run(c, names, rounds=a.rounds)
+            row = run(c, names, rounds=a.rounds, tokens=a.tokens)
         except Exception as e:
             row = dict(case=c.name, error=f"{type(e).__name__}: {str(e)[:500]}")
         res["rows"].append(row)
