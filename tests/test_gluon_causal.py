@@ -110,6 +110,7 @@ def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, kno
                         lambda q, k, v, window, score_fn, dims: window is not None and score_fn is None)
     monkeypatch.setattr(gluon_causal, "causal_backward", fake)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", knob)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_sliding", sliding_knob)
     B, H, S, D = 1, 2, 128, 32
     g = torch.Generator().manual_seed(0)
@@ -141,3 +142,29 @@ def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, kno
         # delta = rowsum(dO O) - dLSE: the LSE's gradient folded in
         want = (do.float() * out.detach().float()).sum(-1) - dlse
         torch.testing.assert_close(delta.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_gluon_allowed_by_size_and_layout(monkeypatch):
+    """SCHEDULE["gluon_min_rows"] (B * Hq * S) and ["gluon_token_major"] decide which calls may take a
+    Gluon backward; a value that is not an int >= 0 is refused by name."""
+    heads = torch.empty(2, 4, 256, 64, device="meta")  # 2048 rows
+    tokens = torch.empty(2, 256, 4, 64, device="meta").transpose(1, 2)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_token_major", True)
+    for min_rows, expect in ((0, True), (2048, True), (2049, False)):
+        monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", min_rows)
+        assert launch.gluon_allowed(heads) is expect and launch.gluon_allowed(tokens) is expect
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_token_major", False)
+    assert launch.gluon_allowed(heads) and not launch.gluon_allowed(tokens)
+    for bad in (-1, 2.5, True, "big"):
+        monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", bad)
+        with pytest.raises(ValueError, match=r'SCHEDULE\["gluon_min_rows"\]'):
+            launch.gluon_allowed(heads)
+
+
+def test_default_gate_keeps_the_measured_calls():
+    """The default gluon_min_rows lets the smallest anchor call where the Gluon kernels measured faster
+    (causal 2k, B = 8, 16 heads) take them, and keeps the host-bound 4k end-to-end step's (16 heads)
+    on the Triton kernels."""
+    rows = launch.SCHEDULE["gluon_min_rows"]
+    assert 8 * 16 * 2048 >= rows > 1 * 16 * 4096

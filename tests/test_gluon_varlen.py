@@ -55,6 +55,7 @@ def test_varlen_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, k
     monkeypatch.setattr(gluon_varlen, "applies", lambda q, k, v, tile, score_fn, dims: score_fn is None)
     monkeypatch.setattr(gluon_varlen, "varlen_backward", fake)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", knob)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 1)
     seen = []
     real_tiles = launch_varlen.varlen_tiles
@@ -95,6 +96,7 @@ def test_min_group_keeps_the_triton_kernels_for_small_groups(device, monkeypatch
     monkeypatch.setattr(gluon_varlen, "varlen_backward", lambda q, k, v, *a, **kw: calls.append(q.shape[1]) or (
         torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)))
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 2)
     S, D = 256, 32
     ids = torch.zeros(1, S, dtype=torch.int32)

@@ -148,8 +148,12 @@ OVERRIDES: dict = {}
 #   874 us) but the call 35 % slower: host-bound, the three Gluon launches and eight descriptors cost
 #   the host more than the Triton kernels' one launch (NOTES.md, seventeenth round).
 # gluon_token_major: both Gluon backwards take Transformers' layout too (q, k, v transposed views of
-#   contiguous [B, S, H, D] projections, read in place and their gradients written in it); off, such
-#   inputs run the Triton kernels (NOTES.md, eighteenth round).
+#   contiguous [B, S, H, D] projections, read in place and their gradients written in it; 24 docs GQA
+#   on such inputs, forward+backward 251 against 241 TFLOP/s in groups of 4, 242 against 229 in groups
+#   of 2); off, such inputs run the Triton kernels. gluon_min_rows: a call takes a Gluon backward only
+#   where B * Hq * S reaches it: the smallest anchor call where they measured faster (causal 2k, 8
+#   x 16 heads); the 4k end-to-end step's calls (16 heads x 4096) are host-bound, and read 12.6
+#   against 7.7 ms of overhead with them (NOTES.md, eighteenth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -159,7 +163,7 @@ SCHEDULE: dict = {
     "bwd_dp_first": 64, "varlen_dp_first": False, "row_select": False, "varlen_row_select": False,
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
-    "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True,
+    "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True, "gluon_min_rows": 1 << 18,
 }
 
 
@@ -552,9 +556,16 @@ def delta_pass(go, out, dout, dlse, delta) -> None:
     )
 
 
-def gluon_layout_allowed(q) -> bool:
-    """Whether SCHEDULE lets q's layout take a Gluon backward: contiguous always, any other (the
-    token-major layout gluon_causal.layout accepts) with SCHEDULE["gluon_token_major"]."""
+def gluon_allowed(q) -> bool:
+    """Whether SCHEDULE lets this call take a Gluon backward: B * Hq * S of q at least
+    SCHEDULE["gluon_min_rows"], and q contiguous or (the token-major layout gluon_causal.layout accepts)
+    SCHEDULE["gluon_token_major"] on."""
+    min_rows = SCHEDULE["gluon_min_rows"]
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 0:
+        raise ValueError(f'SCHEDULE["gluon_min_rows"] must be an int >= 0, got {min_rows!r}')
+    B, H, S = q.shape[:3]
+    if B * H * S < min_rows:
+        return False
     return q.is_contiguous() or bool_knob("gluon_token_major")
 
 
@@ -595,7 +606,7 @@ def flex_backward(
     """
     if causal_window is not None and causal_window < k.shape[2] and not SCHEDULE["gluon_bwd_sliding"]:
         causal_window = None
-    if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None and gluon_layout_allowed(q)
+    if (SCHEDULE["gluon_bwd"] and score_param_grad_fn is None and gluon_allowed(q)
             and gluon_causal.applies(q, k, v, causal_window, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse, warmup)
         grads = gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale, causal_window,

@@ -11,7 +11,7 @@ import torch
 from . import cdiv as _cdiv
 from .launch import (
     SCHEDULE, _common, _dot_prec, _launcher, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
-    bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, gluon_layout_allowed,
+    bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, gluon_allowed,
     gluon_row_inputs, out_like, row_buffer, row_slack, use_atomic_dq,
 )
 from . import gluon_varlen
@@ -92,7 +92,7 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
     that add dQ into a float32 accumulator (its compile-ahead is skipped). With SCHEDULE["gluon_varlen"],
     inputs gluon_varlen.applies accepts run its Gluon passes instead (a warm-up compiles them), for
     query-head groups of at least SCHEDULE["gluon_varlen_min_group"] heads."""
-    if (SCHEDULE["gluon_varlen"] and score_param_grad_fn is None and gluon_layout_allowed(q)
+    if (SCHEDULE["gluon_varlen"] and score_param_grad_fn is None and gluon_allowed(q)
             and q.shape[1] >= SCHEDULE["gluon_varlen_min_group"] * k.shape[1]
             and gluon_varlen.applies(q, k, v, tile, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse, warmup)

@@ -62,6 +62,7 @@ def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed, tokens=Fa
 
     monkeypatch.setattr(gluon_causal, "causal_backward", counted)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)  # the tests' calls are small
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_sliding", True)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_streams", streams)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_causal.HEAD_DIMS)
@@ -108,6 +109,7 @@ def test_gluon_causal_backward_skips_what_it_does_not_take(monkeypatch):
     """GQA, a head dim the schedule leaves out and a length that is not a multiple of 128 keep the Triton
     kernels."""
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", (128,))
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     called = []
     monkeypatch.setattr(gluon_causal, "causal_backward", lambda *a, **kw: called.append(1))
     for Hq, Hkv, S, D in ((4, 2, 256, 128), (2, 2, 256, 64), (2, 2, 200, 128)):

@@ -78,6 +78,7 @@ def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G
 
     monkeypatch.setattr(gluon_varlen, "varlen_backward", counted)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)  # the tests' calls are small
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 1)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_varlen.HEAD_DIMS)
     ours = _grads(q, k, v, do, dlse, bm, scale)
@@ -107,6 +108,7 @@ def test_compile_ahead_compiles_the_gluon_backward(monkeypatch):
     monkeypatch.setattr(compile_ahead, "errors", [])
     monkeypatch.setattr(compile_ahead, "enabled", True)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 2)
     kernels = (gluon_varlen.attn_bwd_dq_varlen_kernel, gluon_varlen.attn_bwd_dkdv_varlen_kernel)
     B, S, HQ, HKV, D = 1, 1500, 4, 2, 128
