@@ -188,8 +188,9 @@ def _compile_backward_ahead(ctx, spec: KernelSpec, q, k, v, mask_fn, mask_args, 
             or not any(ctx.needs_input_grad[:4])):
         return
     by_key = spec.mask_by_key()
-    key = (q.device, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] == k.shape[1], mask_fn, by_key, score_fn,
-           spec.block_mask.BLOCK_SIZE, ctx.packed_documents, varlen is not None and varlen[3],
+    # (q's layout too: the Gluon backwards compile apart for head- and token-major inputs)
+    key = (q.device, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] == k.shape[1], q.is_contiguous(), mask_fn, by_key,
+           score_fn, spec.block_mask.BLOCK_SIZE, ctx.packed_documents, varlen is not None and varlen[3],
            tuple(SCHEDULE.values()))
     if compile_ahead.seen(key):
         return
