@@ -16,6 +16,15 @@ def interpreted() -> bool:
     return not isinstance(_probe, triton.runtime.jit.JITFunction) or type(_probe).__name__ == "InterpretedFunction"
 
 
+def launcher(warmup: bool):
+    """kernel, grid -> what launches it (kernel[grid]), or with ``warmup`` what compiles its variant for
+    those arguments and launches nothing (JITFunction.warmup; kernels.compile_ahead runs warm-ups while
+    the forward runs). Triton and Gluon kernels alike."""
+    def go(kernel, grid):
+        return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
+    return go
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host ints. triton.cdiv is a @triton.jit function: called on the host it goes
     through JITFunction.__call__ (~7 us a call, several per attention call)."""

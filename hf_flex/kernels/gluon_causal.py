@@ -36,7 +36,7 @@ import functools
 
 import torch
 
-from . import _cuda_major, cuda_index, interpreted
+from . import _cuda_major, cuda_index, interpreted, launcher
 from .forward import LOG2E
 
 try:  # Gluon ships with Triton >= 3.5; without it (or its Hopper module) this path never applies
@@ -408,12 +408,6 @@ def _side_stream(device) -> "torch.cuda.Stream":
     return s
 
 
-def launcher(kernel, grid, warmup: bool):
-    """kernel[grid], or with ``warmup`` its compile-only form (JITFunction.warmup: the variant for these
-    arguments compiled, nothing launched; kernels.compile_ahead runs it while the forward runs)."""
-    return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
-
-
 def run_passes(device, dq_pass, dkdv_pass, concurrent: bool) -> None:
     """dq_pass() then dkdv_pass(); ``concurrent``: dq_pass on a second stream, so that its programs fill
     the SMs the dK/dV launch's last programs leave idle (what one launch of both passes does for the
@@ -456,14 +450,15 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, co
     qk_scale = sm_scale * LOG2E
     q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
     grid = (S // TILE, B * H)
+    go = launcher(warmup)
 
     def dq_pass():
-        launcher(attn_bwd_dq_causal_kernel, grid, warmup)(
+        go(attn_bwd_dq_causal_kernel, grid)(
             q_t, k_s, v_s, do_t, lse2, delta, dq, S, H, qk_scale, sm_scale, window,
             SLIDING=sliding, TOKENS=tokens, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
     def dkdv_pass():
-        launcher(attn_bwd_dkdv_causal_kernel, grid, warmup)(
+        go(attn_bwd_dkdv_causal_kernel, grid)(
             q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, H, qk_scale, sm_scale, window,
             SLIDING=sliding, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _cuda_major, cuda_index, interpreted
+from . import _cuda_major, cuda_index, interpreted, launcher
 from .forward import LOG2E
-from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, launcher, layout, pass_descriptors, run_passes
+from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, layout, pass_descriptors, run_passes
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -223,9 +223,8 @@ if AVAILABLE:
         tiles[:, 1], addressed from the lists' base, whose alignment does not depend on S); WALK: and of
         every N_PROGRAMS-th tile after it. A launch without WALK covers the first cdiv(S, 128) tiles (the
         longest), one a program: the walk's loop over tiles costs ptxas registers it then spills; a
-        launch with it the rest (at most one tile per document). TOKENS: q, k,
-        v, dout, dK and dV token-major ([B, S, H, D] storage; descriptors over [B * S, H * D]), else
-        head-major."""
+        launch with it the rest (at most one tile per document). TOKENS: q, k, v, dout, dK and dV
+        token-major ([B, S, H, D] storage; descriptors over [B * S, H * D]), else head-major."""
         pid = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // HKV
@@ -362,20 +361,21 @@ def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale:
     n_programs = -(-S // TILE)
     _, _, _, stride_tb, stride_sb, stride_nb = _list_args(tiles, n_tiles, spans)
     lists = (spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV, n_programs, qk_scale, sm_scale)
+    go = launcher(warmup)
 
     def dq_pass():
-        launcher(attn_bwd_dq_varlen_kernel, (n_programs, B * HQ), warmup)(
+        go(attn_bwd_dq_varlen_kernel, (n_programs, B * HQ))(
             q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, TOKENS=tokens,
             BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
 
     def dkdv_pass():
         dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles, n_tiles, *lists)
-        launcher(attn_bwd_dkdv_varlen_kernel, (n_programs, B * HKV), warmup)(
+        go(attn_bwd_dkdv_varlen_kernel, (n_programs, B * HKV))(
             *dkdv_args, 0, tiles.stride(1), G=HQ // HKV, WALK=False, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
             num_warps=8)
         # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
         n_walk = -(-n_programs // 4)
-        launcher(attn_bwd_dkdv_varlen_kernel, (n_walk, B * HKV), warmup)(
+        go(attn_bwd_dkdv_varlen_kernel, (n_walk, B * HKV))(
             *dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs, tiles.stride(1), G=HQ // HKV, WALK=True,
             TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
 

@@ -7,13 +7,12 @@ lse / delta [B, Hq, Sq] float32.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from . import _cuda_major, cuda_index, gluon_causal
+from . import _cuda_major, cuda_index, gluon_causal, launcher
 from . import cdiv as _cdiv
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
 from .forward import LN2, attn_fwd_kernel
@@ -437,12 +436,6 @@ def flex_forward(
     return out, lse
 
 
-def _launcher(warmup: bool):
-    """kernel, grid -> what launches it, or (warmup) what compiles it for those arguments and
-    launches nothing (JITFunction.warmup)."""
-    def go(kernel, grid):
-        return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
-    return go
 
 
 def row_slack(sparse_q: int, selects: bool) -> int:
@@ -545,7 +538,7 @@ def atomic_dq_buffer(q, d: int, dp: int, rows: int):
 
 
 def delta_pass(go, out, dout, dlse, delta) -> None:
-    """delta = rowsum(dO * O) - dLSE ([B, Hq, Sq] float32), through ``go`` (_launcher)."""
+    """delta = rowsum(dO * O) - dLSE ([B, Hq, Sq] float32), through ``go`` (kernels.launcher)."""
     B, HQ, SQ, DV = out.shape
     dm = 64
     go(attn_bwd_delta_kernel, (_cdiv(SQ, dm), B * HQ))(
@@ -574,7 +567,7 @@ def gluon_row_inputs(q, out, lse, dout, dlse, warmup: bool = False):
     without slack (their row loads are exact) and delta = rowsum(dO O) - dLSE by delta_pass (``warmup``:
     its kernel compiled, not launched; lse stands in for delta)."""
     lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, 0)
-    delta_pass(_launcher(warmup), out, dout, dlse, delta)
+    delta_pass(launcher(warmup), out, dout, dlse, delta)
     return lse, dout, delta
 
 
@@ -619,7 +612,7 @@ def flex_backward(
     row_select = bool_knob("row_select")
     lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(sq, row_select))
 
-    go = _launcher(warmup)
+    go = launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
     atomic = use_atomic_dq("atomic_dq", score_param_grad_fn)
     q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)

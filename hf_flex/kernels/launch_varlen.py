@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from . import cdiv as _cdiv
+from . import cdiv as _cdiv, launcher
 from .launch import (
-    SCHEDULE, _common, _dot_prec, _launcher, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
+    SCHEDULE, _common, _dot_prec, _per_mask, atomic_dq_buffer, backward_buffers, backward_descriptors,
     bool_knob, delta_pass, dkdv_tiles, dp_first, dq_tiles, forward_descriptors, fwd_tiles, gluon_allowed,
     gluon_row_inputs, out_like, row_buffer, row_slack, use_atomic_dq,
 )
@@ -107,7 +107,7 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
         return None
     row_select = bool_knob("varlen_row_select")
     lse, dout, dlse, delta = backward_buffers(q, lse, dout, dlse, warmup, row_slack(tile, row_select))
-    go = _launcher(warmup)
+    go = launcher(warmup)
     delta_pass(go, out, dout, dlse, delta)
     q_desc, do_desc, k_desc, v_desc = backward_descriptors(q, k, v, dout, t, t2)
     dk, dv = (k, v) if warmup else (torch.empty_like(k), torch.empty_like(v))
