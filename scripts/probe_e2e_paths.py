@@ -23,13 +23,12 @@ from hf_flex import bench_e2e  # noqa: E402
 from hf_flex.kernels import gluon_causal, gluon_varlen, launch  # noqa: E402
 
 
-def _counting(module, name, counts, key, layouts=None):
+def _counting(module, name, counts, key, layouts):
     real = getattr(module, name)
 
     def wrapped(q, *args, **kwargs):
         counts[key] = counts.get(key, 0) + 1
-        if layouts is not None:
-            layouts.add(gluon_causal.layout(q) or f"other {tuple(q.stride())}")
+        layouts.add(gluon_causal.layout(q) or f"other {tuple(q.stride())}")
         return real(q, *args, **kwargs)
 
     setattr(module, name, wrapped)
