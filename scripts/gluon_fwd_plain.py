@@ -83,14 +83,14 @@ def _softmax(s, j, m_i, l_i, qk_scale, rows, WINDOW, MASKED: gl.constexpr, BLOCK
 
 
 @gluon.jit
-def _step(c, j, j_end, row0, q_s, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i, zero_s, qk_scale, rows,
+def _step(c, j, j_end, row0, q_s, q_a, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i, zero_s, qk_scale, rows,
           WINDOW, a_layout: gl.constexpr, o_layout: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr):
     """Block j (ring counter c): S = Q K^T waited for with the previous P V (its stage then free: block
     j + NBUF - 1 refills it), the softmax, O = O alpha + P V issued and left in flight."""
     NBUF: gl.constexpr = k_bufs.type.shape[0]
     st = c % NBUF
     mbarrier.wait(bars.index(st), (c // NBUF) & 1)
-    s = warpgroup_mma(q_s, k_bufs.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_a, k_bufs.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s, acc))
     _refill(c + NBUF - 1, row0, j + NBUF - 1, j_end, k_desc, v_desc, k_bufs, v_bufs, bars, BLOCK_N)
     p, alpha, m_i, l_i = _softmax(s, j, m_i, l_i, qk_scale, rows, WINDOW, MASKED, BLOCK_N)
@@ -130,7 +130,7 @@ def _ahead_step(c, j, j_end, s, row0, q_s, k_desc, v_desc, k_bufs, v_bufs, bars,
 @gluon.jit
 def plain_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, S, BH, WINDOW, qk_scale,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
-                     AHEAD: gl.constexpr, num_warps: gl.constexpr):
+                     AHEAD: gl.constexpr, Q_REG: gl.constexpr, num_warps: gl.constexpr):
     """O [B * H * S, D] and LSE [B * H * S] (natural log) of causal attention within WINDOW keys (S or
     more: plain causal) over descriptors of the flat [B * H * S, D] q, k, v. One program a query tile,
     the last tiles of every row first. Key blocks of tile m: the window edge's (masked), those wholly
@@ -171,6 +171,11 @@ def plain_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, S, BH, WINDOW, qk_scale,
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     acc = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
     mbarrier.wait(q_bar, 0)
+    if Q_REG:  # the S product's A operand from registers: half the shared-memory reads of the S product
+        s_a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        q_a = q_s.load(s_a_layout)
+    else:
+        q_a = q_s
     if AHEAD:
         mbarrier.wait(bars.index(0), 0)
         s = warpgroup_mma(q_s, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -192,13 +197,13 @@ def plain_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, S, BH, WINDOW, qk_scale,
                                        o_layout, True, True, BLOCK_N)
     else:
         for j in range(j0, j_free):
-            acc, m_i, l_i = _step(j - j0, j, j_end, row0, q_s, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i,
+            acc, m_i, l_i = _step(j - j0, j, j_end, row0, q_s, q_a, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i,
                                   zero_s, qk_scale, rows, WINDOW, a_layout, o_layout, True, BLOCK_N)
         for j in range(j_free, j_diag):
-            acc, m_i, l_i = _step(j - j0, j, j_end, row0, q_s, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i,
+            acc, m_i, l_i = _step(j - j0, j, j_end, row0, q_s, q_a, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i,
                                   zero_s, qk_scale, rows, WINDOW, a_layout, o_layout, False, BLOCK_N)
         for j in range(j_diag, j_end):
-            acc, m_i, l_i = _step(j - j0, j, j_end, row0, q_s, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i,
+            acc, m_i, l_i = _step(j - j0, j, j_end, row0, q_s, q_a, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i,
                                   zero_s, qk_scale, rows, WINDOW, a_layout, o_layout, True, BLOCK_N)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.invalidate(q_bar)
@@ -213,7 +218,8 @@ def plain_fwd_kernel(q_desc, k_desc, v_desc, O, LSE, S, BH, WINDOW, qk_scale,
     gl.store(LSE + row, lse)
 
 
-def launch(q, k, v, window=None, block_m=64, block_n=64, nbuf=3, num_warps=4, ahead=False, maxnreg=None):
+def launch(q, k, v, window=None, block_m=64, block_n=64, nbuf=3, num_warps=4, ahead=False, maxnreg=None,
+           q_reg=False):
     """(O [B, H, S, D], LSE [B, H, S] natural log) of causal attention within ``window`` keys (None: all)
     on bf16 q, k, v [B, H, S, D] (contiguous)."""
     B, H, S, D = q.shape
@@ -231,7 +237,7 @@ def launch(q, k, v, window=None, block_m=64, block_n=64, nbuf=3, num_warps=4, ah
     kw = {} if maxnreg is None else {"maxnreg": maxnreg}
     plain_fwd_kernel[((S // block_m) * B * H,)](
         *descs, o, lse, S, B * H, S if window is None else window, LOG2E / math.sqrt(D), BLOCK_M=block_m,
-        BLOCK_N=block_n, D=D, NBUF=nbuf, AHEAD=ahead, num_warps=num_warps, **kw)
+        BLOCK_N=block_n, D=D, NBUF=nbuf, AHEAD=ahead, Q_REG=q_reg, num_warps=num_warps, **kw)
     return o.reshape(B, H, S, D), lse.reshape(B, H, S)
 
 
@@ -240,8 +246,23 @@ VARIANTS = {  # w: warps, m: query rows a program, n: keys a step, s: stages (CT
     "w4_m64_n64_s2": dict(block_m=64, block_n=64, nbuf=2, num_warps=4),  # 2 (80 KB)
     "w4_m128_n64_s2": dict(block_m=128, block_n=64, nbuf=2, num_warps=4),  # spills at D=128; D=64: 2
     "w8_m128_n128_s2": dict(block_m=128, block_n=128, nbuf=2, num_warps=8),  # 1 (registers), Triton's tiles
-    "w8_m128_n64_s3": dict(block_m=128, block_n=64, nbuf=3, num_warps=8),  # 1 (registers)
+    "w8_m128_n64_s3": dict(block_m=128, block_n=64, nbuf=3, num_warps=8),  # 1 (registers); D=64: 2
     "ahead_w4_m64_n64_s3": dict(block_m=64, block_n=64, nbuf=3, num_warps=4, ahead=True),  # ptxas C7514
+    # second call
+    "qreg_w4_m64_n64_s3": dict(block_m=64, block_n=64, nbuf=3, num_warps=4, q_reg=True),
+    "qreg_w4_m64_n64_s2": dict(block_m=64, block_n=64, nbuf=2, num_warps=4, q_reg=True),
+    "w8_m128_n64_s2_r128": dict(block_m=128, block_n=64, nbuf=2, num_warps=8, maxnreg=128),  # 2 (96 KB)
+    "qreg_w8_m128_n64_s2_r128": dict(block_m=128, block_n=64, nbuf=2, num_warps=8, maxnreg=128, q_reg=True),
+    "w8_m128_n64_s4": dict(block_m=128, block_n=64, nbuf=4, num_warps=8),  # D=64: 2 (80 KB)
+    "qreg_w8_m128_n64_s3": dict(block_m=128, block_n=64, nbuf=3, num_warps=8, q_reg=True),
+    "qreg_w4_m128_n64_s2": dict(block_m=128, block_n=64, nbuf=2, num_warps=4, q_reg=True),
+    # third call
+    "qreg_w8_m128_n64_s2": dict(block_m=128, block_n=64, nbuf=2, num_warps=8, q_reg=True),
+    "qreg_w8_m128_n64_s4": dict(block_m=128, block_n=64, nbuf=4, num_warps=8, q_reg=True),
+    "w8_m128_n32_s3_r128": dict(block_m=128, block_n=32, nbuf=3, num_warps=8, maxnreg=128),
+    "w8_m128_n32_s4_r128": dict(block_m=128, block_n=32, nbuf=4, num_warps=8, maxnreg=128),
+    "w4_m64_n32_s3": dict(block_m=64, block_n=32, nbuf=3, num_warps=4),
+    "qreg_w4_m64_n32_s3": dict(block_m=64, block_n=32, nbuf=3, num_warps=4, q_reg=True),
 }
 
 CASES = {  # name: (B, H, S, D, window or None): the anchors' causal 2k, 8k, D=64 and sliding shapes
