@@ -233,7 +233,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         else:
             out, lse2 = flex_forward(
                 q, k, v, spec.fwd_tables(), spec.block_mask.BLOCK_SIZE, mask_fn, mask_args, score_fn, score_args,
-                sink, spec.scale, packed_documents=ctx.packed_documents,
+                sink, spec.scale, packed_documents=ctx.packed_documents, causal_window=spec.causal_window(),
             )
         spec_tensors, ctx.hollow_spec = _hollow(spec, with_tables=varlen is None)
         # the document-aligned backward's tile list, its count and the spans (a view of the mask's)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _cuda_major, cuda_index, gluon_causal, launcher
+from . import _cuda_major, cuda_index, gluon_causal, gluon_forward, launcher
 from . import cdiv as _cdiv
 from .backward import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel
 from .forward import LN2, attn_fwd_kernel
@@ -153,6 +153,12 @@ OVERRIDES: dict = {}
 #   where B * Hq * S reaches it: the smallest anchor call where they measured faster (causal 2k, 8
 #   x 16 heads); the 4k end-to-end step's calls (16 heads x 4096) are host-bound, and read 12.6
 #   against 7.7 ms of overhead with them (NOTES.md, eighteenth round).
+# gluon_fwd: a mask that is exactly causal over S x S, alone or within a sliding window, without score
+#   mod or sink, runs its forward as the Gluon kernel of kernels/gluon_forward.py where its applies()
+#   holds (Hopper, 16-bit inputs of either layout, GQA, S a multiple of 128, D 64 or 128): two programs
+#   an SM; forward TFLOP/s on the H100 against the Triton forward, sliding window 1024 at 8k 352 against
+#   336, D=64 causal 8k 410 against 369, causal 8k 499 against 470, 2k 372 against 361 (prototype,
+#   NOTES.md, nineteenth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -163,6 +169,7 @@ SCHEDULE: dict = {
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
     "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True, "gluon_min_rows": 1 << 18,
+    "gluon_fwd": True,
 }
 
 
@@ -378,16 +385,22 @@ def forward_descriptors(q, k, v, t: Tiles):
 
 def flex_forward(
     q, k, v, tables: MaskTables, sparse, mask_fn, mask_args, score_fn, score_args, sink, sm_scale,
-    packed_documents: bool = False,
+    packed_documents: bool = False, causal_window: Optional[int] = None,
 ):
     """Returns (out [B, Hq, Sq, Dv] in q's dtype, lse2 [B, Hq, Sq] float32): the log-sum-exp of each row
     in the form the backward reads, log2 units and +inf for a row with no allowed key (natural_lse
     gives the user's form). The backward needs no per-row buffer of its own beside delta.
 
     ``packed_documents``: the mask holds packed documents (KernelSpec.packs_documents), for
-    SCHEDULE["heads_first"] == "documents"."""
+    SCHEDULE["heads_first"] == "documents". ``causal_window``: as flex_backward's; with
+    SCHEDULE["gluon_fwd"], inputs gluon_forward.applies accepts run the Gluon forward."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse
+    if bool_knob("gluon_fwd") and gluon_forward.applies(q, k, v, causal_window, score_fn, sink, sm_scale):
+        out = out_like(q, DV)
+        lse = row_buffer(B, HQ, SQ, q.device, row_slack(sq, bool_knob("row_select")))
+        gluon_forward.causal_forward(q, k, v, out, lse, sm_scale, causal_window)
+        return out, lse
     ahead = SCHEDULE["index_ahead"]
     if ahead not in ("none", "full", "both"):
         raise ValueError(f'SCHEDULE["index_ahead"] must be "none", "full" or "both", got {ahead!r}')
@@ -707,8 +720,8 @@ def count_variants(kernels) -> int:
 
 
 def compiled_variants() -> int:
-    """How many compiled variants of the attention kernels (block-sparse, document-aligned and the Gluon
-    backwards) exist in this process."""
+    """How many compiled variants of the attention kernels (block-sparse, document-aligned, the Gluon
+    forward and backwards) exist in this process."""
     from . import gluon_varlen
     from .varlen import attn_bwd_varlen_kernel, attn_fwd_varlen_kernel
 
@@ -716,5 +729,6 @@ def compiled_variants() -> int:
                attn_fwd_varlen_kernel, attn_bwd_varlen_kernel]
     if gluon_causal.AVAILABLE:
         kernels += [gluon_causal.attn_bwd_dkdv_causal_kernel, gluon_causal.attn_bwd_dq_causal_kernel,
-                    gluon_varlen.attn_bwd_dkdv_varlen_kernel, gluon_varlen.attn_bwd_dq_varlen_kernel]
+                    gluon_varlen.attn_bwd_dkdv_varlen_kernel, gluon_varlen.attn_bwd_dq_varlen_kernel,
+                    gluon_forward.attn_fwd_causal_kernel]
     return count_variants(kernels)
