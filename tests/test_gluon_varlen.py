@@ -55,6 +55,7 @@ def test_varlen_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, k
     monkeypatch.setattr(gluon_varlen, "applies", lambda q, k, v, tile, score_fn, dims: score_fn is None)
     monkeypatch.setattr(gluon_varlen, "varlen_backward", fake)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", knob)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_fwd", False)  # (the forward's stand-in is the next test's)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 1)
     seen = []
@@ -89,6 +90,61 @@ def test_varlen_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, k
     torch.testing.assert_close(delta.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("knob", [True, False])
+def test_varlen_forward_hands_the_gluon_forward_its_buffers(device, monkeypatch, knob):
+    """With applies() forced true, the document-aligned forward of a call without score mod or sink goes
+    to gluon_varlen.varlen_forward (a stand-in that runs the Triton forward into the buffers it is given)
+    with an output in q's layout, the LSE buffer the backward reads, the call's tile lists and the
+    scale; the result and the gradients are the Triton path's. The knob off, a score mod, or a call
+    gluon_allowed refuses (fewer rows than gluon_min_rows) keep the Triton forward."""
+    calls = []
+    real_forward = launch_varlen.varlen_forward
+    seen = []
+    real_tiles = launch_varlen.varlen_tiles
+
+    def tiles_seen(spans, tile):
+        seen.append(real_tiles(spans, tile))
+        return seen[-1]
+
+    def fake(q, k, v, out, lse2, tiles, n_tiles, spans, sm_scale, warmup=False):
+        assert not warmup
+        calls.append((out.stride() == launch.out_like(q, v.shape[-1]).stride(), lse2.shape, tiles, n_tiles, sm_scale))
+        with monkeypatch.context() as m:
+            m.setitem(launch.SCHEDULE, "gluon_varlen_fwd", False)
+            o, l2 = real_forward(q, k, v, tiles, n_tiles, spans, 128, None, (), None, sm_scale)
+        out.copy_(o)
+        lse2.copy_(l2)
+
+    monkeypatch.setattr(hf_flex.autograd, "varlen_tiles", tiles_seen)
+    monkeypatch.setattr(gluon_varlen, "applies", lambda q, k, v, tile, score_fn, dims: score_fn is None)
+    monkeypatch.setattr(gluon_varlen, "varlen_forward", fake)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_fwd", knob)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", False)
+    B, HQ, HKV, S, D = 1, 4, 2, 256, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, S, HQ, D, generator=g).to(device).transpose(1, 2)  # Transformers' layout
+    k, v = (torch.randn(B, S, HKV, D, generator=g).to(device).transpose(1, 2) for _ in range(2))
+    ids = torch.zeros(B, S, dtype=torch.int32)
+    ids[:, 70:] = 1
+    mm = mods.and_masks(mods.causal(), mods.document(ids.to(device)))
+    bm = hf_flex.create_block_mask(mm, B, None, S, S, device=device)
+    ref = hf_flex.reference.attention(q.double(), k.double(), v.double(), None, mm, scale=0.25, enable_gqa=True)
+    for min_rows, score_mod, expect in ((0, None, knob), (0, mods.softcap(30.0), False), (B * HQ * S + 1, None, False)):
+        monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", min_rows)
+        calls.clear()
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(*leaves, score_mod, block_mask=bm, scale=0.25, enable_gqa=True)
+        assert len(calls) == int(expect)
+        if score_mod is None:
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        if expect:
+            layout_ok, lse_shape, tiles, n_tiles, scale = calls[0]
+            assert layout_ok and lse_shape == (B, HQ, S) and scale == 0.25
+            assert tiles is seen[-1][0] and n_tiles is seen[-1][1]
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            assert all(torch.isfinite(x).all() for x in grads)
+
+
 def test_min_group_keeps_the_triton_kernels_for_small_groups(device, monkeypatch):
     """gluon_varlen_min_group: query-head groups smaller than it keep the Triton kernels."""
     calls = []
@@ -96,6 +152,7 @@ def test_min_group_keeps_the_triton_kernels_for_small_groups(device, monkeypatch
     monkeypatch.setattr(gluon_varlen, "varlen_backward", lambda q, k, v, *a, **kw: calls.append(q.shape[1]) or (
         torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)))
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_fwd", False)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_min_group", 2)
     S, D = 256, 32

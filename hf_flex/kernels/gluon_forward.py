@@ -84,12 +84,13 @@ if AVAILABLE:
     @gluon.jit
     def _fwd_step(c, j, j_end, kv_row0, kv_col, q_a, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i, zero_s,
                   qk_scale, rows, window, a_layout: gl.constexpr, o_layout: gl.constexpr, MASKED: gl.constexpr,
-                  SLIDING: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Key block j (the program's c-th step, stage c % NBUF): S = Q K^T waited for together with the
-        previous step's P V (whose stage then refills with block j + NBUF - 1), the online softmax in
-        log2 units (the scale folded into exp2's FFMA), O = O alpha + P V issued and left in flight.
-        MASKED: a key is allowed where 0 <= query - key (< window where SLIDING); a row with no allowed
-        key so far shifts by 0 (its P and alpha 0)."""
+                  SLIDING: gl.constexpr, BLOCK_N: gl.constexpr, key0=0):
+        """Key block j (the program's c-th step, stage c % NBUF; keys key0 + j * BLOCK_N ..., at descriptor
+        row kv_row0 + j * BLOCK_N): S = Q K^T waited for together with the previous step's P V (whose
+        stage then refills with block j + NBUF - 1), the online softmax in log2 units (the scale folded
+        into exp2's FFMA), O = O alpha + P V issued and left in flight. MASKED: a key is allowed where
+        0 <= query - key (< window where SLIDING); a row with no allowed key so far shifts by 0 (its P
+        and alpha 0)."""
         NB: gl.constexpr = k_bufs.type.shape[0]
         st = c % NB
         mbarrier.wait(bars.index(st), (c // NB) & 1)
@@ -100,7 +101,7 @@ if AVAILABLE:
             _copy_pair(k_desc, v_desc, kv_row0 + (j + NB - 1) * BLOCK_N, kv_col, bars.index(nx), k_bufs.index(nx),
                        v_bufs.index(nx))
         if MASKED:
-            keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
+            keys = key0 + j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zero_s.type.layout))
             gap = rows[:, None] - keys[None, :]
             if SLIDING:  # 0 <= query - key < window in one unsigned compare (window >= 1)
                 s = gl.where(gap.to(gl.uint32) < window.to(gl.uint32), s, float("-inf"))

@@ -35,16 +35,20 @@ import torch
 
 from . import _cuda_major, cuda_index, interpreted, launcher
 from .forward import LOG2E
-from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, layout, pass_descriptors, run_passes
+from .gluon_causal import (
+    AVAILABLE, HEAD_DIMS, STEP, TILE, _token_major, in_layout, layout, pass_descriptors, run_passes,
+)
+from .gluon_forward import CONFIG, NBUF
 
 if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+        mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
     )
 
-    from .gluon_causal import _buffers, _copy_pair, _mma_layout, _release
+    from .gluon_causal import _buffers, _copy_pair, _descriptors, _mma_layout, _release, _rows, _tile_origin
+    from .gluon_forward import _fwd_step
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, score_fn, head_dims=(128,)) -> bool:
@@ -339,6 +343,109 @@ if AVAILABLE:
             base = r_end
             qo_phase = qo_phase ^ 1
         _release(qo_bar, bars)
+
+
+    @gluon.jit(do_not_specialize=_DYNAMIC)
+    def attn_fwd_varlen_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, TILES, N_TILES, SPANS, stride_tb, stride_sb, stride_nb,
+                               S, HQ, HKV, N_PROGRAMS, qk_scale, TOKENS: gl.constexpr, Q_REG: gl.constexpr,
+                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NB: gl.constexpr,
+                               num_warps: gl.constexpr):
+        """Grid (N_PROGRAMS, B * HQ): O (q's layout) and LSE (log2) of tiles program_id(0), + N_PROGRAMS, ...
+        of the query-major list (TILES: tiles[:, 0]) of query head program_id(1), with gluon_forward's steps
+        (two programs an SM): keys from the tile's document's first position lo in BLOCK_N-key steps, those
+        before the tile unmasked, the diagonal's two masked (keys after the query; those past the
+        document's end are after every query it stores); rows past the document's end are not stored.
+        The K/V stages' counter runs on across a program's tiles. TOKENS: as the dQ kernel's."""
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // HQ
+        trow0, col, row_stride = _tile_origin(bh, HQ, S, TOKENS, D)  # q's and O's
+        kv_row0, kv_col, _ = _tile_origin(b * HKV + (bh % HQ) // (HQ // HKV), HKV, S, TOKENS, D)
+        dtype: gl.constexpr = q_desc.dtype
+        q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NB):
+            mbarrier.init(bars.index(i), count=1)
+        s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
+        o_layout: gl.constexpr = _mma_layout(D, num_warps)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        rows_s = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        n_tiles = gl.load(N_TILES + b * stride_nb)
+        base = pid * 0  # steps run so far by this program (the stages' counter)
+        q_phase = pid * 0
+        for t in range(pid, n_tiles, N_PROGRAMS):
+            start, lo, end = _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
+            n_free = (start - lo) // BLOCK_N  # key steps before the tile: every query sees them whole
+            j_end = n_free + BLOCK_M // BLOCK_N
+            mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
+            tma.async_copy_global_to_shared(q_desc, [trow0 + start, col], q_bar, q_s)
+            for i in gl.static_range(NB - 1):  # (j_end >= BLOCK_M // BLOCK_N >= NB - 1)
+                st = (base + i) % NB
+                _copy_pair(k_desc, v_desc, kv_row0 + lo + i * BLOCK_N, kv_col, bars.index(st), k_bufs.index(st),
+                           v_bufs.index(st))
+            rows = start + rows_s
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+            acc = warpgroup_mma_init(gl.zeros([BLOCK_M, D], gl.float32, o_layout))
+            mbarrier.wait(q_bar, q_phase)
+            if Q_REG:
+                q_a = q_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+            else:
+                q_a = q_s
+            for j in range(0, n_free):
+                acc, m_i, l_i = _fwd_step(base + j, j, j_end, kv_row0 + lo, kv_col, q_a, k_desc, v_desc, k_bufs,
+                                          v_bufs, bars, acc, m_i, l_i, zero_s, qk_scale, rows, 0, a_layout, o_layout,
+                                          False, False, BLOCK_N, lo)
+            for j in range(n_free, j_end):
+                acc, m_i, l_i = _fwd_step(base + j, j, j_end, kv_row0 + lo, kv_col, q_a, k_desc, v_desc, k_bufs,
+                                          v_bufs, bars, acc, m_i, l_i, zero_s, qk_scale, rows, 0, a_layout, o_layout,
+                                          True, False, BLOCK_N, lo)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+            keep = start + rows_o < end
+            gl.store(O + (trow0 + start + rows_o)[:, None] * row_stride + col + cols_o[None, :],
+                     (acc / l_o[:, None]).to(O.dtype.element_ty), mask=keep[:, None])
+            gl.store(LSE + bh * S + start + rows_o, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)) + gl.log2(l_o),
+                     mask=keep)
+            base = base + j_end
+            q_phase = q_phase ^ 1
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(NB):
+            mbarrier.invalidate(bars.index(i))
+
+
+def varlen_forward(q, k, v, out, lse2, tiles, n_tiles, spans, sm_scale: float, warmup: bool = False) -> None:
+    """Writes out (launch.out_like(q, D): q's layout) and lse2 (float32 [B, Hq, S], rows of stride S,
+    launch.row_buffer) of ``and_masks(causal(), document(ids))`` from inputs ``applies`` accepted and the
+    tile lists of launch_varlen.varlen_tiles(spans, 128), with gluon_forward's steps and per-head-dim
+    choices (gluon_forward.CONFIG). No score mod, no sink, a positive scale (the caller's checks).
+    ``warmup``: compile only."""
+    from .launch_varlen import _list_args  # (launch_varlen imports this module)
+
+    B, HQ, S, D = q.shape
+    HKV = k.shape[1]
+    tokens = layout(q, k, v) == "tokens"
+    if lse2.stride() != (HQ * S, S, 1) or not (_token_major(out) if tokens else out.is_contiguous()):
+        raise ValueError("varlen_forward: lse2 must have rows of stride S and out q's layout (launch.row_buffer, "
+                         "launch.out_like)")
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    (q_d,) = _descriptors([_rows(q, tokens)], TILE, D, gl_dtype)
+    k_d, v_d = _descriptors([_rows(k, tokens), _rows(v, tokens)], STEP, D, gl_dtype)
+    _, _, _, stride_tb, stride_sb, stride_nb = _list_args(tiles, n_tiles, spans)
+    cfg = CONFIG[D]
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}
+    n_programs = -(-S // TILE)
+    launcher(warmup)(attn_fwd_varlen_gluon_kernel, (n_programs, B * HQ))(
+        q_d, k_d, v_d, out, lse2, tiles[:, 0], n_tiles, spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV,
+        n_programs, sm_scale * LOG2E, TOKENS=tokens, Q_REG=cfg["Q_REG"], BLOCK_M=TILE, BLOCK_N=STEP, D=D, NB=NBUF,
+        num_warps=8, **extra)
 
 
 def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True,

@@ -158,7 +158,9 @@ OVERRIDES: dict = {}
 #   holds (Hopper, 16-bit inputs of either layout, GQA, S a multiple of 128, D 64 or 128): two programs
 #   an SM; forward TFLOP/s on the H100 against the Triton forward, sliding window 1024 at 8k 352 against
 #   336, D=64 causal 8k 410 against 369, causal 8k 499 against 470, 2k 372 against 361 (prototype,
-#   NOTES.md, nineteenth round).
+#   NOTES.md, nineteenth round). gluon_varlen_fwd: the document-aligned forward (causal packed documents)
+#   as kernels/gluon_varlen.py's Gluon forward, in the same form, where gluon_varlen.applies and
+#   gluon_allowed hold.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -169,7 +171,7 @@ SCHEDULE: dict = {
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
     "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True, "gluon_min_rows": 1 << 18,
-    "gluon_fwd": True,
+    "gluon_fwd": True, "gluon_varlen_fwd": False,
 }
 
 
@@ -730,5 +732,5 @@ def compiled_variants() -> int:
     if gluon_causal.AVAILABLE:
         kernels += [gluon_causal.attn_bwd_dkdv_causal_kernel, gluon_causal.attn_bwd_dq_causal_kernel,
                     gluon_varlen.attn_bwd_dkdv_varlen_kernel, gluon_varlen.attn_bwd_dq_varlen_kernel,
-                    gluon_forward.attn_fwd_causal_kernel]
+                    gluon_forward.attn_fwd_causal_kernel, gluon_varlen.attn_fwd_varlen_gluon_kernel]
     return count_variants(kernels)

@@ -62,11 +62,17 @@ def _list_args(tiles, n_tiles, spans, key_major: bool = False):
 
 def varlen_forward(q, k, v, tiles, n_tiles, spans, tile: int, score_fn, score_args, sink, sm_scale):
     """(out [B, Hq, S, Dv], lse2 [B, Hq, S] float32 in log2 units) as launch.flex_forward returns
-    them, for and_masks(causal(), document(ids)) with spans = document_spans(ids)."""
+    them, for and_masks(causal(), document(ids)) with spans = document_spans(ids). With
+    SCHEDULE["gluon_varlen_fwd"], calls without score mod or sink that gluon_varlen.applies accepts (and
+    launch.gluon_allowed lets through) run its Gluon forward instead."""
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
-    t = fwd_tiles(DP, DVP, q.element_size(), 128, 128)
     out = out_like(q, DV)
     lse = row_buffer(B, HQ, SQ, q.device, row_slack(tile, bool_knob("varlen_row_select")))
+    if (bool_knob("gluon_varlen_fwd") and score_fn is None and sink is None and sm_scale > 0 and gluon_allowed(q)
+            and gluon_varlen.applies(q, k, v, tile, score_fn, (128,))):
+        gluon_varlen.varlen_forward(q, k, v, out, lse, tiles, n_tiles, spans, sm_scale)
+        return out, lse
+    t = fwd_tiles(DP, DVP, q.element_size(), 128, 128)
     k_desc, v_desc, k_desc_p, v_desc_p = forward_descriptors(q, k, v, t)
     n_programs = _cdiv(SQ, tile)
     heads_first = _per_mask("heads_first", True)  # the mask packs documents

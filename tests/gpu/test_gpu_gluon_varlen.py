@@ -127,3 +127,77 @@ def test_compile_ahead_compiles_the_gluon_backward(monkeypatch):
     grads = torch.autograd.grad(out, (q, k, v), do)
     assert launch.count_variants(kernels) == ahead, "the backward compiled a variant the warm-up did not"
     assert all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,lengths", [
+    (1000, [1, 63, 64, 65, 127, 128, 129, 200]),  # documents shorter, as long as and longer than the tiles
+    (2048, [700, 5, 300, 1000]),  # several tiles a document; S a multiple of 128
+    (777, [777]),  # one document, S not a multiple of 128
+])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gluon_varlen_forward_against_float64(monkeypatch, dtype, S, lengths, G, tokens):
+    """The document-aligned Gluon forward (SCHEDULE["gluon_varlen_fwd"]): O and LSE against float64, each no
+    worse than 1.5x the Triton forward's error on the same inputs plus 2 ulp of its scale, the path
+    taken once, the output in the Triton forward's layout. B = 2 with other cuts on row 1 (a tile past a
+    batch row's end reads the next row's first positions, token-major)."""
+    B, HKV, D = 2, 2, 128
+    HQ = HKV * G
+    scale = 1.3 / math.sqrt(D)
+    g = torch.Generator().manual_seed(S + 10 * G + tokens)
+
+    def randn(H):
+        if tokens:
+            return torch.randn(B, S, H, D, generator=g).to("cuda", dtype).transpose(1, 2)
+        return torch.randn(B, H, S, D, generator=g).to("cuda", dtype)
+
+    q, k, v = randn(HQ), randn(HKV), randn(HKV)
+    mask = mods.and_masks(mods.causal(), mods.document(_doc_ids(B, S, lengths, g)))
+    bm = hf_flex.create_block_mask(mask, B, None, S, S, device="cuda")
+    calls = []
+    real = gluon_varlen.varlen_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_varlen, "varlen_forward", counted)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_fwd", True)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)  # the tests' calls are small
+    ours = hf_flex.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True, enable_gqa=G > 1)
+    assert calls == [1], "the Gluon forward did not run"
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_fwd", False)
+    theirs = hf_flex.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True, enable_gqa=G > 1)
+    assert calls == [1]
+    ref = hf_flex.reference.attention(q.double(), k.double(), v.double(), None, mask, scale=scale, return_lse=True,
+                                      enable_gqa=G > 1)
+    assert ours[0].stride() == theirs[0].stride()
+    for name, a, b, r in zip(("out", "lse"), ours, theirs, ref):
+        assert torch.isfinite(a).all(), name
+        e_ours, e_triton = ((x.double() - r).abs().max().item() for x in (a, b))
+        eps = torch.finfo(dtype if name == "out" else torch.float32).eps
+        atol = 2 * eps * max(1.0, r.abs().max().item())
+        assert e_ours <= 1.5 * e_triton + atol, f"{name}: Gluon {e_ours:.3e} against the Triton forward's {e_triton:.3e}"
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+def test_gluon_varlen_forward_trains_like_the_triton_path(monkeypatch):
+    """Gradients through the document-aligned Gluon forward (the backward reads its LSE) equal, within
+    rounding, those through the Triton forward."""
+    B, S, HQ, HKV, D = 1, 1500, 4, 2, 128
+    g = torch.Generator().manual_seed(9)
+    q, do = (torch.randn(B, S, HQ, D, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(B, S, HKV, D, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(2))
+    mask = mods.and_masks(mods.causal(), mods.document(_doc_ids(B, S, [300, 900], g)))
+    bm = hf_flex.create_block_mask(mask, B, None, S, S, device="cuda")
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_min_rows", 0)
+    grads = []
+    for knob in (True, False):
+        monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_fwd", knob)
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(*leaves, block_mask=bm, enable_gqa=True)
+        grads.append(torch.autograd.grad(out, leaves, do))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
