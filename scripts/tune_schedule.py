@@ -103,8 +103,10 @@ SCHEDULES = {
     "gluon_tokens_off": {"gluon_token_major": False},
     # nineteenth round: causal and sliding-window forwards on the block-sparse Triton kernel, not kernels/gluon_forward.py
     "gluon_fwd_off": {"gluon_fwd": False},
-    # the document-aligned forward as kernels/gluon_varlen.py's Gluon forward
+    # the document-aligned forward as kernels/gluon_varlen.py's Gluon forward (on by default since it was
+    # measured with this variant), and off: the Triton document-aligned forward
     "gluon_varlen_fwd_on": {"gluon_varlen_fwd": True},
+    "gluon_varlen_fwd_off": {"gluon_varlen_fwd": False},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},
