@@ -1,7 +1,10 @@
-"""The document-aligned causal backward in Gluon for Hopper (sm_90): the dK/dV and dQ passes of
-``and_masks(causal(), document(ids))`` over the tile lists of the document-aligned Triton kernels
+"""The document-aligned causal backward and forward in Gluon for Hopper (sm_90): the dK/dV and dQ passes
+of ``and_masks(causal(), document(ids))`` over the tile lists of the document-aligned Triton kernels
 (kernels/varlen.py, launch_varlen.varlen_tiles), with the products and copies of
-kernels/gluon_causal.py: explicitly asynchronous wgmma, TMA tiles behind mbarriers, two stages.
+kernels/gluon_causal.py: explicitly asynchronous wgmma, TMA tiles behind mbarriers, two stages; and
+the forward over the query-major list with kernels/gluon_forward.py's steps (two programs an SM:
+``varlen_forward``; 24 documents GQA at 16k, 315 against 274 TFLOP/s on the Triton forward, H100,
+NOTES.md, nineteenth round).
 
 Why: on the H100, forward+backward of the 24-document GQA anchor case 253 against 242 TFLOP/s on the
 Triton kernels (+4.5 %). Without GQA (12 documents, one query head a key head) the passes' kernels
