@@ -319,3 +319,14 @@ def poison_row_buffers(monkeypatch, *modules) -> list:
     for m in (launch, *modules):
         monkeypatch.setattr(m, "row_buffer", rows)
     return made
+
+
+def assert_no_worse_than(names, ours, theirs, refs, dtypes, fudge: float = 1.5):
+    """Each of ``ours`` (a kernel path's outputs) against its float64 reference in ``refs``: finite, and a
+    max abs error at most ``fudge`` times that of ``theirs`` (the same outputs by the path it replaces,
+    on the same inputs) plus 2 ulp of its dtype at the reference's scale."""
+    for name, a, b, r, dt in zip(names, ours, theirs, refs, dtypes):
+        assert torch.isfinite(a).all(), name
+        e_ours, e_theirs = ((x.double() - r).abs().max().item() for x in (a, b))
+        atol = 2 * torch.finfo(dt).eps * max(1.0, r.abs().max().item())
+        assert e_ours <= fudge * e_theirs + atol, f"{name}: {e_ours:.3e} against {e_theirs:.3e} on the path it replaces"

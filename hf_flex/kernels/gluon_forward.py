@@ -82,6 +82,48 @@ def layout_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims=(64, 
 if AVAILABLE:
 
     @gluon.jit
+    def _fwd_buffers(q_desc, k_desc, v_desc, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                     NB: gl.constexpr):
+        """Shared memory of a forward program: Q [BLOCK_M, D], K and V in NB stages of [BLOCK_N, D], Q's
+        barrier and one barrier a stage, initialised."""
+        dtype: gl.constexpr = q_desc.dtype
+        q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NB):
+            mbarrier.init(bars.index(i), count=1)
+        return q_s, k_bufs, v_bufs, q_bar, bars
+
+    @gluon.jit
+    def _fwd_release(q_bar, bars, NB: gl.constexpr):
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(NB):
+            mbarrier.invalidate(bars.index(i))
+
+    @gluon.jit
+    def _fwd_store(acc, m_i, l_i, O, LSE, o_row0, col, row_stride, lse_row0, o_layout: gl.constexpr,
+                   BLOCK_M: gl.constexpr, D: gl.constexpr, end=None):
+        """A forward program's epilogue: O = acc / l of its BLOCK_M rows (O's row o_row0 ..., columns col ...
+        of rows row_stride apart: q's layout) and their LSE (log2: m + log2 l) at LSE + lse_row0 ...;
+        ``end``: only the rows before it (the rows' index from 0), else all."""
+        rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        lse = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)) + gl.log2(l_o)
+        o_ptrs = O + (o_row0 + rows_o)[:, None] * row_stride + col + cols_o[None, :]
+        o = (acc / l_o[:, None]).to(O.dtype.element_ty)
+        if end is None:
+            gl.store(o_ptrs, o)
+            gl.store(LSE + lse_row0 + rows_o, lse)
+        else:
+            keep = rows_o < end
+            gl.store(o_ptrs, o, mask=keep[:, None])
+            gl.store(LSE + lse_row0 + rows_o, lse, mask=keep)
+
+    @gluon.jit
     def _fwd_step(c, j, j_end, kv_row0, kv_col, q_a, k_desc, v_desc, k_bufs, v_bufs, bars, acc, m_i, l_i, zero_s,
                   qk_scale, rows, window, a_layout: gl.constexpr, o_layout: gl.constexpr, MASKED: gl.constexpr,
                   SLIDING: gl.constexpr, BLOCK_N: gl.constexpr, key0=0):
@@ -145,17 +187,9 @@ if AVAILABLE:
             j0 = q0 * 0
             j_free = j0
 
-        dtype: gl.constexpr = q_desc.dtype
-        q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(NB):
-            mbarrier.init(bars.index(i), count=1)
+        q_s, k_bufs, v_bufs, q_bar, bars = _fwd_buffers(q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D, NB)
         # Q and the first NB - 1 steps' K and V in flight before the first wait
-        mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
+        mbarrier.expect(q_bar, BLOCK_M * D * q_desc.dtype.primitive_bitwidth // 8)
         tma.async_copy_global_to_shared(q_desc, [trow0 + q0, col], q_bar, q_s)
         for i in gl.static_range(NB - 1):
             if j0 + i < j_end:
@@ -189,15 +223,8 @@ if AVAILABLE:
                                       acc, m_i, l_i, zero_s, qk_scale, rows, window, a_layout, o_layout, True,
                                       SLIDING, BLOCK_N)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(NB):
-            mbarrier.invalidate(bars.index(i))
-        rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        gl.store(O + (trow0 + q0 + rows_o)[:, None] * row_stride + col + cols_o[None, :],
-                 (acc / l_o[:, None]).to(O.dtype.element_ty))
-        gl.store(LSE + bh * S + q0 + rows_o, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)) + gl.log2(l_o))
+        _fwd_release(q_bar, bars, NB)
+        _fwd_store(acc, m_i, l_i, O, LSE, trow0 + q0, col, row_stride, bh * S + q0, o_layout, BLOCK_M, D)
 
 
 def causal_forward(q, k, v, out, lse2, sm_scale: float, window=None, warmup: bool = False) -> None:

@@ -51,7 +51,7 @@ if AVAILABLE:
     )
 
     from .gluon_causal import _buffers, _copy_pair, _descriptors, _mma_layout, _release, _rows, _tile_origin
-    from .gluon_forward import _fwd_step
+    from .gluon_forward import _fwd_buffers, _fwd_release, _fwd_step, _fwd_store
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, score_fn, head_dims=(128,)) -> bool:
@@ -364,22 +364,12 @@ if AVAILABLE:
         b = bh // HQ
         trow0, col, row_stride = _tile_origin(bh, HQ, S, TOKENS, D)  # q's and O's
         kv_row0, kv_col, _ = _tile_origin(b * HKV + (bh % HQ) // (HQ // HKV), HKV, S, TOKENS, D)
-        dtype: gl.constexpr = q_desc.dtype
-        q_s = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [NB, BLOCK_N, D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(NB):
-            mbarrier.init(bars.index(i), count=1)
+        q_s, k_bufs, v_bufs, q_bar, bars = _fwd_buffers(q_desc, k_desc, v_desc, BLOCK_M, BLOCK_N, D, NB)
         s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
         o_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         rows_s = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         n_tiles = gl.load(N_TILES + b * stride_nb)
         base = pid * 0  # steps run so far by this program (the stages' counter)
         q_phase = pid * 0
@@ -387,7 +377,7 @@ if AVAILABLE:
             start, lo, end = _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
             n_free = (start - lo) // BLOCK_N  # key steps before the tile: every query sees them whole
             j_end = n_free + BLOCK_M // BLOCK_N
-            mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
+            mbarrier.expect(q_bar, BLOCK_M * D * q_desc.dtype.primitive_bitwidth // 8)
             tma.async_copy_global_to_shared(q_desc, [trow0 + start, col], q_bar, q_s)
             for i in gl.static_range(NB - 1):  # (j_end >= BLOCK_M // BLOCK_N >= NB - 1)
                 st = (base + i) % NB
@@ -411,17 +401,11 @@ if AVAILABLE:
                                           v_bufs, bars, acc, m_i, l_i, zero_s, qk_scale, rows, 0, a_layout, o_layout,
                                           True, False, BLOCK_N, lo)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-            keep = start + rows_o < end
-            gl.store(O + (trow0 + start + rows_o)[:, None] * row_stride + col + cols_o[None, :],
-                     (acc / l_o[:, None]).to(O.dtype.element_ty), mask=keep[:, None])
-            gl.store(LSE + bh * S + start + rows_o, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)) + gl.log2(l_o),
-                     mask=keep)
+            _fwd_store(acc, m_i, l_i, O, LSE, trow0 + start, col, row_stride, bh * S + start, o_layout, BLOCK_M, D,
+                       end - start)
             base = base + j_end
             q_phase = q_phase ^ 1
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(NB):
-            mbarrier.invalidate(bars.index(i))
+        _fwd_release(q_bar, bars, NB)
 
 
 def varlen_forward(q, k, v, out, lse2, tiles, n_tiles, spans, sm_scale: float, warmup: bool = False) -> None:
