@@ -107,6 +107,9 @@ SCHEDULES = {
     # measured with this variant), and off: the Triton document-aligned forward
     "gluon_varlen_fwd_on": {"gluon_varlen_fwd": True},
     "gluon_varlen_fwd_off": {"gluon_varlen_fwd": False},
+    # the Gluon causal backward in one-warpgroup programs, two an SM (offline: 254 / 218 registers for dK/dV)
+    "gluon_bwd_w4_64": {"gluon_bwd_tiles": (64, 64, 4)},
+    "gluon_bwd_w4_32": {"gluon_bwd_tiles": (64, 32, 4)},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

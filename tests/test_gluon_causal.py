@@ -101,8 +101,9 @@ def test_flex_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, kno
     S), or a mask that is neither, keeps the Triton kernels."""
     calls = []
 
-    def fake(q, k, v, dout, lse2, delta, sm_scale, window, concurrent, warmup=False):
+    def fake(q, k, v, dout, lse2, delta, sm_scale, window, concurrent, warmup=False, tiles=None):
         assert not warmup  # (CPU tensors: compile_ahead never starts)
+        assert tiles == launch.SCHEDULE["gluon_bwd_tiles"]
         calls.append((lse2.clone(), delta.clone(), sm_scale, dout.is_contiguous(), window))
         return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
 
@@ -168,3 +169,15 @@ def test_default_gate_keeps_the_measured_calls():
     on the Triton kernels."""
     rows = launch.SCHEDULE["gluon_min_rows"]
     assert 8 * 16 * 2048 >= rows > 1 * 16 * 4096
+
+
+def test_backward_tiles_are_checked_by_name():
+    """SCHEDULE["gluon_bwd_tiles"]: the tile shapes the causal backward's kernels are written for pass,
+    anything else is refused naming the knob (before any descriptor or launch)."""
+    assert launch.SCHEDULE["gluon_bwd_tiles"] == (128, 64, 8)
+    for ok in ((128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 4)):
+        assert gluon_causal.check_tiles(ok) == ok
+    for bad in ((64, 64, 8), (128, 128, 8), (256, 64, 8), (64, 16, 4), (128, 64, 2), [128, 64, 8], (128, 64),
+                (128.0, 64, 8), (True, 64, 8)):
+        with pytest.raises(ValueError, match=r'SCHEDULE\["gluon_bwd_tiles"\]'):
+            gluon_causal.check_tiles(bad)

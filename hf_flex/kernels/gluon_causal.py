@@ -385,17 +385,31 @@ def _rows(t: torch.Tensor, tokens: bool) -> torch.Tensor:
     return t.transpose(1, 2).reshape(B * S, H * D) if tokens else t.reshape(B * H * S, D)
 
 
-def pass_descriptors(q, k, v, dout, tokens: bool = False):
+def pass_descriptors(q, k, v, dout, tokens: bool = False, tile: int = TILE, step: int = STEP):
     """The TMA descriptors both passes read, from q, k, v, dout [B, H, S, D] of one ``layout``
-    (``tokens``: token-major; else head-major), as 2-D matrices (_rows): (q, dout) in STEP-row tiles and
-    (k, v) in TILE-row tiles for the dK/dV pass (Q and dO streamed, K and V resident), then (q, dout) in
-    TILE rows and (k, v) in STEP rows for the dQ pass; every tile D columns wide."""
+    (``tokens``: token-major; else head-major), as 2-D matrices (_rows): (q, dout) in ``step``-row tiles
+    and (k, v) in ``tile``-row tiles for the dK/dV pass (Q and dO streamed, K and V resident), then (q,
+    dout) in ``tile`` rows and (k, v) in ``step`` rows for the dQ pass; every tile D columns wide."""
     D = q.shape[-1]
     gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     qo = [_rows(q, tokens), _rows(dout, tokens)]
     kv = [_rows(k, tokens), _rows(v, tokens)]
-    return (*_descriptors(qo, STEP, D, gl_dtype), *_descriptors(kv, TILE, D, gl_dtype),
-            *_descriptors(qo, TILE, D, gl_dtype), *_descriptors(kv, STEP, D, gl_dtype))
+    return (*_descriptors(qo, step, D, gl_dtype), *_descriptors(kv, tile, D, gl_dtype),
+            *_descriptors(qo, tile, D, gl_dtype), *_descriptors(kv, step, D, gl_dtype))
+
+
+def check_tiles(tiles) -> tuple:
+    """(tile, step, warps) of the causal backward's programs (launch.SCHEDULE["gluon_bwd_tiles"]): the
+    resident tile (keys of a dK/dV program, queries of a dQ program), the streamed step, the warps of a
+    program; the resident tile a multiple of 16 rows a warp (a warpgroup's wgmma covers 64). Anything
+    else is refused by name."""
+    ok = (isinstance(tiles, tuple) and len(tiles) == 3 and all(type(x) is int for x in tiles)
+          and tiles[0] in (64, 128) and tiles[1] in (32, 64) and tiles[1] <= tiles[0] and tiles[2] in (4, 8)
+          and tiles[0] % (16 * tiles[2]) == 0)
+    if not ok:
+        raise ValueError('SCHEDULE["gluon_bwd_tiles"] must be (tile, step, warps): tile 64 or 128, step 32 or 64 '
+                         f'and at most tile, warps 4 or 8 with 16 * warps dividing tile; got {tiles!r}')
+    return tiles
 
 
 _side_streams: dict = {}
@@ -428,15 +442,17 @@ def run_passes(device, dq_pass, dkdv_pass, concurrent: bool) -> None:
 
 
 def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, concurrent: bool = True,
-                    warmup: bool = False):
+                    warmup: bool = False, tiles: tuple = (TILE, STEP, 8)):
     """(dq, dk, dv) like q of causal attention (``window``: a sliding window's, key <= query < key +
     window; None: plain causal), from the inputs ``applies`` accepted, dout (copied into q's ``layout``
     where it is not in it), lse2 and delta contiguous float32 [B, H, S]. The gradients have the inputs'
     layout: token-major ones hand Transformers' transposes back contiguous [B, S, H, D] gradients, with no
     copy. ``concurrent``: the dQ launch on a second stream (run_passes). ``warmup``: compile the kernels
     for these arguments and launch nothing (returns None; dout, lse2 and delta may be stand-ins of the
-    same layouts: the forward's output, its LSE)."""
+    same layouts: the forward's output, its LSE). ``tiles``: (tile, step, warps) of both passes'
+    programs (check_tiles; launch.SCHEDULE["gluon_bwd_tiles"]): (64, 64, 4) puts two programs on an SM."""
     B, H, S, D = q.shape
+    tile, step, warps = check_tiles(tiles)
     # a window of S keys or more over S x S is plain causal: the kernels compiled without the window's
     # loops and compares (SLIDING false) then run
     window = S if window is None else min(int(window), S)
@@ -448,19 +464,19 @@ def causal_backward(q, k, v, dout, lse2, delta, sm_scale: float, window=None, co
     # (empty_like keeps a dense tensor's strides; a warm-up's stand-ins: q, k, v themselves)
     dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(t) for t in (q, k, v))
     qk_scale = sm_scale * LOG2E
-    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
-    grid = (S // TILE, B * H)
+    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens, tile, step)
+    grid = (S // tile, B * H)
     go = launcher(warmup)
 
     def dq_pass():
         go(attn_bwd_dq_causal_kernel, grid)(
             q_t, k_s, v_s, do_t, lse2, delta, dq, S, H, qk_scale, sm_scale, window,
-            SLIDING=sliding, TOKENS=tokens, BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
+            SLIDING=sliding, TOKENS=tokens, BLOCK_M=tile, BLOCK_N=step, D=D, num_warps=warps)
 
     def dkdv_pass():
         go(attn_bwd_dkdv_causal_kernel, grid)(
             q_s, k_t, v_t, do_s, lse2, delta, dk, dv, S, H, qk_scale, sm_scale, window,
-            SLIDING=sliding, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
+            SLIDING=sliding, TOKENS=tokens, BLOCK_M=step, BLOCK_N=tile, D=D, num_warps=warps)
 
     run_passes(q.device, dq_pass, dkdv_pass, concurrent and not warmup)
     return None if warmup else (dq, dk, dv)

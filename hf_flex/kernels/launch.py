@@ -162,6 +162,10 @@ OVERRIDES: dict = {}
 #   as kernels/gluon_varlen.py's Gluon forward, in the same form, where gluon_varlen.applies and
 #   gluon_allowed hold: 24 docs GQA at 16k, forward 315 against 274 TFLOP/s (token-major 313 against
 #   271), forward+backward +3 %; 12 docs (host-bound) within its runs' spread (NOTES.md, nineteenth round).
+# gluon_bwd_tiles: (tile, step, warps) of the Gluon causal backward's programs (gluon_causal.check_tiles):
+#   the measured (128, 64, 8), one program an SM (252 registers); (64, 64, 4) and (64, 32, 4) compile to
+#   254 / 218 registers and 96 / 64 KB for dK/dV, 161 / 122 for dQ (offline, Triton 3.6): two programs
+#   an SM, the Gluon forward's form. Not yet measured on the GPU (NOTES.md, nineteenth round).
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -172,7 +176,7 @@ SCHEDULE: dict = {
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
     "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True, "gluon_min_rows": 1 << 18,
-    "gluon_fwd": True, "gluon_varlen_fwd": True,
+    "gluon_fwd": True, "gluon_varlen_fwd": True, "gluon_bwd_tiles": (128, 64, 8),
 }
 
 
@@ -619,7 +623,8 @@ def flex_backward(
             and gluon_causal.applies(q, k, v, causal_window, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse, warmup)
         grads = gluon_causal.causal_backward(q, k, v, dout, lse, delta, sm_scale, causal_window,
-                                             concurrent=SCHEDULE["gluon_bwd_streams"], warmup=warmup)
+                                             concurrent=SCHEDULE["gluon_bwd_streams"], warmup=warmup,
+                                             tiles=SCHEDULE["gluon_bwd_tiles"])
         return None if warmup else (*grads, delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     sq, skv = sparse

@@ -37,7 +37,7 @@ def _reference(q, k, v, do, dlse, scale, mask_mod):
     return torch.autograd.grad(loss, (q64, k64, v64))
 
 
-def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed, tokens=False):
+def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed, tokens=False, tiles=(128, 64, 8)):
     """Gradients of a causal call (within ``window`` keys, when not None) through the Gluon kernels,
     which must run once and get the window, against float64, each no worse than 1.5x the Triton
     kernels' error on the same inputs plus 2 ulp of the gradient's scale. ``tokens``: q, k, v and dO
@@ -66,6 +66,7 @@ def _check(monkeypatch, dtype, S, D, window, with_dlse, streams, seed, tokens=Fa
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_sliding", True)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_streams", streams)
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_head_dims", gluon_causal.HEAD_DIMS)
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd_tiles", tiles)
     ours = _grads(q, k, v, do, dlse, bm, scale)
     assert calls == [S if window is None else min(window, S)], "the Gluon backward did not run, or not with the window"
     monkeypatch.setitem(launch.SCHEDULE, "gluon_bwd", False)
@@ -131,3 +132,14 @@ def test_gluon_backward_of_token_major_inputs(monkeypatch, dtype, S, window, D):
     in it (no copy either way)."""
     _check(monkeypatch, dtype, S, D, window, with_dlse=D == 64, streams=True, seed=S + D + (window or 0),
            tokens=True)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("tiles", [(64, 64, 4), (64, 32, 4)])
+@pytest.mark.parametrize("S,window", [(128, None), (1024, None), (384, 40), (1024, 100), (1024, 1000)])
+@pytest.mark.parametrize("D", [128, 64])
+def test_gluon_backward_with_other_tiles(monkeypatch, tiles, S, window, D):
+    """SCHEDULE["gluon_bwd_tiles"]: the same kernels in one-warpgroup programs of 64 keys (dK/dV) or 64
+    queries (dQ), two an SM, plain causal and within windows, both layouts."""
+    _check(monkeypatch, torch.bfloat16, S, D, window, with_dlse=S == 1024, streams=True,
+           seed=S + D + tiles[1] + (window or 0), tokens=(window or 0) % 2 == 0, tiles=tiles)
