@@ -330,3 +330,18 @@ def assert_no_worse_than(names, ours, theirs, refs, dtypes, fudge: float = 1.5):
         e_ours, e_theirs = ((x.double() - r).abs().max().item() for x in (a, b))
         atol = 2 * torch.finfo(dt).eps * max(1.0, r.abs().max().item())
         assert e_ours <= fudge * e_theirs + atol, f"{name}: {e_ours:.3e} against {e_theirs:.3e} on the path it replaces"
+
+
+def assert_same_training_either_way(monkeypatch, knob: str, q, k, v, do, block_mask, rtol=2e-2, atol=2e-2):
+    """The gradients of hf_flex.flex_attention(q, k, v) (GQA allowed) against ``do`` with
+    SCHEDULE[knob] on equal, within bf16 rounding, those with it off."""
+    from hf_flex.kernels import launch
+
+    grads = []
+    for on in (True, False):
+        monkeypatch.setitem(launch.SCHEDULE, knob, on)
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out = hf_flex.flex_attention(*leaves, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        grads.append(torch.autograd.grad(out, leaves, do))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)

@@ -227,6 +227,27 @@ if AVAILABLE:
         _fwd_store(acc, m_i, l_i, O, LSE, trow0 + q0, col, row_stride, bh * S + q0, o_layout, BLOCK_M, D)
 
 
+def launch_inputs(q, k, v, out, lse2, caller: str):
+    """(descriptors (q, k, v), keyword arguments) of a Gluon forward launch (this module's kernel and
+    gluon_varlen's) for inputs ``applies`` accepted: q in TILE-row tiles, k and v in STEP-row tiles of
+    their ``layout``'s 2-D matrices, and the per-head-dim choices (CONFIG). Refuses, naming ``caller``, an
+    lse2 whose rows are not S apart or an out not in q's layout (launch.row_buffer, launch.out_like:
+    the kernels write both through offsets of that form)."""
+    HQ, S, D = q.shape[1:]
+    tokens = layout(q, k, v) == "tokens"
+    if lse2.stride() != (HQ * S, S, 1) or not (_token_major(out) if tokens else out.is_contiguous()):
+        raise ValueError(f"{caller}: lse2 must have rows of stride S and out q's layout (launch.row_buffer, "
+                         "launch.out_like)")
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    (q_d,) = _descriptors([_rows(q, tokens)], TILE, D, gl_dtype)
+    k_d, v_d = _descriptors([_rows(k, tokens), _rows(v, tokens)], STEP, D, gl_dtype)
+    cfg = CONFIG[D]
+    kwargs = dict(TOKENS=tokens, Q_REG=cfg["Q_REG"], BLOCK_M=TILE, BLOCK_N=STEP, D=D, NB=NBUF, num_warps=8)
+    if cfg["maxnreg"]:
+        kwargs["maxnreg"] = cfg["maxnreg"]
+    return (q_d, k_d, v_d), kwargs
+
+
 def causal_forward(q, k, v, out, lse2, sm_scale: float, window=None, warmup: bool = False) -> None:
     """Writes out (launch.out_like(q, D): q's layout) and lse2 (float32 [B, Hq, S], rows of stride S, as
     launch.row_buffer allocates) of causal attention (``window``: within a sliding window of that many
@@ -237,15 +258,6 @@ def causal_forward(q, k, v, out, lse2, sm_scale: float, window=None, warmup: boo
     window = S if window is None else min(int(window), S)
     if window < 1:
         raise ValueError(f"causal_forward: window must be a positive int, got {window}")
-    tokens = layout(q, k, v) == "tokens"
-    if lse2.stride() != (HQ * S, S, 1) or not (_token_major(out) if tokens else out.is_contiguous()):
-        raise ValueError("causal_forward: lse2 must have rows of stride S and out q's layout (launch.row_buffer, "
-                         "launch.out_like)")
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    (q_d,) = _descriptors([_rows(q, tokens)], TILE, D, gl_dtype)
-    k_d, v_d = _descriptors([_rows(k, tokens), _rows(v, tokens)], STEP, D, gl_dtype)
-    cfg = CONFIG[D]
-    extra = {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}
+    descs, kwargs = launch_inputs(q, k, v, out, lse2, "causal_forward")
     launcher(warmup)(attn_fwd_causal_kernel, (S // TILE * B * HQ,))(
-        q_d, k_d, v_d, out, lse2, S, B * HQ, HQ, HKV, sm_scale * LOG2E, window, SLIDING=window < S, TOKENS=tokens,
-        Q_REG=cfg["Q_REG"], BLOCK_M=TILE, BLOCK_N=STEP, D=D, NB=NBUF, num_warps=8, **extra)
+        *descs, out, lse2, S, B * HQ, HQ, HKV, sm_scale * LOG2E, window, SLIDING=window < S, **kwargs)

@@ -38,10 +38,8 @@ import torch
 
 from . import _cuda_major, cuda_index, interpreted, launcher
 from .forward import LOG2E
-from .gluon_causal import (
-    AVAILABLE, HEAD_DIMS, STEP, TILE, _token_major, in_layout, layout, pass_descriptors, run_passes,
-)
-from .gluon_forward import CONFIG, NBUF
+from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, layout, pass_descriptors, run_passes
+from .gluon_forward import launch_inputs
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -50,7 +48,7 @@ if AVAILABLE:
         mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
     )
 
-    from .gluon_causal import _buffers, _copy_pair, _descriptors, _mma_layout, _release, _rows, _tile_origin
+    from .gluon_causal import _buffers, _copy_pair, _mma_layout, _release, _tile_origin
     from .gluon_forward import _fwd_buffers, _fwd_release, _fwd_step, _fwd_store
 
 
@@ -349,10 +347,10 @@ if AVAILABLE:
 
 
     @gluon.jit(do_not_specialize=_DYNAMIC)
-    def attn_fwd_varlen_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, TILES, N_TILES, SPANS, stride_tb, stride_sb, stride_nb,
-                               S, HQ, HKV, N_PROGRAMS, qk_scale, TOKENS: gl.constexpr, Q_REG: gl.constexpr,
-                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NB: gl.constexpr,
-                               num_warps: gl.constexpr):
+    def attn_fwd_varlen_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, TILES, N_TILES, SPANS, stride_tb, stride_sb,
+                                     stride_nb, S, HQ, HKV, N_PROGRAMS, qk_scale, TOKENS: gl.constexpr,
+                                     Q_REG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                     D: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
         """Grid (N_PROGRAMS, B * HQ): O (q's layout) and LSE (log2) of tiles program_id(0), + N_PROGRAMS, ...
         of the query-major list (TILES: tiles[:, 0]) of query head program_id(1), with gluon_forward's steps
         (two programs an SM): keys from the tile's document's first position lo in BLOCK_N-key steps, those
@@ -412,27 +410,17 @@ def varlen_forward(q, k, v, out, lse2, tiles, n_tiles, spans, sm_scale: float, w
     """Writes out (launch.out_like(q, D): q's layout) and lse2 (float32 [B, Hq, S], rows of stride S,
     launch.row_buffer) of ``and_masks(causal(), document(ids))`` from inputs ``applies`` accepted and the
     tile lists of launch_varlen.varlen_tiles(spans, 128), with gluon_forward's steps and per-head-dim
-    choices (gluon_forward.CONFIG). No score mod, no sink, a positive scale (the caller's checks).
+    choices (gluon_forward.launch_inputs). No score mod, no sink, a positive scale (the caller's checks).
     ``warmup``: compile only."""
     from .launch_varlen import _list_args  # (launch_varlen imports this module)
 
     B, HQ, S, D = q.shape
-    HKV = k.shape[1]
-    tokens = layout(q, k, v) == "tokens"
-    if lse2.stride() != (HQ * S, S, 1) or not (_token_major(out) if tokens else out.is_contiguous()):
-        raise ValueError("varlen_forward: lse2 must have rows of stride S and out q's layout (launch.row_buffer, "
-                         "launch.out_like)")
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    (q_d,) = _descriptors([_rows(q, tokens)], TILE, D, gl_dtype)
-    k_d, v_d = _descriptors([_rows(k, tokens), _rows(v, tokens)], STEP, D, gl_dtype)
+    descs, kwargs = launch_inputs(q, k, v, out, lse2, "varlen_forward")
     _, _, _, stride_tb, stride_sb, stride_nb = _list_args(tiles, n_tiles, spans)
-    cfg = CONFIG[D]
-    extra = {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}
     n_programs = -(-S // TILE)
     launcher(warmup)(attn_fwd_varlen_gluon_kernel, (n_programs, B * HQ))(
-        q_d, k_d, v_d, out, lse2, tiles[:, 0], n_tiles, spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV,
-        n_programs, sm_scale * LOG2E, TOKENS=tokens, Q_REG=cfg["Q_REG"], BLOCK_M=TILE, BLOCK_N=STEP, D=D, NB=NBUF,
-        num_warps=8, **extra)
+        *descs, out, lse2, tiles[:, 0], n_tiles, spans, stride_tb, stride_sb, stride_nb, S, HQ, k.shape[1],
+        n_programs, sm_scale * LOG2E, **kwargs)
 
 
 def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True,

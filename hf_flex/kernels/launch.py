@@ -456,8 +456,6 @@ def flex_forward(
     return out, lse
 
 
-
-
 def row_slack(sparse_q: int, selects: bool) -> int:
     """Elements the backward may read past the last row of LSE and delta where it reads them unmasked
     and selects past the end (``selects``: SCHEDULE row_select / varlen_row_select, backward.row_inputs),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hf_flex
-from helpers import assert_no_worse_than
+from helpers import assert_no_worse_than, assert_same_training_either_way
 from hf_flex import mods
 from hf_flex.kernels import gluon_forward, launch
 
@@ -102,14 +102,7 @@ def test_gluon_forward_and_backward_train_like_the_triton_path(monkeypatch):
     do = torch.randn(q.shape, device="cuda", dtype=q.dtype)
     bm = hf_flex.create_block_mask(mods.and_masks(mods.causal(), mods.sliding_window(300)), None, None, 1024, 1024,
                                    device="cuda")
-    grads = []
-    for knob in (True, False):
-        monkeypatch.setitem(launch.SCHEDULE, "gluon_fwd", knob)
-        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-        out = hf_flex.flex_attention(*leaves, block_mask=bm, enable_gqa=True)
-        grads.append(torch.autograd.grad(out, leaves, do))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    assert_same_training_either_way(monkeypatch, "gluon_fwd", q, k, v, do, bm)
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
