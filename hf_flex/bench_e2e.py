@@ -221,7 +221,8 @@ def worker(spec: dict, before_steps=None) -> dict:
         unknown = set(knobs) - set(SCHEDULE)
         if unknown:
             raise ValueError(f"HF_FLEX_E2E_SCHEDULE: unknown SCHEDULE keys {sorted(unknown)}")
-        SCHEDULE.update(knobs)
+        # (JSON has no tuples: a list stands for a tuple-valued knob, such as gluon_bwd_tiles)
+        SCHEDULE.update({k: tuple(x) if isinstance(x, list) else x for k, x in knobs.items()})
         res["schedule"] = knobs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

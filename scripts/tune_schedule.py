@@ -110,6 +110,13 @@ SCHEDULES = {
     # the Gluon causal backward in one-warpgroup programs, two an SM (offline: 254 / 218 registers for dK/dV)
     "gluon_bwd_w4_64": {"gluon_bwd_tiles": (64, 64, 4)},
     "gluon_bwd_w4_32": {"gluon_bwd_tiles": (64, 32, 4)},
+    # twentieth round: (64, 64, 4) the default since measured; the earlier one-program-an-SM tiles
+    "gluon_bwd_w8_128": {"gluon_bwd_tiles": (128, 64, 8)},
+    # the document-aligned Gluon backward in one-warpgroup programs (halves of the listed tiles)
+    "gluon_varlen_w4_64": {"gluon_varlen_bwd_tiles": (64, 64, 4)},
+    "gluon_varlen_w4_32": {"gluon_varlen_bwd_tiles": (64, 32, 4)},
+    "gluon_varlen_w8_128": {"gluon_varlen_bwd_tiles": (128, 64, 8)},
+    "gluon_varlen_mha_w4_64": {"gluon_varlen_min_group": 1, "gluon_varlen_bwd_tiles": (64, 64, 4)},
     "ahead_full_stages2": {"index_ahead": "full", "tiles": {"fwd": launch.Tiles(128, 64, 8, 2, 128)}},
     # torch flex's forward tiles at D=128 on the H100: 64-key tiles in full blocks too
     "fwd_full64": {"tiles": {"fwd": launch.Tiles(128, 64, 8, 3, 64)}},

@@ -47,8 +47,9 @@ def test_varlen_backward_hands_the_gluon_pass_its_buffers(device, monkeypatch, k
     gradients; the knob off keeps the Triton kernels."""
     calls = []
 
-    def fake(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale, concurrent, warmup=False):
+    def fake(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale, concurrent, warmup=False, programs=None):
         assert not warmup  # (CPU tensors: compile_ahead never starts)
+        assert programs == launch.SCHEDULE["gluon_varlen_bwd_tiles"]
         calls.append((lse2.clone(), delta.clone(), tiles, n_tiles, spans, sm_scale))
         return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
 

@@ -113,12 +113,13 @@ if AVAILABLE:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
     @gluon.jit
-    def _copy_pair(desc_a, desc_b, row, col, bar, dst_a, dst_b):
+    def _copy_pair(desc_a, desc_b, row, col, bar, dst_a, dst_b, pred=True):
         """The tiles at (``row``, ``col``) of two descriptors into dst_a and dst_b by TMA, both signalling
-        ``bar`` (col: the head's first column in the token-major layout, else 0)."""
-        mbarrier.expect(bar, 2 * dst_a.type.shape[0] * dst_a.type.shape[1] * dst_a.dtype.primitive_bitwidth // 8)
-        tma.async_copy_global_to_shared(desc_a, [row, col], bar, dst_a)
-        tma.async_copy_global_to_shared(desc_b, [row, col], bar, dst_b)
+        ``bar`` (col: the head's first column in the token-major layout, else 0); none where not ``pred``."""
+        mbarrier.expect(bar, 2 * dst_a.type.shape[0] * dst_a.type.shape[1] * dst_a.dtype.primitive_bitwidth // 8,
+                        pred=pred)
+        tma.async_copy_global_to_shared(desc_a, [row, col], bar, dst_a, pred=pred)
+        tma.async_copy_global_to_shared(desc_b, [row, col], bar, dst_b, pred=pred)
 
     @gluon.jit
     def _tile_origin(bh, H, S, TOKENS: gl.constexpr, D: gl.constexpr):

@@ -24,7 +24,10 @@ one tile per document). K and V of the tile resident; Q and dO in 64-query steps
 query, which include the keys past ``end`` of a short tile; both always run), the rest without mask.
 dQ: cdiv(S, 128) x B * Hq programs walking tiles p, p + cdiv(S, 128), ... of the query-major list; Q
 and dO resident, K and V of the key head in 64-key steps from ``lo``: those before ``start`` without
-mask, the diagonal's masked. Deterministic: no atomics.
+mask, the diagonal's masked. Deterministic: no atomics. With programs of 64 positions
+(SCHEDULE["gluon_varlen_bwd_tiles"] (64, 64, 4): one warpgroup, two programs an SM), each listed tile
+is two programs' tiles, its halves, and each count above doubles; a half past the document's end
+runs nothing.
 
 Layouts: q [B, Hq, S, D], k, v [B, Hkv, S, D], dout like q, all head-major or all token-major, the
 gradients in the same (gluon_causal.layout; in the token-major layout a tile that runs past a batch
@@ -38,7 +41,9 @@ import torch
 
 from . import _cuda_major, cuda_index, interpreted, launcher
 from .forward import LOG2E
-from .gluon_causal import AVAILABLE, HEAD_DIMS, STEP, TILE, in_layout, layout, pass_descriptors, run_passes
+from .gluon_causal import (
+    AVAILABLE, HEAD_DIMS, STEP, TILE, check_tiles, in_layout, layout, pass_descriptors, run_passes,
+)
 from .gluon_forward import launch_inputs
 
 if AVAILABLE:
@@ -136,8 +141,9 @@ if AVAILABLE:
                    v_desc, do_desc, LSE, DELTA, DK, DV, TILES, SPANS, stride_tb, stride_sb, S, k_smem, v_smem, q_smem,
                    do_smem, kv_bar, bars, qk_scale, sm_scale, G: gl.constexpr, TOKENS: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
-        """dK (times sm_scale) and dV of tile t (of row b's key-major list) of one key head, from the G
-        query heads of its group (none where not ``valid``: no step, no store); ``base``: the steps this
+        """dK (times sm_scale) and dV of tile t of one key head, from the G query heads of its group (none
+        where not ``valid``: no step, no store): the BLOCK_N keys from position (t % SPLIT) * BLOCK_N of
+        tile t // SPLIT of row b's key-major list (SPLIT = 128 // BLOCK_N parts a listed tile); ``base``: the steps this
         program ran before (the stages' counter), ``kv_phase``: the K/V barrier's. Returns the counter
         after the tile's steps. One query head (G = 1): the diagonal's steps (masked), then the rest.
         A group: the diagonal's steps of every head in one masked loop, then the rest head by head (the
@@ -149,8 +155,10 @@ if AVAILABLE:
         acc_layout: gl.constexpr = _mma_layout(D, num_warps)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         n_diag: gl.constexpr = BLOCK_N // BLOCK_M
-        start, lo, end = _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
-        end = gl.where(valid, end, start)
+        SPLIT: gl.constexpr = 128 // BLOCK_N  # programs' tiles per tile of the lists (128 positions)
+        start, lo, end = _doc_tile(TILES, SPANS, b, t // SPLIT, stride_tb, stride_sb)
+        start = start + (t % SPLIT) * BLOCK_N  # (a part past the document's end: no step, no store)
+        end = gl.where(valid & (start < end), end, start)
         # the diagonal's n_diag steps always run (queries past ``end`` add nothing): a step loop that may
         # not run at all merges the accumulators' zeros with its products, which serialises the wgmma
         n_steps = gl.maximum((end - start + BLOCK_M - 1) // BLOCK_M, n_diag)
@@ -224,11 +232,12 @@ if AVAILABLE:
                                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                                     num_warps: gl.constexpr):
         """Grid (N_PROGRAMS, B * HKV): dK (times sm_scale) and dV of key head program_id(1) from the G query
-        heads of its group, of tile FIRST + program_id(0) of the row's key-major list (TILES + stride_tl:
-        tiles[:, 1], addressed from the lists' base, whose alignment does not depend on S); WALK: and of
-        every N_PROGRAMS-th tile after it. A launch without WALK covers the first cdiv(S, 128) tiles (the
-        longest), one a program: the walk's loop over tiles costs ptxas registers it then spills; a
-        launch with it the rest (at most one tile per document). TOKENS: q, k, v, dout, dK and dV
+        heads of its group, of tile FIRST + program_id(0) (_dkdv_tile's numbering: BLOCK_N keys, 128 //
+        BLOCK_N of them a tile of the row's key-major list, TILES + stride_tl: tiles[:, 1], addressed from
+        the lists' base, whose alignment does not depend on S); WALK: and of every N_PROGRAMS-th tile
+        after it. A launch without WALK covers the first cdiv(S, 128) listed tiles (the longest): the
+        walk's loop over tiles costs ptxas registers it then spills; a launch with it the rest (at most
+        one listed tile per document). TOKENS: q, k, v, dout, dK and dV
         token-major ([B, S, H, D] storage; descriptors over [B * S, H * D]), else head-major."""
         pid = gl.program_id(0)
         bh = gl.program_id(1)
@@ -246,7 +255,7 @@ if AVAILABLE:
         if WALK:
             base = pid * 0  # steps run so far by this program (the stages' counter)
             kv_phase = pid * 0
-            for t in range(FIRST + pid, n_tiles, N_PROGRAMS):
+            for t in range(FIRST + pid, (128 // BLOCK_N) * n_tiles, N_PROGRAMS):
                 base = _dkdv_tile(t, True, base, kv_phase, b, kv_row0, kv_col, kv_stride, q_row0, q_trow0, q_col0,
                                   q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES, SPANS, stride_tb,
                                   stride_sb, S, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, qk_scale, sm_scale, G,
@@ -255,7 +264,7 @@ if AVAILABLE:
         else:
             # (a program past the row's tiles reads a position of the list that starts no tile, and runs
             # no step: branch-free, as a branch around the steps also serialises the wgmma)
-            _dkdv_tile(FIRST + pid, FIRST + pid < n_tiles, 0, 0, b, kv_row0, kv_col, kv_stride, q_row0, q_trow0,
+            _dkdv_tile(FIRST + pid, FIRST + pid < (128 // BLOCK_N) * n_tiles, 0, 0, b, kv_row0, kv_col, kv_stride, q_row0, q_trow0,
                        q_col0, q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, TILES, SPANS, stride_tb, stride_sb,
                        S, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, qk_scale, sm_scale, G, TOKENS, BLOCK_M,
                        BLOCK_N, D, num_warps)
@@ -291,9 +300,10 @@ if AVAILABLE:
                                   stride_tb, stride_sb, stride_nb, S, HQ, HKV, N_PROGRAMS, qk_scale, sm_scale,
                                   G: gl.constexpr, TOKENS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                   D: gl.constexpr, num_warps: gl.constexpr):
-        """Grid (N_PROGRAMS, B * HQ): dQ (times sm_scale) of tiles program_id(0), + N_PROGRAMS, ... of the
-        query-major list (TILES: tiles[:, 0]) of query head program_id(1), from its document's keys
-        through the tile's diagonal. TOKENS: as attn_bwd_dkdv_varlen_kernel's."""
+        """Grid (N_PROGRAMS, B * HQ): dQ (times sm_scale) of tiles program_id(0), + N_PROGRAMS, ... of query
+        head program_id(1), from its document's keys through the tile's diagonal: tile u the BLOCK_M
+        queries from position (u % SPLIT) * BLOCK_M of tile u // SPLIT of the query-major list (TILES:
+        tiles[:, 0]; SPLIT = 128 // BLOCK_M). TOKENS: as attn_bwd_dkdv_varlen_kernel's."""
         pid = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // HQ
@@ -312,17 +322,22 @@ if AVAILABLE:
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         rows_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        SPLIT: gl.constexpr = 128 // BLOCK_M  # programs' tiles per tile of the lists (128 positions)
         n_tiles = gl.load(N_TILES + b * stride_nb)
         base = pid * 0
         qo_phase = pid * 0
-        for t in range(pid, n_tiles, N_PROGRAMS):
-            start, lo, end = _doc_tile(TILES, SPANS, b, t, stride_tb, stride_sb)
-            n_full = (start - lo) // BLOCK_N  # key steps before the tile: every query sees them whole
-            n_steps = n_full + (gl.minimum(end - start, BLOCK_M) + BLOCK_N - 1) // BLOCK_N
+        for u in range(pid, SPLIT * n_tiles, N_PROGRAMS):
+            start, lo, end = _doc_tile(TILES, SPANS, b, u // SPLIT, stride_tb, stride_sb)
+            start = start + (u % SPLIT) * BLOCK_M
+            # a part past the document's end runs no step and copies no K/V (its tile's first part holds
+            # every query; its Q copy lands and its stores are masked)
+            n_full = gl.where(start < end, (start - lo) // BLOCK_N, 0)  # key steps before the tile: whole
+            n_steps = gl.where(start < end, n_full + (gl.minimum(end - start, BLOCK_M) + BLOCK_N - 1) // BLOCK_N, 0)
             r_end = base + n_steps
             _copy_pair(q_desc, do_desc, q_trow0 + start, q_col, qo_bar, q_smem, do_smem)
             st0 = base % 2
-            _copy_pair(k_desc, v_desc, kv_row0 + lo, kv_col, bars.index(st0), k_smem.index(st0), v_smem.index(st0))
+            _copy_pair(k_desc, v_desc, kv_row0 + lo, kv_col, bars.index(st0), k_smem.index(st0), v_smem.index(st0),
+                       n_steps > 0)
             q_pos = start + rows
             lse, delta = _row_inputs(LSE, DELTA, q_row0 + start, start, end, BLOCK_M, num_warps)
             lse = gl.convert_layout(lse, rows.type.layout)
@@ -424,23 +439,29 @@ def varlen_forward(q, k, v, out, lse2, tiles, n_tiles, spans, sm_scale: float, w
 
 
 def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale: float, concurrent: bool = True,
-                    warmup: bool = False):
+                    warmup: bool = False, programs: tuple = (TILE, STEP, 8)):
     """(dq, dk, dv) of ``and_masks(causal(), document(ids))`` from the inputs ``applies`` accepted, dout
     (copied into q's layout where it is not in it; the gradients have the inputs' layout, as in
     gluon_causal.causal_backward), lse2 and delta contiguous float32 [B, Hq, S], and the tile
     lists of launch_varlen.varlen_tiles(spans, 128) (tiles [Bs, 2, S], n_tiles [Bs], spans [Bs, S];
     Bs = 1 serves every batch row). ``concurrent``: the dQ launch on a second stream, as in
-    gluon_causal.causal_backward; ``warmup``: compile only, as there."""
+    gluon_causal.causal_backward; ``warmup``: compile only, as there. ``programs``: (tile, step, warps)
+    of both passes' programs (gluon_causal.check_tiles; launch.SCHEDULE["gluon_varlen_bwd_tiles"]): a
+    program's tile of 64 positions is one half of a listed tile (the lists stay those of 128), and
+    (64, 64, 4) puts two programs on an SM."""
     from .launch_varlen import _list_args  # (launch_varlen imports this module)
 
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
+    tile, step, warps = check_tiles(programs)
+    split = TILE // tile  # programs a listed tile
     tokens = layout(q, k, v) == "tokens"
     dout = in_layout(dout, q)
     dq, dk, dv = (q, k, v) if warmup else (torch.empty_like(t) for t in (q, k, v))  # (as in causal_backward)
     qk_scale = sm_scale * LOG2E
-    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens)
-    n_programs = -(-S // TILE)
+    q_s, do_s, k_t, v_t, q_t, do_t, k_s, v_s = pass_descriptors(q, k, v, dout, tokens, tile, step)
+    n_listed = -(-S // TILE)  # the listed tiles the dK/dV pass's first launch covers, the longest
+    n_programs = split * n_listed
     _, _, _, stride_tb, stride_sb, stride_nb = _list_args(tiles, n_tiles, spans)
     lists = (spans, stride_tb, stride_sb, stride_nb, S, HQ, HKV, n_programs, qk_scale, sm_scale)
     go = launcher(warmup)
@@ -448,18 +469,18 @@ def varlen_backward(q, k, v, dout, lse2, delta, tiles, n_tiles, spans, sm_scale:
     def dq_pass():
         go(attn_bwd_dq_varlen_kernel, (n_programs, B * HQ))(
             q_t, k_s, v_s, do_t, lse2, delta, dq, tiles[:, 0], n_tiles, *lists, G=HQ // HKV, TOKENS=tokens,
-            BLOCK_M=TILE, BLOCK_N=STEP, D=D, num_warps=8)
+            BLOCK_M=tile, BLOCK_N=step, D=D, num_warps=warps)
 
     def dkdv_pass():
         dkdv_args = (q_s, k_t, v_t, do_s, lse2, delta, dk, dv, tiles, n_tiles, *lists)
         go(attn_bwd_dkdv_varlen_kernel, (n_programs, B * HKV))(
-            *dkdv_args, 0, tiles.stride(1), G=HQ // HKV, WALK=False, TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D,
-            num_warps=8)
-        # the tiles past the first cdiv(S, 128): at most one per document, the shortest (key-major order)
+            *dkdv_args, 0, tiles.stride(1), G=HQ // HKV, WALK=False, TOKENS=tokens, BLOCK_M=step, BLOCK_N=tile, D=D,
+            num_warps=warps)
+        # the listed tiles past the first n_listed: at most one per document, the shortest (key-major order)
         n_walk = -(-n_programs // 4)
         go(attn_bwd_dkdv_varlen_kernel, (n_walk, B * HKV))(
             *dkdv_args[:-3], n_walk, qk_scale, sm_scale, n_programs, tiles.stride(1), G=HQ // HKV, WALK=True,
-            TOKENS=tokens, BLOCK_M=STEP, BLOCK_N=TILE, D=D, num_warps=8)
+            TOKENS=tokens, BLOCK_M=step, BLOCK_N=tile, D=D, num_warps=warps)
 
     run_passes(q.device, dq_pass, dkdv_pass, concurrent and not warmup)
     return None if warmup else (dq, dk, dv)

@@ -163,9 +163,12 @@ OVERRIDES: dict = {}
 #   gluon_allowed hold: 24 docs GQA at 16k, forward 315 against 274 TFLOP/s (token-major 313 against
 #   271), forward+backward +3 %; 12 docs (host-bound) within its runs' spread (NOTES.md, nineteenth round).
 # gluon_bwd_tiles: (tile, step, warps) of the Gluon causal backward's programs (gluon_causal.check_tiles):
-#   the measured (128, 64, 8), one program an SM (252 registers); (64, 64, 4) and (64, 32, 4) compile to
-#   254 / 218 registers and 96 / 64 KB for dK/dV, 161 / 122 for dQ (offline, Triton 3.6): two programs
-#   an SM, the Gluon forward's form. Not yet measured on the GPU (NOTES.md, nineteenth round).
+#   (64, 64, 4), one warpgroup, 254 registers and 96 KB for dK/dV, 161 for dQ: two programs an SM, the
+#   Gluon forward's form; forward+backward on the H200 against (128, 64, 8) (one program an SM, 252
+#   registers), 3 interleaved rounds: causal 2k 372 against 343 TFLOP/s, 8k 458 against 431, D=64 387
+#   against 369, sliding 1024 350 against 323; (64, 32, 4) no better than (128, 64, 8) (NOTES.md,
+#   twentieth round). gluon_varlen_bwd_tiles: the same for the document-aligned Gluon backward, whose
+#   programs then take halves of the 128-position listed tiles.
 SCHEDULE: dict = {
     "reverse_m": True, "fused_bwd": True, "one_variant": True, "approx_mods": True,
     "index_ahead": "full", "bwd_index_ahead": True, "bwd_interleave": True, "atomic_dq": False,
@@ -176,7 +179,8 @@ SCHEDULE: dict = {
     "bwd_full_stages": 0, "bwd_dq_full_stages": 0, "gluon_bwd": True,
     "gluon_bwd_streams": True, "gluon_bwd_head_dims": (64, 128), "gluon_bwd_sliding": True,
     "gluon_varlen": True, "gluon_varlen_min_group": 2, "gluon_token_major": True, "gluon_min_rows": 1 << 18,
-    "gluon_fwd": True, "gluon_varlen_fwd": True, "gluon_bwd_tiles": (128, 64, 8),
+    "gluon_fwd": True, "gluon_varlen_fwd": True, "gluon_bwd_tiles": (64, 64, 4),
+    "gluon_varlen_bwd_tiles": (128, 64, 8),
 }
 
 

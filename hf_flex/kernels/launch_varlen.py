@@ -103,7 +103,8 @@ def varlen_backward(q, k, v, out, lse, dout, tiles, n_tiles, spans, tile: int, s
             and gluon_varlen.applies(q, k, v, tile, score_fn, SCHEDULE["gluon_bwd_head_dims"])):
         lse, dout, delta = gluon_row_inputs(q, out, lse, dout, dlse, warmup)
         grads = gluon_varlen.varlen_backward(q, k, v, dout, lse, delta, tiles, n_tiles, spans, sm_scale,
-                                             concurrent=SCHEDULE["gluon_bwd_streams"], warmup=warmup)
+                                             concurrent=SCHEDULE["gluon_bwd_streams"], warmup=warmup,
+                                             programs=SCHEDULE["gluon_varlen_bwd_tiles"])
         return None if warmup else (*grads, delta)
     B, HQ, HKV, SQ, SKV, D, DV, DP, DVP = _common(q, k, v)
     t = dkdv_tiles(DP, DVP, q.element_size(), 128, 128)

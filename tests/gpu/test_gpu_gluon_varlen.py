@@ -53,6 +53,26 @@ def test_gluon_varlen_backward_against_float64(monkeypatch, dtype, S, lengths, G
     """D = 128: the document-aligned kernels' tile at D = 64 is not 128 positions (launch_varlen.varlen_tile),
     and those calls run the block-sparse kernels. ``tokens``: q, k, v, dO token-major (Transformers'
     layout; a tile past a batch row's end reads the next row's first positions), the gradients too."""
+    _check_backward(monkeypatch, dtype, S, lengths, G, tokens)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("programs", [(128, 64, 8), (64, 64, 4), (64, 32, 4)])
+@pytest.mark.parametrize("S,lengths", [
+    (1000, [1, 63, 64, 65, 127, 128, 129, 200]),  # a half of a listed tile past its document's end
+    (2048, [700, 5, 300, 1000]),
+    (777, [777]),
+])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gluon_varlen_backward_in_each_program_form(monkeypatch, programs, S, lengths, G, tokens):
+    """SCHEDULE["gluon_varlen_bwd_tiles"]: one-warpgroup programs of 64 keys (dK/dV) or 64 queries (dQ),
+    each a half of a listed tile, or the 8-warp programs of a whole one; bf16."""
+    monkeypatch.setitem(launch.SCHEDULE, "gluon_varlen_bwd_tiles", programs)
+    _check_backward(monkeypatch, torch.bfloat16, S, lengths, G, tokens)
+
+
+def _check_backward(monkeypatch, dtype, S, lengths, G, tokens):
     B, HKV, D = 2, 2, 128
     HQ = HKV * G
     with_dlse = G == 4
