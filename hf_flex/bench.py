@@ -1,6 +1,6 @@
 """Kernel benchmark: hf_flex vs torch's compiled flex_attention vs SDPA on the anchor cases.
 
-    python -m hf_flex.bench [--quick] [--json out.json] [--no-sdpa]
+    python -m hf_flex.bench [--quick] [--rounds 3] [--json out.json] [--no-sdpa]
     python -m hf_flex.bench --e2e [--e2e-S 4096,16384] [--e2e-steps 10] [--e2e-timeout 300]  # + end to end
     python -m hf_flex.bench --e2e-only [...]     # end to end and recompiles only (hf_flex.bench_e2e)
     python -m hf_flex.bench --tiny [--json ...]  # CPU self-check of the e2e path (Triton interpreter)
@@ -13,7 +13,8 @@ hf_flex/bench_e2e.py.
 Each case first checks correctness (hf_flex against torch flex on the whole output, then both against
 a float64 reference on one slice: hf_flex's out/dq/dk/dv errors must stay within 2x torch flex's
 plus 1e-3), then times forward and forward+backward with triton's do_bench
-(median), then the block-mask build. TFLOP/s are over the unmasked FLOPs:
+(median), ``--rounds`` times (default 3: hf_flex, torch flex and SDPA in turn, the order rotated each
+round; the median over rounds, with its spread), then the block-mask build. TFLOP/s are over the unmasked FLOPs:
 4 * B * Hq * Sq * Skv * D * density forward, x3.5 for forward+backward.
 """
 
@@ -259,7 +260,32 @@ def agreement(st: Setup) -> dict:
     return errs
 
 
-def run_case(c: Case, do_sdpa=True):
+def median_spread(xs):
+    """(median, (max - min) / median) of repeated readings."""
+    ys = sorted(xs)
+    m = ys[len(ys) // 2] if len(ys) % 2 else 0.5 * (ys[len(ys) // 2 - 1] + ys[len(ys) // 2])
+    return m, (ys[-1] - ys[0]) / m
+
+
+def rotated_times(calls, rounds: int, time_ms=_ms) -> list:
+    """[[ms of round 0, 1, ...] for each call]: every call timed once a round by ``time_ms``, round r
+    starting at call r mod len(calls), so that no call always runs first (after another case's
+    compile) or always last."""
+    times = [[] for _ in calls]
+    n = len(calls)
+    for r in range(rounds):
+        for i in [(r + j) % n for j in range(n)]:
+            times[i].append(time_ms(calls[i]))
+    return times
+
+
+def run_case(c: Case, do_sdpa=True, rounds: int = 3):
+    """One anchor case: correctness checked (raises AssertionError on a disagreement), then each
+    library's forward and forward+backward timed ``rounds`` times, all of them once per round in an
+    order rotated each round (so that clock, thermal or host drift falls on all alike); each TFLOP/s
+    is the median over the rounds, ``spread`` its (max - min) / median, ``readings`` every round's."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     from torch.nn.attention.flex_attention import create_block_mask as t_cbm
 
     st = setup(c, seed=0)
@@ -286,18 +312,12 @@ def run_case(c: Case, do_sdpa=True):
     flops = case_flops(c, dens)
     tf = lambda ms, mult=1.0: flops * mult / (ms * 1e-3) / 1e12  # noqa: E731
 
-    ours_fb = fwdbwd_call(st.ours, q, k, v, do)
-    torch_fb = fwdbwd_call(st.theirs, q, k, v, do)
-
-    row = dict(
-        case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
-        hf_flex_fwd_tflops=tf(_ms(ours_f)),
-        torch_flex_fwd_tflops=tf(_ms(torch_f)),
-        hf_flex_fwdbwd_tflops=tf(_ms(ours_fb), 3.5),
-        torch_flex_fwdbwd_tflops=tf(_ms(torch_fb), 3.5),
-        sdpa_fwd_tflops=None,
-        sdpa_fwdbwd_tflops=None,
-    )
+    # each reading: (JSON key, the call, FLOP multiplier); timed `rounds` times in a rotated order
+    timed = [("hf_flex_fwd", ours_f, 1.0), ("torch_flex_fwd", torch_f, 1.0),
+             ("hf_flex_fwdbwd", fwdbwd_call(st.ours, q, k, v, do), 3.5),
+             ("torch_flex_fwdbwd", fwdbwd_call(st.theirs, q, k, v, do), 3.5)]
+    row = dict(case=c.name, B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, D=c.D, density=round(dens, 4),
+               sdpa_fwd_tflops=None, sdpa_fwdbwd_tflops=None)
     if do_sdpa and sdpa_kw is not None:
         kk = k.repeat_interleave(c.Hq // c.Hkv, 1) if st.gqa else k
         vv = v.repeat_interleave(c.Hq // c.Hkv, 1) if st.gqa else v
@@ -311,9 +331,15 @@ def run_case(c: Case, do_sdpa=True):
             # keys and values repeated for GQA beforehand, in both timings: the backward's leaves are q, kk, vv
             sd_fb = fwdbwd_call(lambda a, b_, c_: torch.nn.functional.scaled_dot_product_attention(a, b_, c_, **kw),
                                 q, kk, vv, do)
-            row["sdpa_fwd_tflops"] = tf(_ms(sd))
-            row["sdpa_fwdbwd_tflops"] = tf(_ms(sd_fb), 3.5)
-            del kw
+            timed += [("sdpa_fwd", sd, 1.0), ("sdpa_fwdbwd", sd_fb, 3.5)]
+    readings = {key: [tf(ms, mult) for ms in times]
+                for (key, _, mult), times in zip(timed, rotated_times([fn for _, fn, _ in timed], rounds))}
+    row["rounds"] = rounds
+    row["spread"] = {}
+    for key, xs in readings.items():
+        row[f"{key}_tflops"], row["spread"][key] = median_spread(xs)
+    row["readings"] = readings
+    del timed  # SDPA's dense mask, if any, with it
     row["hf_flex_block_mask_ms"] = _ms(lambda: hf_flex.create_block_mask(mm, Bm, None, c.S, c.S), rep=50)
     row["torch_flex_block_mask_ms"] = _ms(lambda: t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda"), rep=50)
     row["rel_err_vs_torch_flex"] = err
@@ -443,6 +469,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a one-minute subset of the kernel cases")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per kernel case (the libraries in a rotated order each round; median)")
     ap.add_argument("--e2e", action="store_true", help="add the end-to-end training step and the recompile count")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end part (no kernel cases)")
     ap.add_argument("--tiny", action="store_true",
@@ -460,6 +488,8 @@ def main(argv=None):
                     help="fresh (default): each e2e subprocess gets new empty TRITON_CACHE_DIR and "
                     "TORCHINDUCTOR_CACHE_DIR, so first steps are cold; inherit: the environment's")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     do_kernel = not (args.e2e_only or args.tiny)
     do_e2e = args.e2e or args.e2e_only or args.tiny
     if not torch.cuda.is_available() and not args.tiny:
@@ -474,17 +504,18 @@ def main(argv=None):
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
 
-    hdr = f"{'case':24s} {'B':>2s} {'Hq/Hkv':>6s} {'S':>6s} {'D':>4s} {'dens':>6s} | {'fwd ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'f+b ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'mask ms ours':>12s} {'torch':>6s}"
+    hdr = f"{'case':24s} {'B':>2s} {'Hq/Hkv':>6s} {'S':>6s} {'D':>4s} {'dens':>6s} | {'fwd ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'f+b ours':>8s} {'torch':>6s} {'sdpa':>6s} | {'mask ms ours':>12s} {'torch':>6s} | spread"
     lines = []
     for c in (QUICK if args.quick else ANCHORS) if do_kernel else []:
-        r = run_case(c, do_sdpa=not args.no_sdpa)
+        r = run_case(c, do_sdpa=not args.no_sdpa, rounds=args.rounds)
         res["kernel"].append(r)
         f = lambda x: "   -  " if x is None else f"{x:6.0f}"  # noqa: E731
         lines.append(
             f"{r['case']:24s} {r['B']:2d} {r['Hq']:>3d}/{r['Hkv']:<2d} {r['S']:6d} {r['D']:4d} {r['density']:6.3f} | "
             f"{r['hf_flex_fwd_tflops']:8.0f} {f(r['torch_flex_fwd_tflops'])} {f(r['sdpa_fwd_tflops'])} | "
             f"{r['hf_flex_fwdbwd_tflops']:8.0f} {f(r['torch_flex_fwdbwd_tflops'])} {f(r['sdpa_fwdbwd_tflops'])} | "
-            f"{r['hf_flex_block_mask_ms']:12.3f} {r['torch_flex_block_mask_ms']:6.2f}"
+            f"{r['hf_flex_block_mask_ms']:12.3f} {r['torch_flex_block_mask_ms']:6.2f} | "
+            f"{100 * max(r['spread'].values()):5.1f}%"
         )
         print(lines[-1], flush=True)
         dump()
@@ -539,7 +570,8 @@ def main(argv=None):
 
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  transformers {res['transformers']}")
     if lines:
-        print("(TFLOP/s)")
+        print(f"(TFLOP/s: median of {args.rounds} rounds, the libraries in a rotated order each round; "
+              "spread: the worst (max - min) / median of the row)")
         print(hdr)
         print("\n".join(lines))
         bt = res.get("block_tables", {})

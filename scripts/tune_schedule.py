@@ -173,13 +173,6 @@ SCHEDULES = {
 }
 
 
-def _median_spread(xs):
-    """(median, (max - min) / median) of repeated TFLOP/s readings."""
-    ys = sorted(xs)
-    m = ys[len(ys) // 2] if len(ys) % 2 else 0.5 * (ys[len(ys) // 2 - 1] + ys[len(ys) // 2])
-    return m, (ys[-1] - ys[0]) / m
-
-
 @contextlib.contextmanager
 def _applied(name):
     """SCHEDULE / OVERRIDES as variant ``name`` sets them, restored on exit."""
@@ -261,7 +254,7 @@ def run(c: bench.Case, variants, do_torch=True, rounds=1, tokens=False):
     for name in order:
         d = seen[name]
         (d["fwd_tflops"], d["fwd_spread"]), (d["fwdbwd_tflops"], d["fwdbwd_spread"]) = (
-            _median_spread(d["fwd"]), _median_spread(d["fwdbwd"]))
+            bench.median_spread(d["fwd"]), bench.median_spread(d["fwdbwd"]))
     if do_torch:
         row["torch_fwd_tflops"], row["torch_fwdbwd_tflops"] = seen["torch"]["fwd_tflops"], seen["torch"]["fwdbwd_tflops"]
         row["torch_spread"] = [seen["torch"]["fwd_spread"], seen["torch"]["fwdbwd_spread"]]

@@ -53,3 +53,22 @@ def test_agreement_passes_matching_libraries_and_fails_a_wrong_one():
     assert set(errs) == {"out", "dq", "dk", "dv"} and max(errs.values()) < 1e-4
     with pytest.raises(AssertionError, match="disagrees with torch flex"):
         bench.agreement(dataclasses.replace(st, t_flex=lambda *a, **kw: plain(*a, **kw, v_scale=1.05)))
+
+
+def test_rotated_times_rotates_the_order_and_keeps_each_calls_readings():
+    """bench.rotated_times: each call timed once a round, round r starting at call r mod n; the readings
+    come back per call, in round order. median_spread: median and (max - min) / median."""
+    order = []
+    clock = iter(range(100))
+
+    def fake_ms(fn):
+        order.append(fn)
+        return float(next(clock))
+
+    times = bench.rotated_times(["a", "b", "c"], 4, time_ms=fake_ms)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert times == [[0.0, 5.0, 7.0, 9.0], [1.0, 3.0, 8.0, 10.0], [2.0, 4.0, 6.0, 11.0]]
+    assert bench.median_spread([3.0, 1.0, 2.0]) == (2.0, 1.0)
+    assert bench.median_spread([4.0, 1.0, 2.0, 3.0]) == (2.5, 3.0 / 2.5)
+    with pytest.raises(ValueError, match="rounds"):
+        bench.run_case(bench.ANCHORS[0], rounds=0)
