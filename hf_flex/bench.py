@@ -268,9 +268,10 @@ def median_spread(xs):
 
 
 def rotated_times(calls, rounds: int, time_ms=_ms) -> list:
-    """[[ms of round 0, 1, ...] for each call]: every call timed once a round by ``time_ms``, round r
-    starting at call r mod len(calls), so that no call always runs first (after another case's
-    compile) or always last."""
+    """[[reading of round 0, 1, ...] for each call]: every call measured once a round by ``time_ms``
+    (default: its median ms by triton's do_bench; tune_schedule passes its own), round r starting at
+    call r mod len(calls), so that no call always runs first (after another case's compile) or always
+    last."""
     times = [[] for _ in calls]
     n = len(calls)
     for r in range(rounds):
@@ -339,7 +340,6 @@ def run_case(c: Case, do_sdpa=True, rounds: int = 3):
     for key, xs in readings.items():
         row[f"{key}_tflops"], row["spread"][key] = median_spread(xs)
     row["readings"] = readings
-    del timed  # SDPA's dense mask, if any, with it
     row["hf_flex_block_mask_ms"] = _ms(lambda: hf_flex.create_block_mask(mm, Bm, None, c.S, c.S), rep=50)
     row["torch_flex_block_mask_ms"] = _ms(lambda: t_cbm(t_mask, Bm, None, c.S, c.S, device="cuda"), rep=50)
     row["rel_err_vs_torch_flex"] = err

@@ -242,15 +242,17 @@ def run(c: bench.Case, variants, do_torch=True, rounds=1, tokens=False):
     order = ok + (["torch"] if do_torch else [])
     seen = {n: row["variants"][n] for n in ok}
     seen["torch"] = dict(fwd=[], fwdbwd=[])
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            if name == "torch":
-                fwd, fb = timed(theirs)
-            else:
-                with _applied(name):
-                    fwd, fb = timed(ours_of(name))
-            seen[name]["fwd"].append(fwd)
-            seen[name]["fwdbwd"].append(fb)
+
+    def timed_as(name):
+        """(forward, forward+backward) TFLOP/s of variant ``name`` under its schedule, or of torch flex."""
+        if name == "torch":
+            return timed(theirs)
+        with _applied(name):
+            return timed(ours_of(name))
+
+    for name, readings in zip(order, bench.rotated_times(order, rounds, time_ms=timed_as)):
+        seen[name]["fwd"] += [fwd for fwd, _ in readings]
+        seen[name]["fwdbwd"] += [fb for _, fb in readings]
     for name in order:
         d = seen[name]
         (d["fwd_tflops"], d["fwd_spread"]), (d["fwdbwd_tflops"], d["fwdbwd_spread"]) = (
